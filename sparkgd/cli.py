@@ -1,0 +1,198 @@
+"""The command line of ``jobs/train.py``.
+
+Bad usage or bad input ends with one line ``sparkgd: error: <what and where>``
+on stderr and exit status 2; nothing is written to ``--output`` then (a model
+already there stays as it was). Everything that can be checked before Spark
+starts is checked first.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from .errors import SparkgdError
+
+LOSS_ESTIMATOR = {"squared": "LinearRegression", "logistic": "LogisticRegression"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise SparkgdError(message)
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _nonneg_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
+
+
+def _positive_float(text):
+    v = _nonneg_float(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return v
+
+
+def _column_list(text):
+    cols = [c.strip() for c in text.split(",")]
+    if not cols or any(not c for c in cols):
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names, got '{text}'")
+    return cols
+
+
+def build_parser(default_data=None):
+    p = _Parser(
+        prog="jobs/train.py",
+        description="Train a linear model with distributed gradient descent on Spark.")
+    p.add_argument("--data", default=default_data,
+                   help="Parquet file or partitioned directory (default: the bundled sample)")
+    p.add_argument("--format", default="parquet", choices=["parquet"], help="input format")
+    p.add_argument("--features-col", default="features",
+                   help="features column: array<double|float> or Spark ML vector")
+    p.add_argument("--feature-cols", type=_column_list, default=None,
+                   help="comma-separated numeric columns to use as features instead")
+    p.add_argument("--label-col", default="label")
+    p.add_argument("--weight-col", default=None)
+    p.add_argument("--loss", default="logistic", choices=sorted(LOSS_ESTIMATOR))
+    p.add_argument("--optimizer", default="lbfgs", choices=["lbfgs", "gd"])
+    p.add_argument("--max-iter", type=_nonneg_int, default=100)
+    p.add_argument("--tol", type=_nonneg_float, default=1e-6)
+    p.add_argument("--reg-param", type=_nonneg_float, default=0.0)
+    p.add_argument("--step-size", type=_positive_float, default=None,
+                   help="fixed step for gd (default: backtracking line search)")
+    p.add_argument("--no-intercept", action="store_true", help="fit without an intercept")
+    p.add_argument("--aggregation-depth", type=int, default=2)
+    p.add_argument("--partitions", type=_positive_int, default=None,
+                   help="repartition the input into this many partitions")
+    p.add_argument("--output", default="out/model",
+                   help="directory to save the model to (replaced atomically on success)")
+    return p
+
+
+def _is_local(path):
+    return "://" not in path or path.startswith("file://")
+
+
+def _strip_file(path):
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def check_paths(args):
+    """Checks that need no Spark: the input exists, the output can be written."""
+    if not args.data:
+        raise SparkgdError("--data is required (no bundled sample found)")
+    if _is_local(args.data) and not os.path.exists(_strip_file(args.data)):
+        raise SparkgdError(f"--data '{args.data}': no such file or directory")
+    if args.aggregation_depth < 2:
+        raise SparkgdError(f"--aggregation-depth must be >= 2 (got {args.aggregation_depth})")
+    out = args.output
+    if not _is_local(out):
+        raise SparkgdError(f"--output '{out}': only local paths are supported")
+    out = os.path.abspath(_strip_file(out))
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise SparkgdError(f"--output '{args.output}' exists and is not a directory")
+        if os.listdir(out) and not os.path.isfile(os.path.join(out, "metadata.json")):
+            raise SparkgdError(
+                f"--output '{args.output}' is a non-empty directory that is not a sparkgd "
+                "model; refusing to replace it")
+    parent = os.path.dirname(out)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.access(parent, os.W_OK):
+        raise SparkgdError(f"--output '{args.output}': directory '{parent}' is not writable")
+
+
+def read_data(spark, args):
+    from pyspark.errors import AnalysisException
+
+    try:
+        return spark.read.parquet(args.data)
+    except AnalysisException as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SparkgdError(f"cannot read --data '{args.data}' as Parquet: {first}") from None
+
+
+def make_estimator(args):
+    from . import estimators
+
+    common = dict(
+        featuresCol=args.features_col, featureCols=args.feature_cols, labelCol=args.label_col,
+        weightCol=args.weight_col, maxIter=args.max_iter, tol=args.tol,
+        regParam=args.reg_param, fitIntercept=not args.no_intercept,
+        aggregationDepth=args.aggregation_depth, optimizer=args.optimizer,
+        stepSize=args.step_size)
+    cls = getattr(estimators, LOSS_ESTIMATOR[args.loss])
+    if cls is estimators.LinearRegression:
+        common["loss"] = args.loss
+    return cls(**common)
+
+
+def _setup_logging():
+    log = logging.getLogger("sparkgd")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("sparkgd: %(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def run(args):
+    from pyspark.sql import SparkSession
+
+    check_paths(args)
+    estimator = make_estimator(args)
+    spark = SparkSession.builder.appName("sparkgd").getOrCreate()
+    df = read_data(spark, args)
+    if args.partitions:
+        df = df.repartition(args.partitions)
+    _setup_logging()
+    started = time.perf_counter()
+    model = estimator.fit(df)
+    s = model.summary
+    print(f"sparkgd: done: {s.totalIterations} iterations, objective "
+          f"{s.objectiveHistory[-1]:.12g}, {s.trainingSeconds:.2f}s training, "
+          f"{time.perf_counter() - started:.2f}s with data preparation, "
+          f"{s.bytesCommunicated} bytes communicated ({s.message})")
+    model.save(args.output, overwrite=True)
+    print(f"sparkgd: model ({model.numFeatures} features) saved to {args.output}")
+    return model
+
+
+def main(argv=None, default_data=None):
+    try:
+        args = build_parser(default_data).parse_args(argv)
+        run(args)
+    except SparkgdError as e:
+        msg = " ".join(str(e).split())
+        print(f"sparkgd: error: {msg}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,55 @@
+"""Communication: per-partition partial results -> the driver's total.
+
+One place owns how partial results travel and how many bytes they cost.
+``bytesCommunicated`` counts every partial-result vector sent toward the total:
+the per-partition results, and the intermediate sums of a tree.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+TOPOLOGIES = ("tree",)
+
+
+def _add(a, b):
+    a += b
+    return a
+
+
+def tree_levels(num_partitions, depth):
+    """Partition counts at each level of ``RDD.treeAggregate``, leaves first.
+
+    Mirrors Spark's rule: with ``scale = max(ceil(P ** (1/depth)), 2)``, another
+    level is added while ``P > scale + P / scale``. Each partition at each
+    level sends one vector (the last level sends to the driver).
+    """
+    if depth < 1:
+        raise ValueError(f"aggregationDepth must be >= 1 (got {depth})")
+    levels = [num_partitions]
+    p = float(num_partitions)
+    scale = max(int(math.ceil(p ** (1.0 / depth))), 2)
+    while p > scale + p / scale:
+        p /= scale
+        levels.append(int(p))
+    return levels
+
+
+class Aggregator:
+    """Sums one flat float64 vector per partition into the driver's total."""
+
+    def __init__(self, topology="tree", depth=2):
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"unknown topology {topology!r}; expected one of {TOPOLOGIES}")
+        self.topology = topology
+        self.depth = int(depth)
+        self.bytes_communicated = 0
+
+    def sum(self, partials, size):
+        """``partials``: an RDD with one float64 vector of ``size`` per partition."""
+        zero = np.zeros(size)
+        total = partials.treeAggregate(zero, _add, _add, depth=self.depth)
+        levels = tree_levels(partials.getNumPartitions(), self.depth)
+        self.bytes_communicated += 8 * size * sum(levels)
+        return total

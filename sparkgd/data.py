@@ -1,0 +1,467 @@
+"""DataFrame / Parquet -> per-partition NumPy blocks, through Arrow.
+
+Two halves:
+
+* **Driver side** (:func:`resolve_input`): check the schema and decide how each
+  column is read. Errors say which column and what was expected.
+* **Executor side** (:func:`arrow_to_blocks`): Arrow record batches of one
+  partition -> blocks ``(X, y, w)`` with X a C-contiguous float64 array (or a
+  CSR matrix when the vectors are sparse), y and w float64 (w None when no
+  weight column). No ``Row`` objects, no per-row Python.
+
+:func:`build_blocks` ties them together on Spark: ``mapInArrow`` encodes each
+block as raw bytes, the Python side decodes them with ``np.frombuffer`` and the
+result is cached once per fit. Problems found on executors (nulls, NaN, ragged
+arrays) travel back in the block's ``info`` and become one
+:class:`~sparkgd.errors.SparkgdError` on the driver, never a stack trace.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import SparkgdError
+
+#: Largest X a single block holds, in bytes; a partition gives several blocks
+#: beyond that (Arrow binary values are limited to 2 GiB, and smaller blocks
+#: keep the decode copy small).
+BLOCK_BYTES = 64 << 20
+
+# Vectors denser than this become a dense block; sparser ones stay CSR.
+_DENSE_ABOVE = 0.3
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How the driver asked executors to read the projected columns.
+
+    The projection has the feature column(s) first, then ``label``, then
+    ``weight`` when there is one, all under fixed names.
+    """
+
+    kind: str  # "array" | "vector" | "columns"
+    features: tuple  # original column name(s), for messages
+    label: str
+    weight: str | None
+
+    @property
+    def feature_desc(self):
+        if self.kind == "columns":
+            return "feature columns " + ",".join(self.features)
+        return f"column '{self.features[0]}'"
+
+
+# ----------------------------------------------------------------------------
+# Driver side: schema checks and the projection.
+# ----------------------------------------------------------------------------
+
+
+def _is_numeric(dtype):
+    from pyspark.sql.types import NumericType
+
+    return isinstance(dtype, NumericType)
+
+
+def _type_name(dtype):
+    try:
+        return dtype.simpleString()
+    except Exception:  # pragma: no cover
+        return str(dtype)
+
+
+def _field(schema, name, role, source):
+    names = schema.fieldNames()
+    if name not in names:
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise SparkgdError(f"{role} column '{name}' not found in {source} (columns: {shown})")
+    return schema[name]
+
+
+def resolve_input(schema, features_col="features", feature_cols=None, label_col="label",
+                  weight_col=None, source="the DataFrame"):
+    """Check the columns a fit needs; return an :class:`InputSpec`."""
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql.types import ArrayType, DoubleType, FloatType
+
+    if feature_cols:
+        for c in feature_cols:
+            f = _field(schema, c, "feature", source)
+            if not _is_numeric(f.dataType):
+                raise SparkgdError(
+                    f"feature column '{c}' in {source} has type {_type_name(f.dataType)}; "
+                    "expected a numeric type")
+        kind, features = "columns", tuple(feature_cols)
+    else:
+        f = _field(schema, features_col, "features", source)
+        t = f.dataType
+        if isinstance(t, VectorUDT):
+            kind = "vector"
+        elif isinstance(t, ArrayType) and isinstance(t.elementType, (DoubleType, FloatType)):
+            kind = "array"
+        else:
+            raise SparkgdError(
+                f"features column '{features_col}' in {source} has type {_type_name(t)}; "
+                "expected array<double>, array<float> or a Spark ML vector "
+                "(or name numeric columns with --feature-cols)")
+        features = (features_col,)
+    for role, name in (("label", label_col), ("weight", weight_col)):
+        if name is None:
+            continue
+        f = _field(schema, name, role, source)
+        if not _is_numeric(f.dataType):
+            raise SparkgdError(
+                f"{role} column '{name}' in {source} has type {_type_name(f.dataType)}; "
+                "expected a numeric type")
+    return InputSpec(kind, features, label_col, weight_col)
+
+
+def project(df, spec):
+    """The columns executors read, cast to what :func:`arrow_to_blocks` expects."""
+    from pyspark.sql import functions as F
+
+    if spec.kind == "columns":
+        cols = [F.col(_quote(c)).cast("double").alias(f"f{i}") for i, c in enumerate(spec.features)]
+    elif spec.kind == "array":
+        cols = [F.col(_quote(spec.features[0])).cast("array<double>").alias("features")]
+    else:
+        cols = [F.col(_quote(spec.features[0])).alias("features")]
+    cols.append(F.col(_quote(spec.label)).cast("double").alias("label"))
+    if spec.weight is not None:
+        cols.append(F.col(_quote(spec.weight)).cast("double").alias("weight"))
+    return df.select(*cols)
+
+
+def _quote(name):
+    return "`" + name.replace("`", "``") + "`"
+
+
+# ----------------------------------------------------------------------------
+# Executor side: Arrow -> NumPy. Pure functions; testable without Spark.
+# ----------------------------------------------------------------------------
+
+
+class BadInput(Exception):
+    """Raised inside a partition; becomes a SparkgdError on the driver."""
+
+
+def _float_column(arr, what):
+    """Arrow numeric array without nulls -> float64 NumPy array."""
+    import pyarrow as pa
+
+    if arr.null_count:
+        raise BadInput(f"{what} has {arr.null_count} null value(s)")
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    out = arr.to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(out, dtype=np.float64)
+
+
+def _list_values(arr, what):
+    """A list<double> array without null rows -> (flat values, per-row lengths)."""
+    if arr.null_count:
+        raise BadInput(f"{what} has {arr.null_count} null row(s)")
+    offsets = arr.offsets.to_numpy()
+    flat = arr.flatten()  # honours the array's slice offset
+    if flat.null_count:
+        raise BadInput(f"{what} has null elements inside a vector")
+    values = flat.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    return values, np.diff(offsets)
+
+
+def _dense_from_lists(arr, what):
+    values, lengths = _list_values(arr, what)
+    n = len(lengths)
+    if n == 0:
+        return np.zeros((0, 0))
+    d = int(lengths[0])
+    if np.any(lengths != d):
+        bad = int(np.flatnonzero(lengths != d)[0])
+        raise BadInput(f"{what}: row {bad} has {int(lengths[bad])} elements but row 0 has {d}")
+    return np.ascontiguousarray(values.reshape(n, d))
+
+
+def _from_vectors(arr, what):
+    """Spark ML VectorUDT (struct<type, size, indices, values>) -> dense or CSR."""
+    import pyarrow as pa
+
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr.null_count:
+        raise BadInput(f"{what} has {arr.null_count} null row(s)")
+    kinds = arr.field("type").to_numpy(zero_copy_only=False)
+    is_sparse = kinds == 0
+    values, counts = _list_values(arr.field("values"), what)
+    n = len(counts)
+    if n == 0:
+        return np.zeros((0, 0))
+    if not is_sparse.any():
+        return _dense_from_lists(arr.field("values"), what)
+    sizes = arr.field("size").fill_null(-1).to_numpy(zero_copy_only=False)
+    # A dense row's size is its number of values; a sparse row states it.
+    sizes = np.where(is_sparse, sizes, counts)
+    d = int(sizes[0])
+    if np.any(sizes != d):
+        bad = int(np.flatnonzero(sizes != d)[0])
+        raise BadInput(f"{what}: row {bad} has size {int(sizes[bad])} but row 0 has {d}")
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    nnz = int(indptr[-1])
+    indices = np.empty(nnz, dtype=np.int64)
+    sparse_pos = np.repeat(is_sparse, counts)
+    idx_arr = arr.field("indices")
+    sparse_rows = idx_arr.filter(pa.array(is_sparse))
+    flat_idx = sparse_rows.flatten().to_numpy(zero_copy_only=False)
+    if flat_idx.shape[0] != int(sparse_pos.sum()):
+        raise BadInput(f"{what}: sparse vectors with different numbers of indices and values")
+    indices[sparse_pos] = flat_idx
+    dense_pos = ~sparse_pos
+    if dense_pos.any():
+        within = np.arange(nnz) - np.repeat(indptr[:-1], counts)
+        indices[dense_pos] = within[dense_pos]
+    if nnz and (indices.min() < 0 or indices.max() >= d):
+        raise BadInput(f"{what}: a sparse vector has an index outside [0, {d})")
+    if d and nnz >= _DENSE_ABOVE * n * d:
+        X = np.zeros((n, d))
+        rows = np.repeat(np.arange(n), counts)
+        X[rows, indices] = values
+        return X
+    index_dtype = np.int32 if d < 2**31 and nnz < 2**31 else np.int64
+    X = sp.csr_matrix((values, indices.astype(index_dtype), indptr.astype(index_dtype)),
+                      shape=(n, d))
+    X.sum_duplicates()  # also sorts indices; Spark vectors are sorted already
+    return X
+
+
+def features_from_arrow(arr, kind, what):
+    """One Arrow features column (``kind`` "array" or "vector") -> X, dense or CSR."""
+    import pyarrow as pa
+
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if kind == "array":
+        return _dense_from_lists(arr, what)
+    return _from_vectors(arr, what)
+
+
+def arrow_to_xyw(batch, spec):
+    """One Arrow record batch of the projection -> (X, y, w)."""
+    nfeat = len(spec.features) if spec.kind == "columns" else 1
+    if spec.kind == "columns":
+        cols = [_float_column(batch.column(i), f"feature column '{c}'")
+                for i, c in enumerate(spec.features)]
+        X = np.ascontiguousarray(np.column_stack(cols)) if cols else np.zeros((batch.num_rows, 0))
+    else:
+        X = features_from_arrow(batch.column(0), spec.kind, spec.feature_desc)
+    y = _float_column(batch.column(nfeat), f"label column '{spec.label}'")
+    w = None
+    if spec.weight is not None:
+        w = _float_column(batch.column(nfeat + 1), f"weight column '{spec.weight}'")
+    data = X.data if sp.issparse(X) else X
+    if not np.all(np.isfinite(data)):
+        raise BadInput(f"{spec.feature_desc} holds NaN or infinite values")
+    if not np.all(np.isfinite(y)):
+        raise BadInput(f"label column '{spec.label}' holds NaN or infinite values")
+    if w is not None and (not np.all(np.isfinite(w)) or np.any(w < 0)):
+        raise BadInput(f"weight column '{spec.weight}' holds negative, NaN or infinite values")
+    return X, y, w
+
+
+def concat_xyw(parts):
+    """Stack several (X, y, w) of one partition into one block."""
+    if len(parts) == 1:
+        return parts[0]
+    Xs = [p[0] for p in parts]
+    if any(sp.issparse(X) for X in Xs):
+        X = sp.vstack([sp.csr_matrix(X) for X in Xs], format="csr")
+    else:
+        X = np.ascontiguousarray(np.vstack(Xs))
+    y = np.concatenate([p[1] for p in parts])
+    w = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+    return X, y, w
+
+
+def block_info(X, y, w):
+    """Small per-block facts the driver checks: sizes, label range, weight sum."""
+    n = int(y.shape[0])
+    return {
+        "n": n,
+        "d": int(X.shape[1]),
+        "wsum": float(n if w is None else w.sum()),
+        "ymin": float(y.min()) if n else None,
+        "ymax": float(y.max()) if n else None,
+        "yint": bool(np.all(y == np.round(y))) if n else True,
+        "nnz": int(X.nnz) if sp.issparse(X) else int(X.size),
+    }
+
+
+# ----------------------------------------------------------------------------
+# Blocks on the wire: a block is one Arrow row of raw little-endian bytes.
+# ----------------------------------------------------------------------------
+
+ENCODED_SCHEMA = ("info string, fmt string, n long, d long, X binary, indptr binary, "
+                  "indices binary, y binary, w binary")
+
+
+def _row_chunks(X, y, w, max_bytes):
+    n, d = X.shape
+    if sp.issparse(X):
+        per_row = 12.0 * X.nnz / max(n, 1) + 8
+    else:
+        per_row = 8.0 * max(d, 1)
+    step = max(1, int(max_bytes // per_row))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        yield X[start:stop], y[start:stop], None if w is None else w[start:stop]
+
+
+def encode_partition(batches, spec, max_bytes=BLOCK_BYTES):
+    """mapInArrow body: Arrow batches of one partition -> encoded block rows.
+
+    Emits nothing for an empty partition, and a single row with ``fmt='error'``
+    (and the message in ``info``) when the partition holds bad data.
+    """
+    import pyarrow as pa
+
+    def row(info, fmt="", n=0, d=0, X=b"", indptr=b"", indices=b"", y=b"", w=b""):
+        return pa.RecordBatch.from_pydict({
+            "info": [json.dumps(info)], "fmt": [fmt], "n": [n], "d": [d],
+            "X": [X], "indptr": [indptr], "indices": [indices], "y": [y], "w": [w],
+        }, schema=_encoded_arrow_schema())
+
+    parts = []
+    try:
+        for batch in batches:
+            if batch.num_rows:
+                parts.append(arrow_to_xyw(batch, spec))
+        if not parts:
+            return
+        X, y, w = concat_xyw(parts)
+    except BadInput as e:
+        yield row({"error": str(e)}, fmt="error")
+        return
+    del parts
+    for Xc, yc, wc in _row_chunks(X, y, w, max_bytes):
+        info = block_info(Xc, yc, wc)
+        wbytes = b"" if wc is None else wc.tobytes()
+        if sp.issparse(Xc):
+            yield row(info, "csr", Xc.shape[0], Xc.shape[1], Xc.data.tobytes(),
+                      Xc.indptr.astype(np.int64).tobytes(), Xc.indices.astype(np.int32).tobytes()
+                      if Xc.shape[1] < 2**31 else Xc.indices.astype(np.int64).tobytes(),
+                      yc.tobytes(), wbytes)
+        else:
+            yield row(info, "dense", Xc.shape[0], Xc.shape[1],
+                      np.ascontiguousarray(Xc).tobytes(), b"", b"", yc.tobytes(), wbytes)
+
+
+def _encoded_arrow_schema():
+    import pyarrow as pa
+
+    return pa.schema([("info", pa.string()), ("fmt", pa.string()), ("n", pa.int64()),
+                      ("d", pa.int64()), ("X", pa.binary()), ("indptr", pa.binary()),
+                      ("indices", pa.binary()), ("y", pa.binary()), ("w", pa.binary())])
+
+
+def decode_row(row):
+    """An encoded row (a pyspark Row or a dict) -> (info dict, (X, y, w) or None)."""
+    info = json.loads(row["info"])
+    fmt = row["fmt"]
+    if fmt == "error":
+        return info, None
+    n, d = int(row["n"]), int(row["d"])
+    y = np.frombuffer(row["y"], dtype=np.float64)
+    w = np.frombuffer(row["w"], dtype=np.float64) if len(row["w"]) else None
+    data = np.frombuffer(row["X"], dtype=np.float64)
+    if fmt == "dense":
+        X = data.reshape(n, d)
+    else:
+        indptr = np.frombuffer(row["indptr"], dtype=np.int64)
+        idx_dtype = np.int32 if d < 2**31 else np.int64
+        indices = np.frombuffer(row["indices"], dtype=idx_dtype)
+        X = sp.csr_matrix((data, indices, indptr), shape=(n, d))
+    return info, (X, y, w)
+
+
+# ----------------------------------------------------------------------------
+# On Spark: the cached blocks of one fit.
+# ----------------------------------------------------------------------------
+
+
+class Blocks:
+    """The cached blocks of one fit: an RDD of (X, y, w), plus the facts about them.
+
+    Use as a context manager (or call :meth:`release`) so the cache is freed
+    when the fit ends, whatever the outcome.
+    """
+
+    def __init__(self, rdd, infos, spec, cached):
+        self.rdd = rdd
+        self._cached = cached
+        self.infos = infos
+        self.spec = spec
+        self.num_rows = sum(i["n"] for i in infos)
+        self.num_features = infos[0]["d"] if infos else 0
+        self.weight_sum = float(sum(i["wsum"] for i in infos))
+        self.num_partitions = rdd.getNumPartitions()
+
+    def label_range(self):
+        lo = min(i["ymin"] for i in self.infos)
+        hi = max(i["ymax"] for i in self.infos)
+        return lo, hi, all(i["yint"] for i in self.infos)
+
+    def release(self):
+        self._cached.unpersist(blocking=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _decode_partition(rows):
+    for r in rows:
+        yield decode_row(r)
+
+
+def _blocks_only(pairs):
+    for _info, block in pairs:
+        yield block
+
+
+def build_blocks(df, spec, num_partitions=None, source="the DataFrame"):
+    """Project, convert through Arrow and cache; check what executors found.
+
+    Returns :class:`Blocks`. Raises SparkgdError (after releasing the cache)
+    when a partition holds bad data or the input is empty.
+    """
+    from pyspark import StorageLevel
+
+    proj = project(df, spec)
+    if num_partitions:
+        proj = proj.repartition(int(num_partitions))
+    encoded = proj.mapInArrow(lambda it, _s=spec: encode_partition(it, _s), ENCODED_SCHEMA)
+    pairs = encoded.rdd.mapPartitions(_decode_partition, preservesPartitioning=True)
+    pairs.persist(StorageLevel.MEMORY_ONLY)
+    pairs.setName("sparkgd blocks")
+    try:
+        infos = pairs.map(lambda p: p[0]).collect()
+        errors = [i["error"] for i in infos if "error" in i]
+        if errors:
+            raise SparkgdError(f"bad input in {source}: {errors[0]}")
+        if not infos or sum(i["n"] for i in infos) == 0:
+            raise SparkgdError(f"no rows in {source}")
+        dims = sorted({i["d"] for i in infos})
+        if len(dims) > 1:
+            raise SparkgdError(
+                f"{spec.feature_desc} in {source}: rows have different lengths "
+                f"({', '.join(map(str, dims[:5]))})")
+        if spec.weight is not None and sum(i["wsum"] for i in infos) <= 0:
+            raise SparkgdError(f"weight column '{spec.weight}' in {source} sums to 0")
+    except BaseException:
+        pairs.unpersist(blocking=False)
+        raise
+    blocks_rdd = pairs.mapPartitions(_blocks_only, preservesPartitioning=True)
+    return Blocks(blocks_rdd, infos, spec, cached=pairs)

@@ -1,0 +1,1 @@
+"""Training loops, one module each: ``sync`` (bulk-synchronous)."""

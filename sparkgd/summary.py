@@ -1,0 +1,28 @@
+"""The training summary a model carries and saves."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TrainingSummary:
+    """What a fit did. ``objectiveHistory[-1]`` is F at the returned coefficients."""
+
+    objectiveHistory: list = field(default_factory=list)
+    totalIterations: int = 0
+    trainingSeconds: float = 0.0
+    #: bytes of partial results sent toward the total (after compression), whole fit
+    bytesCommunicated: int = 0
+    numEvaluations: int = 0
+    converged: bool = False
+    message: str = ""
+    numRows: int = 0
+    numPartitions: int = 0
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})

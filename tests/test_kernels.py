@@ -1,0 +1,137 @@
+"""Losses against finite differences; the lifted kernel against a direct formula.
+
+Every registered loss is discovered from ``kernels.LOSSES``, so a new loss
+cannot skip these checks.
+"""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from sparkgd import kernels
+
+ALL_LOSSES = sorted(kernels.LOSSES)
+
+
+def labels_for(loss, n, rng, k=3):
+    if loss.labels == "binary":
+        return rng.integers(0, 2, size=n).astype(float)
+    if loss.labels == "class":
+        return rng.integers(0, k, size=n).astype(float)
+    return rng.normal(size=n) * 2.0
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_derivative_matches_finite_differences(name):
+    loss = kernels.make_loss(name)
+    rng = np.random.default_rng(1)
+    n, k = 40, loss.n_outputs(3)
+    y = labels_for(loss, n, rng)
+    z = rng.normal(size=(n, k)) * 3.0
+    _, dz = loss.value_and_derivative(y, z)
+    h = 1e-6
+    for j in range(k):
+        e = np.zeros_like(z)
+        e[:, j] = h
+        fp, _ = loss.value_and_derivative(y, z + e)
+        fm, _ = loss.value_and_derivative(y, z - e)
+        np.testing.assert_allclose((fp - fm) / (2 * h), dz[:, j], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_loss_is_finite_for_extreme_margins(name):
+    loss = kernels.make_loss(name)
+    rng = np.random.default_rng(2)
+    y = labels_for(loss, 6, rng)
+    z = np.array([[-800.0], [800.0], [-40.0], [40.0], [0.0], [1e-300]])
+    z = np.repeat(z, loss.n_outputs(3), axis=1)
+    v, dz = loss.value_and_derivative(y, z)
+    assert np.all(np.isfinite(v)) and np.all(np.isfinite(dz))
+
+
+def test_logistic_formula():
+    loss = kernels.make_loss("logistic")
+    y = np.array([0.0, 1.0, 1.0])
+    z = np.array([[0.3], [-2.0], [5.0]])
+    v, dz = loss.value_and_derivative(y, z)
+    np.testing.assert_allclose(v, np.log1p(np.exp(z[:, 0])) - y * z[:, 0], rtol=1e-14)
+    np.testing.assert_allclose(dz[:, 0], 1 / (1 + np.exp(-z[:, 0])) - y, rtol=1e-14)
+
+
+def test_squared_formula():
+    loss = kernels.make_loss("squared")
+    y = np.array([1.0, -2.0])
+    z = np.array([[0.5], [1.0]])
+    v, dz = loss.value_and_derivative(y, z)
+    np.testing.assert_allclose(v, 0.5 * (y - z[:, 0]) ** 2)
+    np.testing.assert_allclose(dz[:, 0], z[:, 0] - y)
+
+
+def objective(theta, X, y, w, loss, layout):
+    s = kernels.block_sums(X, y, w, theta, loss, layout)
+    return s[0] / s[1], s[2:] / s[1]
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_lifted_gradient_matches_finite_differences(name, fit_intercept, weighted):
+    loss = kernels.make_loss(name)
+    rng = np.random.default_rng(3)
+    n, d = 50, 4
+    X = rng.normal(size=(n, d))
+    y = labels_for(loss, n, rng)
+    w = rng.uniform(0.5, 2.0, n) if weighted else None
+    layout = kernels.Layout(d, loss.n_outputs(3), fit_intercept)
+    theta = rng.normal(size=layout.size) * 0.5
+    _, g = objective(theta, X, y, w, loss, layout)
+    h = 1e-6
+    fd = np.array([
+        (objective(theta + h * e, X, y, w, loss, layout)[0]
+         - objective(theta - h * e, X, y, w, loss, layout)[0]) / (2 * h)
+        for e in np.eye(layout.size)])
+    np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_dense_and_csr_blocks_agree(name):
+    loss = kernels.make_loss(name)
+    rng = np.random.default_rng(4)
+    n, d = 60, 12
+    X = rng.normal(size=(n, d)) * (rng.random((n, d)) < 0.2)
+    y = labels_for(loss, n, rng)
+    w = rng.uniform(0.5, 2.0, n)
+    layout = kernels.Layout(d, loss.n_outputs(3), True)
+    theta = rng.normal(size=layout.size)
+    dense = kernels.block_sums(X, y, w, theta, loss, layout)
+    csr = kernels.block_sums(sp.csr_matrix(X), y, w, theta, loss, layout)
+    np.testing.assert_allclose(csr, dense, rtol=1e-12, atol=1e-12)
+
+
+def test_partition_sums_is_sum_of_blocks_and_empty_is_zero():
+    loss = kernels.make_loss("logistic")
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(30, 3))
+    y = rng.integers(0, 2, 30).astype(float)
+    layout = kernels.Layout(3, 1, True)
+    theta = rng.normal(size=layout.size)
+    whole = kernels.block_sums(X, y, None, theta, loss, layout)
+    parts = kernels.partition_sums([(X[:10], y[:10], None), (X[10:], y[10:], None)],
+                                   theta, loss, layout)
+    np.testing.assert_allclose(parts, whole, rtol=1e-13)
+    assert kernels.partition_sums([], theta, loss, layout).tolist() == [0.0] * (2 + layout.size)
+
+
+def test_layout_split_join_roundtrip():
+    layout = kernels.Layout(4, 3, True)
+    theta = np.arange(layout.size, dtype=float)
+    coef, b = layout.split(theta)
+    assert coef.shape == (3, 4) and b.shape == (3,)
+    np.testing.assert_array_equal(layout.join(coef, b), theta)
+    nob = kernels.Layout(4, 1, False)
+    coef, b = nob.split(np.ones(4))
+    assert b.tolist() == [0.0] and nob.size == 4
+
+
+def test_unknown_loss_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown loss 'nope'"):
+        kernels.make_loss("nope")

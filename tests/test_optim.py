@@ -1,0 +1,97 @@
+"""Optimizers on plain NumPy objectives: no Spark needed."""
+import numpy as np
+import pytest
+from scipy.optimize import minimize as scipy_minimize
+
+from sparkgd import optim
+
+
+def quadratic(seed=0, d=6):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(3 * d, d))
+    H = A.T @ A / (3 * d) + 0.1 * np.eye(d)
+    b = rng.normal(size=d)
+
+    def fun(x):
+        return 0.5 * x @ H @ x - b @ x, H @ x - b
+
+    x_star = np.linalg.solve(H, b)
+    return fun, x_star, fun(x_star)[0], H
+
+
+def logistic(seed=0, n=300, d=5, reg=0.01):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    y = (rng.random(n) < 1 / (1 + np.exp(-X @ rng.normal(size=d)))).astype(float)
+
+    def fun(x):
+        z = X @ x
+        p = 1 / (1 + np.exp(-z))
+        return (np.mean(np.logaddexp(0, z) - y * z) + 0.5 * reg * x @ x,
+                X.T @ (p - y) / n + reg * x)
+
+    ref = scipy_minimize(fun, np.zeros(d), jac=True, method="L-BFGS-B",
+                         options={"ftol": 1e-15, "gtol": 1e-13, "maxiter": 10000})
+    return fun, ref.x, ref.fun
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+@pytest.mark.parametrize("problem", ["quadratic", "logistic"])
+def test_every_optimizer_converges(name, problem):
+    if problem == "quadratic":
+        fun, x_star, f_star, _ = quadratic()
+    else:
+        fun, x_star, f_star = logistic()
+    d = x_star.shape[0]
+    res = optim.minimize(name, fun, np.zeros(d), max_iter=2000, tol=1e-12)
+    assert abs(res.fun - f_star) <= 1e-8 * max(1.0, abs(f_star))
+    assert res.history[-1] == res.fun
+    assert len(res.history) == res.iterations
+
+
+def test_history_is_monotone_for_descent_methods():
+    fun, _, _ = logistic(seed=2)
+    for name in ("lbfgs", "gd"):
+        h = optim.minimize(name, fun, np.zeros(5), max_iter=50, tol=0).history
+        assert all(b <= a + 1e-15 for a, b in zip(h, h[1:])), name
+
+
+def test_gd_fixed_step_reproduces_the_textbook_iteration():
+    fun, _, _, H = quadratic(seed=1)
+    x = np.zeros(H.shape[0])
+    expected = []
+    for _ in range(7):
+        x = x - 0.3 * fun(x)[1]
+        expected.append(fun(x)[0])
+    res = optim.minimize("gd", fun, np.zeros(H.shape[0]), max_iter=7, tol=0, step_size=0.3)
+    np.testing.assert_allclose(res.x, x, rtol=0, atol=0)
+    assert res.history == expected and res.iterations == 7
+
+
+def test_tol_is_relative_change_of_the_objective():
+    fun, _, _ = logistic(seed=3)
+    res = optim.minimize("gd", fun, np.zeros(5), max_iter=1000, tol=1e-4, step_size=0.5)
+    h = res.history
+    assert optim.converged(h[-2], h[-1], 1e-4)
+    assert not any(optim.converged(a, b, 1e-4) for a, b in zip(h[:-2], h[1:-1]))
+
+
+def test_max_iter_zero_returns_the_start():
+    fun, _, _, H = quadratic()
+    for name in optim.OPTIMIZERS:
+        res = optim.minimize(name, fun, np.zeros(H.shape[0]), max_iter=0)
+        assert res.iterations == 0 and res.history == [0.0]
+
+
+def test_callback_sees_every_iteration():
+    fun, _, _, H = quadratic()
+    seen = []
+    res = optim.minimize("lbfgs", fun, np.zeros(H.shape[0]), max_iter=100, tol=1e-10,
+                         callback=lambda it, f, gn, st: seen.append((it, f)))
+    assert [s[0] for s in seen] == list(range(1, len(seen) + 1))
+    assert [s[1] for s in seen] == res.history[: len(seen)]
+
+
+def test_unknown_optimizer():
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        optim.minimize("newton", lambda x: (0.0, x), np.zeros(2))
