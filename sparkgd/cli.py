@@ -131,12 +131,11 @@ def check_paths(args):
 
 
 def read_data(spark, args):
-    from pyspark.errors import AnalysisException
-
     try:
         return spark.read.parquet(args.data)
-    except AnalysisException as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # AnalysisException, or a SparkException from the footer read
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
         raise SparkgdError(f"cannot read --data '{args.data}' as Parquet: {first}") from None
 
 
@@ -170,6 +169,7 @@ def run(args):
 
     check_paths(args)
     estimator = make_estimator(args)
+    estimator._source_name = f"--data '{args.data}'"
     spark = SparkSession.builder.appName("sparkgd").getOrCreate()
     df = read_data(spark, args)
     if args.partitions:

@@ -112,13 +112,14 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
 
     def _fit(self, dataset):
         _validate_common(self)
+        source = getattr(self, "_source_name", None) or "the DataFrame"
         spec = data.resolve_input(dataset.schema, self.getFeaturesCol(), self.getFeatureCols(),
                                   self.getLabelCol(),
                                   self.getWeightCol() if self.isSet(self.weightCol)
-                                  and self.getWeightCol() else None)
+                                  and self.getWeightCol() else None, source=source)
         loss_name = self._loss_name()
         loss = kernels.make_loss(loss_name)
-        with data.build_blocks(dataset, spec) as blocks:
+        with data.build_blocks(dataset, spec, source=source) as blocks:
             self._check_labels(blocks, loss_name)
             num_classes = self._num_classes(blocks)
             layout = kernels.Layout(blocks.num_features, loss.n_outputs(num_classes),

@@ -1,0 +1,99 @@
+"""The command line: end to end on data/sample, and every error path -> one line, exit 2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sparkgd import cli
+
+from conftest import ROOT
+
+SAMPLE = os.path.join(ROOT, "data", "sample")
+
+
+def run_cli(capsys, *args):
+    code = cli.main(list(args), default_data=SAMPLE)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_trains_on_the_sample_in_process(spark, tmp_path, capsys):
+    out_dir = tmp_path / "model"
+    code, out, err = run_cli(capsys, "--output", str(out_dir), "--max-iter", "20")
+    assert code == 0, err
+    assert "sparkgd: iter    1  objective" in out and "saved to" in out
+    meta = json.load(open(out_dir / "metadata.json"))
+    assert meta["numFeatures"] == 10 and meta["loss"] == "logistic"
+    assert 1 <= meta["summary"]["totalIterations"] <= 20
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/nonexistent"], "--data '/nonexistent': no such file or directory"),
+    (["--max-iter", "-1"], "argument --max-iter: expected an integer >= 0, got -1"),
+    (["--tol", "abc"], "argument --tol: expected a number, got 'abc'"),
+    (["--loss", "cubic"], "argument --loss: invalid choice: 'cubic'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--label-col", "nope"], "label column 'nope' not found in --data"),
+    (["--features-col", "label"], "features column 'label' in --data"),
+    (["--weight-col", "features"], "weight column 'features' in --data"),
+    (["--aggregation-depth", "1"], "--aggregation-depth must be >= 2"),
+    (["--loss", "logistic", "--data", os.path.join(ROOT, "data", "README.md")],
+     "cannot read --data"),
+])
+def test_errors_are_one_line_exit_2_and_write_nothing(spark, tmp_path, capsys, args, message):
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(capsys, *args, "--output", str(out_dir))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparkgd: error: "), err
+    assert message in lines[0]
+    assert not out_dir.exists()
+
+
+def test_labels_out_of_range_keep_the_existing_model(spark, tmp_path, capsys):
+    out_dir = tmp_path / "model"
+    assert run_cli(capsys, "--output", str(out_dir), "--max-iter", "3")[0] == 0
+    before = (out_dir / "metadata.json").read_text()
+    # squared loss on the same data works, but logistic on a real-valued label does not:
+    data = tmp_path / "reg"
+    from sparkgd import datagen
+
+    datagen.write_dataset(str(data), task="regression", rows=200, features=3, partitions=2)
+    code, _, err = run_cli(capsys, "--data", str(data), "--output", str(out_dir))
+    assert code == 2 and "the logistic loss needs labels 0 or 1" in err
+    assert (out_dir / "metadata.json").read_text() == before
+    assert sorted(os.listdir(tmp_path)) == ["model", "reg"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_model(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, "--output", str(tmp_path))
+    assert code == 2 and "not a sparkgd model" in err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- spark-submit
+
+
+def submit(*args, timeout=300):
+    return subprocess.run([os.path.join(ROOT, "spark-submit.sh"), "--master", "local[2]",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_spark_submit_trains_on_the_sample(tmp_path):
+    out_dir = tmp_path / "model"
+    r = submit("jobs/train.py", "--output", str(out_dir), "--max-iter", "30")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "sparkgd: done:" in r.stdout
+    assert (out_dir / "coefficients.npy").exists()
+
+
+def test_spark_submit_missing_data_is_one_line_exit_2(tmp_path):
+    out_dir = tmp_path / "out"
+    r = submit("jobs/train.py", "--data", "/nonexistent", "--output", str(out_dir))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        "sparkgd: error: --data '/nonexistent': no such file or directory"]
+    assert not out_dir.exists()
