@@ -26,7 +26,7 @@ from pyspark.ml.param.shared import (
     HasWeightCol,
 )
 
-from . import data, kernels, optim
+from . import data, kernels, optim, stats
 from .comm import Aggregator
 from .errors import SparkgdError
 from .modes import sync
@@ -124,12 +124,18 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
             num_classes = self._num_classes(blocks)
             layout = kernels.Layout(blocks.num_features, loss.n_outputs(num_classes),
                                     self.getFitIntercept())
+            aggregator = Aggregator("tree", self.getAggregationDepth())
             objective = sync.DistributedObjective(
-                blocks, loss, layout, reg_param=self.getRegParam(),
-                aggregator=Aggregator("tree", self.getAggregationDepth()))
+                blocks, loss, layout, reg_param=self.getRegParam(), aggregator=aggregator)
             step = self.getStepSize() if self.isSet(self.stepSize) else None
+            pre = None
+            if self.getOptimizer() == "lbfgs" or (self.getOptimizer() == "gd" and step is None):
+                # Line-search methods run where features look standardized (same objective).
+                mean, std = stats.feature_moments(blocks.rdd, layout.d, aggregator)
+                pre = stats.Preconditioner(mean, std, layout)
             result = sync.fit(objective, layout.zeros(), optimizer=self.getOptimizer(),
-                              max_iter=self.getMaxIter(), tol=self.getTol(), step_size=step)
+                              max_iter=self.getMaxIter(), tol=self.getTol(), step_size=step,
+                              precondition=pre)
         coef, intercept = layout.split(result.theta)
         summary = TrainingSummary(
             objectiveHistory=result.objective_history, totalIterations=result.iterations,

@@ -128,3 +128,26 @@ def test_gd_backtracking_reaches_the_optimum(spark):
                          jac=True, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12})
     model = sparkgd.LogisticRegression(optimizer="gd", maxIter=2000, tol=1e-10).fit(df)
     assert (model.summary.objectiveHistory[-1] - ref.fun) / ref.fun <= 1e-5
+
+
+@pytest.mark.parametrize("optimizer,tol,bound", [("lbfgs", 1e-6, 1e-6), ("gd", 1e-10, 1e-5)])
+def test_badly_scaled_features_still_reach_the_optimum(spark, optimizer, tol, bound):
+    """Real data has features in different units; defaults must still get there."""
+    import sparkgd
+
+    X, y, w = logistic_data(n=500, d=4, seed=13, weights=True)
+    X = X * [1.0, 300.0, 0.01, 5.0] + [0.0, 2000.0, 0.0, -3.0]
+    df = to_df(spark, X, y, w, partitions=3)
+    # the reference is solved in well-scaled coordinates, then mapped back
+    s = np.r_[X.std(axis=0), 1.0]
+
+    def scaled(u):
+        f, g = numpy_objective(u / s, X, y, w, "logistic", True, 0.0)
+        return f, g / s
+
+    ref = scipy_minimize(scaled, np.zeros(5), jac=True, method="L-BFGS-B",
+                         options={"ftol": 1e-16, "gtol": 1e-13, "maxiter": 20000})
+    model = sparkgd.LogisticRegression(optimizer=optimizer, tol=tol, weightCol="weight",
+                                       maxIter=2000 if optimizer == "gd" else 100).fit(df)
+    f = model.summary.objectiveHistory[-1]
+    assert (f - ref.fun) / ref.fun <= bound, (f, ref.fun, model.summary.totalIterations)

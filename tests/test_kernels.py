@@ -135,3 +135,46 @@ def test_layout_split_join_roundtrip():
 def test_unknown_loss_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown loss 'nope'"):
         kernels.make_loss("nope")
+
+
+def test_feature_moments_match_numpy_weighted_unbiased():
+    from sparkgd import stats
+
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(40, 3)) * [1.0, 10.0, 0.0] + [0.0, 5.0, 2.0]
+    w = rng.uniform(0.5, 2.0, 40)
+    total = stats.block_moments(X[:15], w[:15], 3) + stats.block_moments(X[15:], w[15:], 3)
+    mean, std = stats.moments_from_sums(total, 3)
+    ref_mean = w @ X / w.sum()
+    ref_var = (w @ (X - ref_mean) ** 2) / (w.sum() - (w @ w) / w.sum())
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(std[:2], np.sqrt(ref_var[:2]), rtol=1e-10)
+    assert std[2] == 0.0
+    csr = stats.block_moments(sp.csr_matrix(X), w, 3)
+    np.testing.assert_allclose(csr, stats.block_moments(X, w, 3), rtol=1e-12)
+    unweighted = stats.moments_from_sums(stats.block_moments(X, None, 3), 3)[1]
+    np.testing.assert_allclose(unweighted[:2], X[:, :2].std(axis=0, ddof=1), rtol=1e-10)
+
+
+@pytest.mark.parametrize("k,fit_intercept", [(1, True), (3, True), (1, False)])
+def test_preconditioner_is_an_exact_change_of_variables(k, fit_intercept):
+    from sparkgd import stats
+
+    rng = np.random.default_rng(7)
+    d = 4
+    layout = kernels.Layout(d, k, fit_intercept)
+    mean, std = rng.normal(size=d) * 10, np.array([2.0, 0.5, 0.0, 30.0])
+    pre = stats.Preconditioner(mean, std, layout)
+    u = rng.normal(size=layout.size)
+    theta = pre.to_theta(u)
+    np.testing.assert_allclose(pre.from_theta(theta), u, rtol=1e-12, atol=1e-12)
+    # grad_to_u is the transpose of to_theta (a linear map): <g, T u> == <T^T g, u>
+    g = rng.normal(size=layout.size)
+    np.testing.assert_allclose(g @ pre.to_theta(u), pre.grad_to_u(g) @ u, rtol=1e-12)
+    # margins in u-space are the centred, scaled features
+    X = rng.normal(size=(5, d)) * 3 + mean
+    coef, b = layout.split(theta)
+    cu = u[: k * d].reshape(k, d)
+    bu = u[k * d:] if fit_intercept else np.zeros(k)
+    Xs = (X - (mean * (std > 0) if fit_intercept else 0)) / np.where(std > 0, std, 1.0)
+    np.testing.assert_allclose(kernels.margins(X, coef, b), Xs @ cu.T + bu, rtol=1e-10)

@@ -49,11 +49,16 @@ def test_every_optimizer_converges(name, problem):
     assert len(res.history) == res.iterations
 
 
-def test_history_is_monotone_for_descent_methods():
+def test_line_searches_decrease_the_objective():
+    from sparkgd.optim.gd import MEMORY
+
     fun, _, _ = logistic(seed=2)
-    for name in ("lbfgs", "gd"):
-        h = optim.minimize(name, fun, np.zeros(5), max_iter=50, tol=0).history
-        assert all(b <= a + 1e-15 for a, b in zip(h, h[1:])), name
+    h = optim.minimize("lbfgs", fun, np.zeros(5), max_iter=50, tol=0).history
+    assert all(b <= a + 1e-15 for a, b in zip(h, h[1:]))
+    f0 = fun(np.zeros(5))[0]
+    h = [f0] + optim.minimize("gd", fun, np.zeros(5), max_iter=50, tol=0).history
+    # non-monotone Armijo: never above the largest of the last MEMORY values
+    assert all(h[i] <= max(h[max(0, i - MEMORY):i]) for i in range(1, len(h)))
 
 
 def test_gd_fixed_step_reproduces_the_textbook_iteration():

@@ -74,9 +74,25 @@ class FitResult:
     message: str
 
 
-def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None):
-    """Minimize a :class:`DistributedObjective` from ``x0``."""
+def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None,
+        precondition=None):
+    """Minimize a :class:`DistributedObjective` from ``x0``.
+
+    ``precondition`` (a :class:`~sparkgd.stats.Preconditioner`, optional): the
+    optimizer works on ``u`` with ``theta = T u``, where every feature looks
+    centred and unit-variance. The objective is the same function; only its
+    conditioning changes (Spark ML trains in a scaled space too).
+    """
     start = time.perf_counter()
+    fun = objective
+    pre = precondition
+    if pre is not None:
+        x0 = pre.from_theta(np.asarray(x0, dtype=np.float64))
+
+        def fun(u):
+            f, g = objective(pre.to_theta(u))
+            return f, pre.grad_to_u(g)
+
     last = [start]
 
     def progress(it, f, gnorm, step):
@@ -85,10 +101,10 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
                  it, f, gnorm, step, now - last[0])
         last[0] = now
 
-    res = optim.minimize(optimizer, objective, x0, max_iter=max_iter, tol=tol,
+    res = optim.minimize(optimizer, fun, x0, max_iter=max_iter, tol=tol,
                          step_size=step_size, callback=progress)
     return FitResult(
-        theta=res.x, objective_history=[float(v) for v in res.history],
+        theta=res.x if pre is None else pre.to_theta(res.x), objective_history=[float(v) for v in res.history],
         iterations=res.iterations, seconds=time.perf_counter() - start,
         bytes_communicated=objective.aggregator.bytes_communicated,
         evaluations=objective.evaluations, converged=res.converged, message=res.message)

@@ -1,11 +1,13 @@
 """Full-batch gradient descent.
 
 * ``step_size`` given: the fixed step ``x_{k+1} = x_k - step_size * g_k``.
-* otherwise: Armijo backtracking, ``F(x - t g) <= F(x) - c t ||g||^2``, halving
-  ``t`` until it holds. The first trial step of each iteration is the
-  Barzilai-Borwein step ``s.s / s.y`` from the last two iterates (the previous
-  accepted step doubled when that is not positive), so the search seldom needs
-  more than one evaluation; the Armijo test keeps every iteration a descent.
+* otherwise: Armijo backtracking, halving ``t`` until
+  ``F(x - t g) <= F_ref - c t ||g||^2``. The first trial step of each iteration
+  is the Barzilai-Borwein step ``s.s / s.y`` from the last two iterates (the
+  previous accepted step doubled when that is not positive). The reference is
+  non-monotone (Grippo-Lampariello-Lucidi): ``F_ref`` is the largest of the last
+  ``MEMORY`` objectives, so a good long BB step is not thrown away for a small
+  rise; that is what makes BB fast, and it still converges.
 
 Every evaluation of ``fun`` is one distributed pass; a trial that is accepted
 also supplies the next gradient, so an accepted first trial costs one pass.
@@ -18,6 +20,7 @@ from . import OptimResult, converged
 
 ARMIJO_C = 1e-4
 MAX_HALVINGS = 60
+MEMORY = 10
 
 
 def minimize_gd(fun, x0, max_iter=100, tol=1e-6, step_size=None, callback=None):
@@ -39,6 +42,7 @@ def minimize_gd(fun, x0, max_iter=100, tol=1e-6, step_size=None, callback=None):
                 sy = float(s @ yv)
                 t = float(s @ s) / sy if sy > 0 else 2.0 * t
             gg = float(g @ g)
+            f_ref = max([f] + history[-MEMORY:])
             if gg == 0.0:
                 history.append(f)
                 message, done = "gradient is zero", True
@@ -46,7 +50,7 @@ def minimize_gd(fun, x0, max_iter=100, tol=1e-6, step_size=None, callback=None):
             for _ in range(MAX_HALVINGS):
                 x_new = x - t * g
                 f_new, g_new = fun(x_new)
-                if f_new <= f - ARMIJO_C * t * gg:
+                if f_new <= f_ref - ARMIJO_C * t * gg:
                     break
                 t *= 0.5
             else:
