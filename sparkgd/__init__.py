@@ -6,6 +6,8 @@ from .errors import SparkgdError  # noqa: E402
 from .estimators import (  # noqa: E402
     LinearRegression,
     LinearRegressionModel,
+    LinearSVC,
+    LinearSVCModel,
     LogisticRegression,
     LogisticRegressionModel,
 )
@@ -14,6 +16,8 @@ from .persist import load_model  # noqa: E402
 __all__ = [
     "LinearRegression",
     "LinearRegressionModel",
+    "LinearSVC",
+    "LinearSVCModel",
     "LogisticRegression",
     "LogisticRegressionModel",
     "SparkgdError",

@@ -1,8 +1,9 @@
 """Spark ML-style estimators and models.
 
 ``Estimator.fit -> _fit`` only orchestrates: check the input, build the cached
-blocks, run the training loop, wrap the result in a model. The params use
-Spark ML's names (and mixins) so the estimators sit in a ``Pipeline``.
+blocks, choose the space the optimizer steps in, run the training loop, wrap the
+result in a model. The params use Spark ML's names (and mixins) so the
+estimators sit in a ``Pipeline``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pyspark.ml import Estimator, Model
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import (
     HasAggregationDepth,
+    HasElasticNetParam,
     HasFeaturesCol,
     HasFitIntercept,
     HasLabelCol,
@@ -20,6 +22,8 @@ from pyspark.ml.param.shared import (
     HasProbabilityCol,
     HasRawPredictionCol,
     HasRegParam,
+    HasSeed,
+    HasStandardization,
     HasStepSize,
     HasThreshold,
     HasTol,
@@ -30,6 +34,7 @@ from . import data, kernels, optim, stats
 from .comm import Aggregator
 from .errors import SparkgdError
 from .modes import sync
+from .penalties import Penalty
 from .summary import TrainingSummary
 
 # ----------------------------------------------------------------------------
@@ -38,7 +43,8 @@ from .summary import TrainingSummary
 
 
 class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol, HasMaxIter,
-                     HasTol, HasRegParam, HasFitIntercept, HasAggregationDepth, HasStepSize):
+                     HasTol, HasRegParam, HasElasticNetParam, HasFitIntercept,
+                     HasStandardization, HasAggregationDepth, HasStepSize, HasSeed):
     """Params every sparkgd estimator and model shares."""
 
     featureCols = Param(
@@ -49,12 +55,20 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
         Params._dummy(), "optimizer",
         "optimizer: " + ", ".join(optim.OPTIMIZERS) + " (gd uses a fixed step when "
         "stepSize is set, else backtracking)", typeConverter=TypeConverters.toString)
+    miniBatchFraction = Param(
+        Params._dummy(), "miniBatchFraction",
+        "fraction of the rows sampled afresh each iteration by sgd, in (0, 1]",
+        typeConverter=TypeConverters.toFloat)
+    initialModel = Param(
+        Params._dummy(), "initialModel",
+        "warm start: a fitted sparkgd model, or the path of a saved one")
 
     def __init__(self, *args):
         super().__init__(*args)
         self._setDefault(featuresCol="features", labelCol="label", predictionCol="prediction",
-                         maxIter=100, tol=1e-6, regParam=0.0, fitIntercept=True,
-                         aggregationDepth=2, optimizer="lbfgs")
+                         maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0,
+                         fitIntercept=True, standardization=False, aggregationDepth=2,
+                         optimizer="lbfgs", miniBatchFraction=1.0, seed=0)
 
     def getFeatureCols(self):
         return self.getOrDefault(self.featureCols) if self.isDefined(self.featureCols) else None
@@ -62,30 +76,69 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
     def getOptimizer(self):
         return self.getOrDefault(self.optimizer)
 
+    def getMiniBatchFraction(self):
+        return self.getOrDefault(self.miniBatchFraction)
+
+    def getInitialModel(self):
+        return self.getOrDefault(self.initialModel) if self.isDefined(self.initialModel) \
+            else None
+
     def _param_values(self):
         """Every param with a value (set or default), as plain JSON-able values."""
         out = {}
         for p in self.params:
             if self.isDefined(p):
                 v = self.getOrDefault(p)
-                out[p.name] = v.tolist() if isinstance(v, np.ndarray) else v
+                if isinstance(v, np.ndarray):
+                    v = v.tolist()
+                elif isinstance(v, Model):
+                    v = "<fitted model>"
+                out[p.name] = v
         return out
 
 
 def _validate_common(est):
+    def fail(msg):
+        raise SparkgdError(msg)
+
     if est.getMaxIter() < 0:
-        raise SparkgdError(f"maxIter must be >= 0 (got {est.getMaxIter()})")
+        fail(f"maxIter must be >= 0 (got {est.getMaxIter()})")
     if est.getTol() < 0:
-        raise SparkgdError(f"tol must be >= 0 (got {est.getTol()})")
+        fail(f"tol must be >= 0 (got {est.getTol()})")
     if est.getRegParam() < 0:
-        raise SparkgdError(f"regParam must be >= 0 (got {est.getRegParam()})")
+        fail(f"regParam must be >= 0 (got {est.getRegParam()})")
+    if not 0 <= est.getElasticNetParam() <= 1:
+        fail(f"elasticNetParam must be in [0, 1] (got {est.getElasticNetParam()})")
     if est.getAggregationDepth() < 2:
-        raise SparkgdError(f"aggregationDepth must be >= 2 (got {est.getAggregationDepth()})")
+        fail(f"aggregationDepth must be >= 2 (got {est.getAggregationDepth()})")
     if est.getOptimizer() not in optim.OPTIMIZERS:
-        raise SparkgdError(f"unknown optimizer '{est.getOptimizer()}'; expected one of "
-                           + ", ".join(optim.OPTIMIZERS))
+        fail(f"unknown optimizer '{est.getOptimizer()}'; expected one of "
+             + ", ".join(optim.OPTIMIZERS))
     if est.isSet(est.stepSize) and not est.getStepSize() > 0:
-        raise SparkgdError(f"stepSize must be > 0 (got {est.getStepSize()})")
+        fail(f"stepSize must be > 0 (got {est.getStepSize()})")
+    if not 0 < est.getMiniBatchFraction() <= 1:
+        fail(f"miniBatchFraction must be in (0, 1] (got {est.getMiniBatchFraction()})")
+
+
+def _initial_theta(initial, layout, num_classes, loss_name):
+    """Warm start: the flat parameter vector of a fitted or saved model."""
+    if initial is None:
+        return layout.zeros()
+    if isinstance(initial, str):
+        from .persist import load_model
+
+        initial = load_model(initial)
+    if not isinstance(initial, _SparkgdModel):
+        raise SparkgdError(f"initialModel must be a sparkgd model or a saved model's path "
+                           f"(got {type(initial).__name__})")
+    coef, icpt = initial._coef, initial._intercept
+    if coef.shape[1] != layout.d:
+        raise SparkgdError(f"initialModel has {coef.shape[1]} features but the data has "
+                           f"{layout.d}")
+    if coef.shape[0] != layout.k:
+        raise SparkgdError(f"initialModel has {coef.shape[0]} coefficient row(s) but this fit "
+                           f"needs {layout.k} ({loss_name} loss, {num_classes} classes)")
+    return layout.join(coef, icpt)
 
 
 # ----------------------------------------------------------------------------
@@ -96,115 +149,226 @@ def _validate_common(est):
 class _SparkgdEstimator(Estimator, _SparkgdParams):
     _model_class = None
 
-    def _loss_name(self):
+    def _loss(self, num_classes):
+        """-> (loss name, loss object), once the number of classes is known."""
         raise NotImplementedError
 
     def _num_classes(self, blocks):
         return None
 
+    def _validate(self):
+        _validate_common(self)
+
     def _check_labels(self, blocks, loss_name):
         lo, hi, integral = blocks.label_range()
         label = self.getLabelCol()
-        if kernels.LOSSES[loss_name].labels == "binary" and (lo < 0 or hi > 1 or not integral):
+        kind = kernels.LOSSES[loss_name].labels
+        if kind == "binary" and (lo < 0 or hi > 1 or not integral):
             bad = lo if (lo < 0 or lo not in (0.0, 1.0)) else hi
             raise SparkgdError(
                 f"label column '{label}' holds {bad:g}; the {loss_name} loss needs labels 0 or 1")
+        if kind == "class" and (lo < 0 or not integral):
+            raise SparkgdError(
+                f"label column '{label}' holds values that are not class indices 0, 1, 2, ... "
+                f"(range {lo:g} to {hi:g}); the {loss_name} loss needs them")
 
     def _fit(self, dataset):
-        _validate_common(self)
+        self._validate()
         source = getattr(self, "_source_name", None) or "the DataFrame"
+        weight_col = self.getWeightCol() if self.isSet(self.weightCol) else None
         spec = data.resolve_input(dataset.schema, self.getFeaturesCol(), self.getFeatureCols(),
-                                  self.getLabelCol(),
-                                  self.getWeightCol() if self.isSet(self.weightCol)
-                                  and self.getWeightCol() else None, source=source)
-        loss_name = self._loss_name()
-        loss = kernels.make_loss(loss_name)
+                                  self.getLabelCol(), weight_col or None, source=source)
+        optimizer = self.getOptimizer()
+        step = self.getStepSize() if self.isSet(self.stepSize) else None
+        standardize = self.getStandardization()
         with data.build_blocks(dataset, spec, source=source) as blocks:
-            self._check_labels(blocks, loss_name)
             num_classes = self._num_classes(blocks)
+            loss_name, loss = self._loss(num_classes)
+            self._check_labels(blocks, loss_name)
             layout = kernels.Layout(blocks.num_features, loss.n_outputs(num_classes),
                                     self.getFitIntercept())
+            x0 = _initial_theta(self.getInitialModel(), layout, num_classes, loss_name)
             aggregator = Aggregator("tree", self.getAggregationDepth())
-            objective = sync.DistributedObjective(
-                blocks, loss, layout, reg_param=self.getRegParam(), aggregator=aggregator)
-            step = self.getStepSize() if self.isSet(self.stepSize) else None
-            pre = None
-            if self.getOptimizer() == "lbfgs" or (self.getOptimizer() == "gd" and step is None):
-                # Line-search methods run where features look standardized (same objective).
+            line_search = optimizer == "lbfgs" or (optimizer == "gd" and step is None)
+            std = pre = None
+            if line_search or standardize:
                 mean, std = stats.feature_moments(blocks.rdd, layout.d, aggregator)
-                pre = stats.Preconditioner(mean, std, layout)
-            result = sync.fit(objective, layout.zeros(), optimizer=self.getOptimizer(),
-                              max_iter=self.getMaxIter(), tol=self.getTol(), step_size=step,
-                              precondition=pre)
+                # Line-search methods step where features look centred and unit-variance
+                # (the objective is unchanged); fixed-step methods step in the space the
+                # user chose the step for: the original one, or the standardized one.
+                pre = stats.Preconditioner(mean, std, layout, center=line_search,
+                                           constant_scale=0.0 if standardize else 1.0)
+            penalty = Penalty(layout, self.getRegParam(), self.getElasticNetParam(),
+                              feature_scale=std if standardize else None)
+            objective = sync.DistributedObjective(blocks, loss, layout, penalty, aggregator)
+            result = sync.fit(objective, x0, optimizer=optimizer, max_iter=self.getMaxIter(),
+                              tol=self.getTol(), step_size=step, precondition=pre,
+                              mini_batch_fraction=self.getMiniBatchFraction(),
+                              seed=self.getSeed())
         coef, intercept = layout.split(result.theta)
+        coef, intercept = self._identify(coef.copy(), intercept.copy())
         summary = TrainingSummary(
             objectiveHistory=result.objective_history, totalIterations=result.iterations,
             trainingSeconds=result.seconds, bytesCommunicated=result.bytes_communicated,
             numEvaluations=result.evaluations, converged=result.converged,
             message=result.message, numRows=blocks.num_rows,
             numPartitions=blocks.num_partitions)
-        model = self._model_class._from_fit(coef, intercept, layout, loss_name, num_classes,
-                                            summary)
+        model = self._model_class._from_fit(coef, intercept, loss_name, num_classes, summary,
+                                            loss.params())
         model._est_params = self._param_values()
         return self._copyValues(model)
 
+    def _identify(self, coef, intercept):
+        return coef, intercept
+
+
+_COMMON_DOC = """
+    Shared params (Spark ML names): featuresCol, featureCols, labelCol, weightCol,
+    predictionCol, maxIter, tol, regParam, elasticNetParam, fitIntercept,
+    standardization (default False), aggregationDepth, optimizer, stepSize,
+    miniBatchFraction, seed, initialModel.
+"""
+
 
 class LinearRegression(_SparkgdEstimator):
-    """Least squares: ``loss(y, z) = 0.5 (y - z)^2`` plus the elastic-net penalty."""
+    """Linear regression, ``loss`` = ``squared`` (``0.5 (y - z)^2``) or ``huber``."""
 
-    loss = Param(Params._dummy(), "loss", "loss function: squared",
+    __doc__ += _COMMON_DOC
+
+    loss = Param(Params._dummy(), "loss", "loss function: squared or huber",
                  typeConverter=TypeConverters.toString)
+    epsilon = Param(Params._dummy(), "epsilon", "huber: where the loss turns linear (> 0)",
+                    typeConverter=TypeConverters.toFloat)
 
     @keyword_only
     def __init__(self, *, featuresCol="features", labelCol="label", predictionCol="prediction",
                  weightCol=None, featureCols=None, maxIter=100, tol=1e-6, regParam=0.0,
-                 fitIntercept=True, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
-                 loss="squared"):
+                 elasticNetParam=0.0, fitIntercept=True, standardization=False,
+                 aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
+                 seed=0, initialModel=None, loss="squared", epsilon=1.35):
         super().__init__()
-        self._setDefault(loss="squared")
+        self._setDefault(loss="squared", epsilon=1.35)
         self.setParams(**self._input_kwargs)
 
     @keyword_only
     def setParams(self, *, featuresCol="features", labelCol="label", predictionCol="prediction",
                   weightCol=None, featureCols=None, maxIter=100, tol=1e-6, regParam=0.0,
-                  fitIntercept=True, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
-                  loss="squared"):
+                  elasticNetParam=0.0, fitIntercept=True, standardization=False,
+                  aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
+                  seed=0, initialModel=None, loss="squared", epsilon=1.35):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
-    def _loss_name(self):
+    def _validate(self):
+        super()._validate()
+        self._loss(None)
+
+    def _loss(self, num_classes):
         name = self.getOrDefault(self.loss)
-        if name != "squared":
-            raise SparkgdError(f"unknown loss '{name}' for LinearRegression; expected squared")
-        return name
+        if name == "squared":
+            return name, kernels.make_loss(name)
+        if name == "huber":
+            eps = self.getOrDefault(self.epsilon)
+            if not eps > 0:
+                raise SparkgdError(f"epsilon must be > 0 (got {eps})")
+            return name, kernels.make_loss(name, epsilon=eps)
+        raise SparkgdError(f"unknown loss '{name}' for LinearRegression; "
+                           "expected squared or huber")
 
 
 class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionCol,
                          HasThreshold):
-    """Binary logistic regression: ``loss(y, z) = log(1 + e^z) - y z``, y in {0, 1}."""
+    """Logistic regression: binomial (``log(1 + e^z) - y z``) or multinomial (softmax).
+
+    ``family``: ``auto`` (binomial for labels {0, 1}, else multinomial),
+    ``binomial`` or ``multinomial``.
+    """
+
+    __doc__ += _COMMON_DOC
+
+    family = Param(Params._dummy(), "family", "auto, binomial or multinomial",
+                   typeConverter=TypeConverters.toString)
 
     @keyword_only
     def __init__(self, *, featuresCol="features", labelCol="label", predictionCol="prediction",
                  probabilityCol="probability", rawPredictionCol="rawPrediction",
                  weightCol=None, featureCols=None, maxIter=100, tol=1e-6, regParam=0.0,
-                 fitIntercept=True, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
-                 threshold=0.5):
+                 elasticNetParam=0.0, fitIntercept=True, standardization=False,
+                 aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
+                 seed=0, initialModel=None, threshold=0.5, family="auto"):
         super().__init__()
         self._setDefault(probabilityCol="probability", rawPredictionCol="rawPrediction",
-                         threshold=0.5)
+                         threshold=0.5, family="auto")
         self.setParams(**self._input_kwargs)
 
     @keyword_only
     def setParams(self, *, featuresCol="features", labelCol="label", predictionCol="prediction",
                   probabilityCol="probability", rawPredictionCol="rawPrediction",
                   weightCol=None, featureCols=None, maxIter=100, tol=1e-6, regParam=0.0,
-                  fitIntercept=True, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
-                  threshold=0.5):
+                  elasticNetParam=0.0, fitIntercept=True, standardization=False,
+                  aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
+                  seed=0, initialModel=None, threshold=0.5, family="auto"):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
-    def _loss_name(self):
-        return "logistic"
+    def getFamily(self):
+        return self.getOrDefault(self.family)
+
+    def _validate(self):
+        super()._validate()
+        if self.getFamily() not in ("auto", "binomial", "multinomial"):
+            raise SparkgdError(f"unknown family '{self.getFamily()}'; expected auto, binomial "
+                               "or multinomial")
+
+    def _num_classes(self, blocks):
+        """2 for binomial; max label + 1 (at least 2) when labels are class indices."""
+        lo, hi, integral = blocks.label_range()
+        if self.getFamily() == "binomial" or not integral or lo < 0:
+            return 2  # labels that are no class indices fail _check_labels
+        return max(int(hi) + 1, 2)
+
+    def _loss(self, num_classes):
+        if self.getFamily() == "multinomial" or (num_classes or 2) > 2:
+            return "multinomial", kernels.make_loss("multinomial")
+        return "logistic", kernels.make_loss("logistic")
+
+    def _identify(self, coef, intercept):
+        if coef.shape[0] > 1:
+            # softmax is unchanged by a common shift: intercepts (never penalized) are
+            # centred; coefficients too when nothing else pins them (as Spark ML).
+            if self.getFitIntercept():
+                intercept = intercept - intercept.mean()
+            if self.getRegParam() == 0:
+                coef = coef - coef.mean(axis=0, keepdims=True)
+        return coef, intercept
+
+
+class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
+    """Linear SVM: ``loss(y, z) = max(0, 1 - (2y - 1) z)``, y in {0, 1}."""
+
+    __doc__ += _COMMON_DOC
+
+    @keyword_only
+    def __init__(self, *, featuresCol="features", labelCol="label", predictionCol="prediction",
+                 rawPredictionCol="rawPrediction", weightCol=None, featureCols=None,
+                 maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0, fitIntercept=True,
+                 standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
+                 miniBatchFraction=1.0, seed=0, initialModel=None, threshold=0.0):
+        super().__init__()
+        self._setDefault(rawPredictionCol="rawPrediction", threshold=0.0)
+        self.setParams(**self._input_kwargs)
+
+    @keyword_only
+    def setParams(self, *, featuresCol="features", labelCol="label", predictionCol="prediction",
+                  rawPredictionCol="rawPrediction", weightCol=None, featureCols=None,
+                  maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0, fitIntercept=True,
+                  standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
+                  miniBatchFraction=1.0, seed=0, initialModel=None, threshold=0.0):
+        kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
+        return self._set(**kwargs)
+
+    def _loss(self, num_classes):
+        return "hinge", kernels.make_loss("hinge")
 
     def _num_classes(self, blocks):
         return 2
@@ -223,19 +387,20 @@ class _SparkgdModel(Model, _SparkgdParams):
         self._coef = None
         self._intercept = None
         self._loss_name = None
+        self._loss_params = {}
         self._num_classes = None
         self._summary = None
         self._est_params = {}
 
     @classmethod
-    def _from_fit(cls, coef, intercept, layout, loss_name, num_classes, summary):
+    def _from_fit(cls, coef, intercept, loss_name, num_classes, summary, loss_params=None):
         m = cls()
         m._coef = np.array(coef, dtype=np.float64)  # (K, d)
         m._intercept = np.array(intercept, dtype=np.float64)  # (K,)
         m._loss_name = loss_name
+        m._loss_params = dict(loss_params or {})
         m._num_classes = num_classes
         m._summary = summary
-        m._est_params = {}
         return m
 
     @property
@@ -258,7 +423,7 @@ class _SparkgdModel(Model, _SparkgdParams):
         return self._num_classes
 
     @property
-    def loss(self):
+    def lossName(self):
         return self._loss_name
 
     @property
@@ -294,8 +459,7 @@ class LinearRegressionModel(_SparkgdModel):
     _estimator_class = LinearRegression
 
     def _transform(self, dataset):
-        z = self._margin_column(dataset)
-        return dataset.withColumn(self.getPredictionCol(), z)
+        return dataset.withColumn(self.getPredictionCol(), self._margin_column(dataset))
 
 
 class LogisticRegressionModel(_SparkgdModel, HasProbabilityCol, HasRawPredictionCol,
@@ -309,28 +473,60 @@ class LogisticRegressionModel(_SparkgdModel, HasProbabilityCol, HasRawPrediction
 
     def predictProbability(self, X):
         """Class probabilities for a NumPy/SciPy matrix, (n, K)."""
-        z = self.margins(X)[:, 0]
-        p1 = kernels._sigmoid(z)
-        return np.column_stack([1.0 - p1, p1])
+        z = self.margins(X)
+        if z.shape[1] == 1:
+            p1 = kernels._sigmoid(z[:, 0])
+            return np.column_stack([1.0 - p1, p1])
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
 
     def _transform(self, dataset):
         from pyspark.ml.functions import array_to_vector
         from pyspark.sql import functions as F
 
-        m = self._margin_column(dataset)
-        out = dataset.withColumn("__sparkgd_margin", m)
+        out = dataset.withColumn("__sparkgd_margin", self._margin_column(dataset))
         z = F.col("__sparkgd_margin")
-        p1 = F.lit(1.0) / (F.lit(1.0) + F.exp(-z))
+        if self._coef.shape[0] == 1:
+            p1 = F.lit(1.0) / (F.lit(1.0) + F.exp(-z))
+            raw = F.array(-z, z)
+            prob = F.array(F.lit(1.0) - p1, p1)
+            pred = F.when(p1 > F.lit(float(self.getThreshold())), 1.0).otherwise(0.0)
+        else:
+            top = F.array_max(z)
+            e = F.transform(z, lambda v: F.exp(v - top))
+            total = F.aggregate(e, F.lit(0.0), lambda acc, v: acc + v)
+            raw = z
+            prob = F.transform(e, lambda v: v / total)
+            pred = (F.array_position(z, top) - 1).cast("double")
+        out = out.withColumn(self.getRawPredictionCol(), array_to_vector(raw))
+        out = out.withColumn(self.getProbabilityCol(), array_to_vector(prob))
+        out = out.withColumn(self.getPredictionCol(), pred)
+        return out.drop("__sparkgd_margin")
+
+
+class LinearSVCModel(_SparkgdModel, HasRawPredictionCol, HasThreshold):
+    _estimator_class = LinearSVC
+
+    def __init__(self):
+        super().__init__()
+        self._setDefault(rawPredictionCol="rawPrediction", threshold=0.0)
+
+    def _transform(self, dataset):
+        from pyspark.ml.functions import array_to_vector
+        from pyspark.sql import functions as F
+
+        out = dataset.withColumn("__sparkgd_margin", self._margin_column(dataset))
+        z = F.col("__sparkgd_margin")
         out = out.withColumn(self.getRawPredictionCol(), array_to_vector(F.array(-z, z)))
-        out = out.withColumn(self.getProbabilityCol(),
-                             array_to_vector(F.array(F.lit(1.0) - p1, p1)))
         out = out.withColumn(self.getPredictionCol(),
-                             F.when(p1 > F.lit(float(self.getThreshold())), 1.0).otherwise(0.0))
+                             F.when(z > F.lit(float(self.getThreshold())), 1.0).otherwise(0.0))
         return out.drop("__sparkgd_margin")
 
 
 LinearRegression._model_class = LinearRegressionModel
 LogisticRegression._model_class = LogisticRegressionModel
+LinearSVC._model_class = LinearSVCModel
 
 #: Saved class name -> model class (``load_model`` looks names up here; nothing is eval'd).
-MODEL_CLASSES = {cls.__name__: cls for cls in (LinearRegressionModel, LogisticRegressionModel)}
+MODEL_CLASSES = {cls.__name__: cls for cls in (LinearRegressionModel, LogisticRegressionModel,
+                                               LinearSVCModel)}

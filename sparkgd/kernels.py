@@ -79,6 +79,79 @@ class LogisticLoss(Loss):
         return value, (_sigmoid(z) - y)[:, None]
 
 
+@_register
+class HuberLoss(Loss):
+    """``0.5 r^2`` if ``|r| <= epsilon`` else ``epsilon (|r| - epsilon/2)``, ``r = y - z``.
+
+    Derivative in z: ``-r`` inside the band, ``-epsilon sign(r)`` outside.
+    """
+
+    name = "huber"
+
+    def __init__(self, epsilon=1.35):
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0 (got {epsilon})")
+        self.epsilon = float(epsilon)
+
+    def params(self):
+        return {"epsilon": self.epsilon}
+
+    def value_and_derivative(self, y, z):
+        eps = self.epsilon
+        r = y - z[:, 0]
+        a = np.abs(r)
+        inside = a <= eps
+        value = np.where(inside, 0.5 * r * r, eps * (a - 0.5 * eps))
+        deriv = np.where(inside, -r, -eps * np.sign(r))
+        return value, deriv[:, None]
+
+
+@_register
+class HingeLoss(Loss):
+    """``max(0, 1 - s z)`` with ``s = 2y - 1`` for y in {0, 1}.
+
+    Not differentiable at ``s z = 1``; the subgradient used there is 0 (as
+    Spark ML's LinearSVC).
+    """
+
+    name = "hinge"
+    labels = "binary"
+
+    def value_and_derivative(self, y, z):
+        s = 2.0 * y - 1.0
+        m = 1.0 - s * z[:, 0]
+        active = m > 0
+        return np.where(active, m, 0.0), np.where(active, -s, 0.0)[:, None]
+
+
+@_register
+class MultinomialLoss(Loss):
+    """``logsumexp(z) - z_y`` for y in {0, ..., K-1}, z in R^K.
+
+    Derivative in z: ``softmax(z) - onehot(y)``. Computed with the row maximum
+    subtracted, so no exp overflows.
+    """
+
+    name = "multinomial"
+    labels = "class"
+
+    def n_outputs(self, num_classes):
+        return int(num_classes)
+
+    def value_and_derivative(self, y, z):
+        n, k = z.shape
+        zmax = z.max(axis=1, keepdims=True)
+        e = np.exp(z - zmax)
+        total = e.sum(axis=1, keepdims=True)
+        lse = (np.log(total) + zmax)[:, 0]
+        idx = y.astype(np.int64)
+        rows = np.arange(n)
+        value = lse - z[rows, idx]
+        dz = e / total
+        dz[rows, idx] -= 1.0
+        return value, dz
+
+
 def _sigmoid(z):
     # exp of a non-positive number only: no overflow, full precision in both tails.
     e = np.exp(-np.abs(z))
@@ -172,9 +245,25 @@ def block_sums(X, y, w, theta, loss, layout):
     return out
 
 
-def partition_sums(blocks, theta, loss, layout):
-    """Sum of :func:`block_sums` over an iterable of (X, y, w) blocks."""
+def sample_rows(n, fraction, seed, iteration, partition, block):
+    """Boolean mask of a fresh mini-batch: a pure function of its arguments, so a
+    given (seed, partitioning) always draws the same rows at the same iteration."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(iteration), int(partition),
+                                 int(block)])
+    return rng.random(n) < fraction
+
+
+def partition_sums(blocks, theta, loss, layout, sample=None):
+    """Sum of :func:`block_sums` over an iterable of (X, y, w) blocks.
+
+    ``sample = (fraction, seed, iteration, partition_index)`` restricts each
+    block to a fresh Bernoulli(fraction) sample of its rows.
+    """
     total = np.zeros(2 + layout.size)
-    for X, y, w in blocks:
+    for j, (X, y, w) in enumerate(blocks):
+        if sample is not None:
+            fraction, seed, iteration, partition = sample
+            mask = sample_rows(y.shape[0], fraction, seed, iteration, partition, j)
+            X, y, w = X[mask], y[mask], None if w is None else w[mask]
         total += block_sums(X, y, w, theta, loss, layout)
     return total

@@ -50,6 +50,7 @@ def save_model(model, path, overwrite=False):
         "formatVersion": FORMAT_VERSION,
         "sparkgdVersion": __version__,
         "loss": model._loss_name,
+        "lossParams": model._loss_params,
         "params": model._est_params,
         "numFeatures": int(model._coef.shape[1]),
         "numClasses": model._num_classes,
@@ -106,10 +107,11 @@ def load_model(path):
     coef = np.asarray(coef, dtype=np.float64).reshape(-1, d)
     intercept = np.atleast_1d(np.asarray(intercept, dtype=np.float64))
     summary = TrainingSummary.from_dict(meta["summary"]) if meta.get("summary") else None
-    model = cls._from_fit(coef, intercept, None, meta["loss"], meta.get("numClasses"), summary)
+    model = cls._from_fit(coef, intercept, meta["loss"], meta.get("numClasses"), summary,
+                          meta.get("lossParams"))
     params = meta.get("params") or {}
     model._est_params = params
     for name, value in params.items():
-        if model.hasParam(name) and value is not None:
+        if model.hasParam(name) and value is not None and name != "initialModel":
             model._set(**{name: value})
     return model

@@ -64,14 +64,24 @@ class Preconditioner:
     loss then sees ``z = sum_j (x_j - mean_j)/std_j u_j + u_b``, which is what
     makes line-search methods converge on features in different units. Nothing
     touches the data: only the driver maps vectors. Constant features keep
-    scale 1 and no shift.
+    ``constant_scale`` (1; 0 pins their coefficient at 0, as Spark ML does when
+    standardizing) and no shift. ``center=False`` gives the plain diagonal scaling
+    ``u = beta * std`` -- the standardized space of ``standardization=True``.
     """
 
-    def __init__(self, mean, std, layout):
+    def __init__(self, mean, std, layout, center=True, constant_scale=1.0):
         ok = std > 0
         self.layout = layout
-        self.inv_std = np.where(ok, 1.0 / np.where(ok, std, 1.0), 1.0)
-        self.shift = np.where(ok, mean, 0.0) if layout.fit_intercept else np.zeros_like(mean)
+        self.inv_std = np.where(ok, 1.0 / np.where(ok, std, 1.0), constant_scale)
+        use_shift = center and layout.fit_intercept
+        self.shift = np.where(ok, mean, 0.0) if use_shift else np.zeros_like(mean)
+
+    def l1_to_u(self, l1):
+        """L1 weights on theta -> on u (``|beta_j| = inv_std_j |u_j|``)."""
+        out = np.array(l1, dtype=np.float64)
+        n = self.layout.n_coef
+        out[:n] = out[:n] * np.tile(self.inv_std, self.layout.k)
+        return out
 
     def _split(self, v):
         k, d = self.layout.k, self.layout.d
@@ -89,7 +99,8 @@ class Preconditioner:
 
     def from_theta(self, theta):
         beta, b = self._split(theta)
-        parts = [(beta / self.inv_std).ravel()]
+        pinned = self.inv_std == 0
+        parts = [np.where(pinned, 0.0, beta / np.where(pinned, 1.0, self.inv_std)).ravel()]
         if b is not None:
             parts.append(b + beta @ self.shift)
         return np.concatenate(parts)

@@ -189,7 +189,12 @@ def test_bad_values_found_on_executors_become_one_error(spark):
         sparkgd.LinearRegression().fit(df.repartition(2, "label"))
     df = spark.createDataFrame([([1.0], 0.0), ([2.0], 2.0)], schema)
     with pytest.raises(SparkgdError, match="holds 2; the logistic loss needs labels 0 or 1"):
-        sparkgd.LogisticRegression().fit(df)
+        sparkgd.LogisticRegression(family="binomial").fit(df)
+    half = spark.createDataFrame([([1.0], 0.0), ([2.0], 0.5)], schema)
+    with pytest.raises(SparkgdError, match="holds 0.5; the logistic loss needs labels 0 or 1"):
+        sparkgd.LogisticRegression().fit(half)
+    with pytest.raises(SparkgdError, match="not class indices"):
+        sparkgd.LogisticRegression(family="multinomial").fit(half)
     with pytest.raises(SparkgdError, match="no rows"):
         sparkgd.LinearRegression().fit(df.limit(0))
 

@@ -7,6 +7,7 @@ from sparkgd import kernels
 from sparkgd.comm import Aggregator, tree_levels
 from sparkgd.data import build_blocks, resolve_input
 from sparkgd.modes.sync import DistributedObjective
+from sparkgd.penalties import Penalty
 
 from conftest import logistic_data, regression_data, to_df
 
@@ -47,7 +48,7 @@ def test_loss_and_gradient_match_numpy(spark, weighted_logistic, partitions, dep
     with build_blocks(df, spec, num_partitions=partitions) as blocks:
         assert blocks.num_partitions == partitions and blocks.num_rows == len(y)
         agg = Aggregator("tree", depth)
-        obj = DistributedObjective(blocks, loss, layout, reg_param=0.1, aggregator=agg)
+        obj = DistributedObjective(blocks, loss, layout, Penalty(layout, 0.1), agg)
         for _ in range(2):
             theta = rng.normal(size=layout.size)
             f, g = obj(theta)
@@ -63,7 +64,7 @@ def test_squared_loss_without_intercept_matches_numpy(spark):
     df = to_df(spark, X, y, partitions=3)
     layout = kernels.Layout(4, 1, False)
     with build_blocks(df, resolve_input(df.schema)) as blocks:
-        obj = DistributedObjective(blocks, kernels.make_loss("squared"), layout, reg_param=0.0)
+        obj = DistributedObjective(blocks, kernels.make_loss("squared"), layout, Penalty(layout))
         theta = np.array([0.5, -1.0, 2.0, 0.1])
         f, g = obj(theta)
     f_ref, g_ref = numpy_objective(theta, X, y, None, "squared", False, 0.0)

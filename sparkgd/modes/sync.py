@@ -7,7 +7,8 @@ One evaluation of the objective, top to bottom:
         -> release the broadcast
 
 The optimizer (``sparkgd.optim``) decides where to evaluate next; this module
-only turns cached blocks into ``fun(theta) -> (F, grad)``.
+turns cached blocks into ``fun(theta) -> (F, grad)`` (and its mini-batch
+estimate for ``sgd``), and maps the optimizer's variables to ``theta``.
 """
 from __future__ import annotations
 
@@ -17,47 +18,54 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import kernels, optim, penalties
+from .. import kernels, optim
 from ..comm import Aggregator
 
 log = logging.getLogger("sparkgd")
 
 
-def _kernel_task(blocks, bc, loss, layout):
+def _kernel_task(index, blocks, bc, loss, layout, sample):
     """Executor side: one partition's ``[loss_sum, weight_sum, grad...]``.
 
     Captures only the broadcast and small plain objects (never an estimator).
     """
-    yield kernels.partition_sums(blocks, bc.value, loss, layout)
+    if sample is not None:
+        sample = sample + (index,)
+    yield kernels.partition_sums(blocks, bc.value, loss, layout, sample=sample)
 
 
 class DistributedObjective:
-    """``F(theta)`` and its gradient over cached blocks, one Spark job a call."""
+    """The smooth part of F (loss + L2) and its gradient over cached blocks.
 
-    def __init__(self, blocks, loss, layout, reg_param=0.0, elastic_net_param=0.0,
-                 aggregator=None):
+    One Spark job per call. ``penalty`` is a :class:`~sparkgd.penalties.Penalty`.
+    """
+
+    def __init__(self, blocks, loss, layout, penalty, aggregator=None):
         self.blocks = blocks
         self.loss = loss
         self.layout = layout
-        self.l2 = penalties.l2_strength(reg_param, elastic_net_param)
+        self.penalty = penalty
         self.aggregator = aggregator or Aggregator()
         self.evaluations = 0
 
-    def smooth(self, theta):
-        """(1/W) sum_i w_i loss_i + L2 term, and its gradient."""
+    def smooth(self, theta, sample=None):
+        """``sample = (fraction, seed, iteration)``: a mini-batch estimate instead."""
         rdd = self.blocks.rdd
         bc = rdd.context.broadcast(np.asarray(theta, dtype=np.float64))
         loss, layout = self.loss, self.layout
         try:
-            partials = rdd.mapPartitions(lambda it: _kernel_task(it, bc, loss, layout))
+            partials = rdd.mapPartitionsWithIndex(
+                lambda i, it: _kernel_task(i, it, bc, loss, layout, sample))
             total = self.aggregator.sum(partials, 2 + layout.size)
         finally:
             bc.destroy()
         self.evaluations += 1
         weight = total[1]
+        if weight <= 0:  # an empty mini-batch: no information, no step
+            return 0.0, np.zeros(layout.size)
         f = float(total[0] / weight)
         grad = total[2:] / weight
-        return penalties.add_l2(f, grad, theta, layout.n_coef, self.l2)
+        return self.penalty.add_l2(f, grad, theta)
 
     __call__ = smooth
 
@@ -75,23 +83,35 @@ class FitResult:
 
 
 def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None,
-        precondition=None):
-    """Minimize a :class:`DistributedObjective` from ``x0``.
+        precondition=None, mini_batch_fraction=1.0, seed=0):
+    """Minimize F = smooth + L1 from ``x0`` (in theta space).
 
     ``precondition`` (a :class:`~sparkgd.stats.Preconditioner`, optional): the
     optimizer works on ``u`` with ``theta = T u``, where every feature looks
-    centred and unit-variance. The objective is the same function; only its
-    conditioning changes (Spark ML trains in a scaled space too).
+    standardized (and, for line-search methods, centred). The objective is the
+    same function; only the space the optimizer steps in changes (Spark ML
+    trains in a scaled space too).
     """
     start = time.perf_counter()
-    fun = objective
     pre = precondition
-    if pre is not None:
-        x0 = pre.from_theta(np.asarray(x0, dtype=np.float64))
+    l1 = objective.penalty.l1_weights if objective.penalty.has_l1 else None
+    if pre is None:
+        fun, u0, l1_u = objective, np.asarray(x0, dtype=np.float64), l1
+    else:
+        u0 = pre.from_theta(np.asarray(x0, dtype=np.float64))
+        l1_u = None if l1 is None else pre.l1_to_u(l1)
 
         def fun(u):
             f, g = objective(pre.to_theta(u))
             return f, pre.grad_to_u(g)
+
+    batch_fun = None
+    if optimizer == "sgd" and mini_batch_fraction < 1.0:
+        to_theta = (lambda u: u) if pre is None else pre.to_theta
+
+        def batch_fun(u, iteration):
+            f, g = objective.smooth(to_theta(u), sample=(mini_batch_fraction, seed, iteration))
+            return f, (g if pre is None else pre.grad_to_u(g))
 
     last = [start]
 
@@ -101,10 +121,11 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
                  it, f, gnorm, step, now - last[0])
         last[0] = now
 
-    res = optim.minimize(optimizer, fun, x0, max_iter=max_iter, tol=tol,
-                         step_size=step_size, callback=progress)
+    res = optim.minimize(optimizer, fun, u0, max_iter=max_iter, tol=tol, step_size=step_size,
+                         l1=l1_u, callback=progress, batch_fun=batch_fun)
+    theta = res.x if pre is None else pre.to_theta(res.x)
     return FitResult(
-        theta=res.x if pre is None else pre.to_theta(res.x), objective_history=[float(v) for v in res.history],
+        theta=theta, objective_history=[float(v) for v in res.history],
         iterations=res.iterations, seconds=time.perf_counter() - start,
         bytes_communicated=objective.aggregator.bytes_communicated,
         evaluations=objective.evaluations, converged=res.converged, message=res.message)

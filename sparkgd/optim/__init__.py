@@ -1,6 +1,16 @@
-"""Optimizers. None of them touches Spark: each sees only ``fun(theta) -> (F, grad)``.
+"""Optimizers. None of them touches Spark: each sees only ``fun(x) -> (F, grad)``.
 
 ``minimize(name, fun, x0, ...)`` runs one and returns an :class:`OptimResult`.
+
+* ``fun`` is the smooth part of the objective (loss + L2) on the full data.
+* ``l1`` (optional) is a per-coordinate weight vector: the objective is
+  ``fun(x)[0] + sum_j l1_j |x_j|``. L-BFGS handles it with the split
+  ``x = p - q, p, q >= 0`` on L-BFGS-B; every first-order method with a
+  soft-threshold (proximal) step, which gives exact zeros.
+* ``batch_fun(x, iteration)`` (optional, ``sgd``) estimates ``fun`` on a fresh
+  mini-batch; the last history entry is then replaced by the full objective
+  at the returned point.
+
 The stopping rule is shared (:func:`converged`): the relative change of the
 objective between two iterations, ``|F_prev - F| / max(|F_prev|, |F|, 1)``,
 is at most ``tol`` (``tol=0`` runs all ``max_iter`` iterations).
@@ -11,7 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-OPTIMIZERS = ("lbfgs", "gd")
+OPTIMIZERS = ("lbfgs", "gd", "sgd", "momentum", "nesterov", "adam")
+#: Optimizers that search along a direction (their speed does not rest on a
+#: user-chosen step, so they may run in a preconditioned space).
+LINE_SEARCH = ("lbfgs",)
 
 
 @dataclass
@@ -28,19 +41,33 @@ def converged(f_prev, f, tol):
     return abs(f_prev - f) <= tol * max(abs(f_prev), abs(f), 1.0)
 
 
-def minimize(name, fun, x0, max_iter=100, tol=1e-6, step_size=None, callback=None):
-    """Minimize ``fun`` from ``x0`` with optimizer ``name``.
+def l1_value(l1, x):
+    return 0.0 if l1 is None else float(l1 @ np.abs(x))
+
+
+def minimize(name, fun, x0, max_iter=100, tol=1e-6, step_size=None, l1=None, callback=None,
+             batch_fun=None):
+    """Minimize ``fun(x)[0] + sum_j l1_j |x_j|`` from ``x0`` with optimizer ``name``.
 
     ``callback(iteration, F, grad_norm, step)`` is called after each iteration,
     with ``step`` the length of the step just taken.
     """
+    x0 = np.asarray(x0, dtype=np.float64)
+    if l1 is not None and not np.any(l1 > 0):
+        l1 = None
     if name == "lbfgs":
         from .lbfgs import minimize_lbfgs
 
-        return minimize_lbfgs(fun, x0, max_iter=max_iter, tol=tol, callback=callback)
+        return minimize_lbfgs(fun, x0, max_iter=max_iter, tol=tol, l1=l1, callback=callback)
     if name == "gd":
         from .gd import minimize_gd
 
-        return minimize_gd(fun, x0, max_iter=max_iter, tol=tol, step_size=step_size,
+        return minimize_gd(fun, x0, max_iter=max_iter, tol=tol, step_size=step_size, l1=l1,
                            callback=callback)
+    if name in ("sgd", "momentum", "nesterov", "adam"):
+        from .first_order import minimize_first_order
+
+        return minimize_first_order(name, fun, x0, max_iter=max_iter, tol=tol,
+                                    step_size=step_size, l1=l1, callback=callback,
+                                    batch_fun=batch_fun)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")

@@ -1,13 +1,17 @@
-"""Full-batch gradient descent.
+"""Full-batch (proximal) gradient descent.
 
-* ``step_size`` given: the fixed step ``x_{k+1} = x_k - step_size * g_k``.
-* otherwise: Armijo backtracking, halving ``t`` until
-  ``F(x - t g) <= F_ref - c t ||g||^2``. The first trial step of each iteration
-  is the Barzilai-Borwein step ``s.s / s.y`` from the last two iterates (the
-  previous accepted step doubled when that is not positive). The reference is
-  non-monotone (Grippo-Lampariello-Lucidi): ``F_ref`` is the largest of the last
-  ``MEMORY`` objectives, so a good long BB step is not thrown away for a small
-  rise; that is what makes BB fast, and it still converges.
+* ``step_size`` given: the fixed step ``x_{k+1} = prox(x_k - step_size * g_k)``.
+* otherwise: backtracking, halving ``t`` until the sufficient-decrease test
+  holds: ``F(x+) <= F_ref - c t ||g||^2`` without L1 (Armijo), and
+  ``F(x+) <= F_ref - c/(2t) ||x+ - x||^2`` with it (SpaRSA). The first trial step of each iteration is the Barzilai-Borwein step
+  ``s.s / s.y`` from the last two iterates (the previous accepted step doubled
+  when that is not positive). The reference is non-monotone
+  (Grippo-Lampariello-Lucidi): the largest of the last ``MEMORY`` objectives,
+  so a good long BB step is not thrown away for a small rise; that is what makes
+  BB fast, and it still converges.
+
+``prox`` is the soft-threshold with ``t * l1`` (identity without L1), which
+puts coefficients that are zero at the optimum at exactly zero.
 
 Every evaluation of ``fun`` is one distributed pass; a trial that is accepted
 also supplies the next gradient, so an accepted first trial costs one pass.
@@ -16,16 +20,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import OptimResult, converged
+from ..penalties import soft_threshold
+from . import OptimResult, converged, l1_value
 
 ARMIJO_C = 1e-4
 MAX_HALVINGS = 60
 MEMORY = 10
 
 
-def minimize_gd(fun, x0, max_iter=100, tol=1e-6, step_size=None, callback=None):
+def minimize_gd(fun, x0, max_iter=100, tol=1e-6, step_size=None, l1=None, callback=None):
+    def prox(v, t):
+        return v if l1 is None else soft_threshold(v, t * l1)
+
     x = np.asarray(x0, dtype=np.float64).copy()
-    f, g = fun(x)
+    fs, g = fun(x)  # smooth part
+    f = fs + l1_value(l1, x)
     history = []
     t = 1.0
     s = yv = None
@@ -35,22 +44,28 @@ def minimize_gd(fun, x0, max_iter=100, tol=1e-6, step_size=None, callback=None):
     for it in range(1, int(max_iter) + 1):
         if step_size is not None:
             t = float(step_size)
-            x_new = x - t * g
-            f_new, g_new = fun(x_new)
+            x_new = prox(x - t * g, t)
+            fs_new, g_new = fun(x_new)
+            f_new = fs_new + l1_value(l1, x_new)
         else:
             if s is not None:
                 sy = float(s @ yv)
                 t = float(s @ s) / sy if sy > 0 else 2.0 * t
-            gg = float(g @ g)
-            f_ref = max([f] + history[-MEMORY:])
-            if gg == 0.0:
+            if not np.any(g) and l1 is None:
                 history.append(f)
                 message, done = "gradient is zero", True
                 break
+            f_ref = max([f] + history[-MEMORY:])
             for _ in range(MAX_HALVINGS):
-                x_new = x - t * g
-                f_new, g_new = fun(x_new)
-                if f_new <= f_ref - ARMIJO_C * t * gg:
+                x_new = prox(x - t * g, t)
+                fs_new, g_new = fun(x_new)
+                f_new = fs_new + l1_value(l1, x_new)
+                d = x_new - x
+                if l1 is None:
+                    ok = f_new <= f_ref - ARMIJO_C * t * float(g @ g)
+                else:  # SpaRSA's non-monotone test for proximal steps
+                    ok = f_new <= f_ref - ARMIJO_C / (2.0 * t) * float(d @ d)
+                if ok:
                     break
                 t *= 0.5
             else:
@@ -66,6 +81,9 @@ def minimize_gd(fun, x0, max_iter=100, tol=1e-6, step_size=None, callback=None):
             callback(it, f, float(np.linalg.norm(g)), float(np.linalg.norm(s)))
         if not np.isfinite(f):
             message = "objective is not finite (step size too large?)"
+            break
+        if not np.any(s):
+            message, done = "fixed point reached", True
             break
         if converged(f_prev, f, tol):
             message, done = "relative change of the objective <= tol", True
