@@ -121,6 +121,8 @@ exec_jopts="$(join_by ' ' "$log4j_opt" ${user_exec_jopts[@]+"${user_exec_jopts[@
 cmd=("$SPARK_HOME/bin/spark-submit")
 if (( ! user_master )); then
     cmd+=(--master 'local[*]')
+    # A local run serves nobody else: keep the driver (and its UI) on loopback.
+    export SPARK_LOCAL_IP="${SPARK_LOCAL_IP:-127.0.0.1}"
 fi
 cmd+=(
     --py-files "$pyfiles"

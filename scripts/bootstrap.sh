@@ -11,7 +11,7 @@
 #     PYSPARK_PYTHON         $ROOT/.venv/bin/python (and PYSPARK_DRIVER_PYTHON)
 #     SPARK_HOME             the pyspark package installed in the venv
 #     PATH                   with $ROOT/.venv/bin first
-#     SPARKGD_PYFILES        $ROOT/.venv/sparkgd-pyfiles.zip
+#     SPARKGD_PYFILES        $ROOT/.venv/pyfiles/sparkgd-<content hash>.zip
 #     SPARKGD_LOG4J          $ROOT/sparkgd/conf/log4j2.properties
 #
 # Safe under `set -euo pipefail` in the caller. On a fatal problem it prints one
@@ -160,26 +160,48 @@ export SPARK_HOME
 
 # --- package zip shipped to executors (--py-files) ------------------------------
 
-export SPARKGD_PYFILES="$_SPARKGD_VENV/sparkgd-pyfiles.zip"
-if ! "$_SPARKGD_VPY" - "$ROOT" "$SPARKGD_PYFILES" <<'PY'
-import os, sys, zipfile
-root, out = sys.argv[1], sys.argv[2]
+# Named by a hash of its content and never rewritten, so a job that is running
+# (driver or executors) keeps reading the zip it started with while another run
+# ships a newer tree. Zips unused for a day are pruned.
+if ! SPARKGD_PYFILES="$("$_SPARKGD_VPY" - "$ROOT" "$_SPARKGD_VENV/pyfiles" <<'PY'
+import hashlib, os, sys, time, zipfile
+root, outdir = sys.argv[1], sys.argv[2]
 pkg = os.path.join(root, "sparkgd")
-tmp = "%s.tmp-%d" % (out, os.getpid())
-with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-    for d, dirs, files in os.walk(pkg):
-        dirs[:] = sorted(x for x in dirs if x != "__pycache__" and not x.startswith("."))
-        rel = os.path.relpath(d, root)
-        in_conf = rel.split(os.sep)[:2] == ["sparkgd", "conf"]
-        for f in sorted(files):
-            if f.endswith(".py") or (in_conf and not f.startswith(".")):
-                z.write(os.path.join(d, f), os.path.join(rel, f))
-os.replace(tmp, out)
+entries = []
+for d, dirs, files in os.walk(pkg):
+    dirs[:] = sorted(x for x in dirs if x != "__pycache__" and not x.startswith("."))
+    rel = os.path.relpath(d, root)
+    in_conf = rel.split(os.sep)[:2] == ["sparkgd", "conf"]
+    for f in sorted(files):
+        if f.endswith(".py") or (in_conf and not f.startswith(".")):
+            with open(os.path.join(d, f), "rb") as fh:
+                entries.append((os.path.join(rel, f), fh.read()))
+h = hashlib.sha256()
+for name, data in entries:
+    h.update(name.encode() + b"\0" + data + b"\0")
+os.makedirs(outdir, exist_ok=True)
+out = os.path.join(outdir, "sparkgd-%s.zip" % h.hexdigest()[:16])
+if not os.path.exists(out):
+    tmp = "%s.tmp-%d" % (out, os.getpid())
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries:
+            z.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), data)
+    os.replace(tmp, out)
+os.utime(out)
+for old in os.listdir(outdir):
+    p = os.path.join(outdir, old)
+    if p != out and time.time() - os.path.getmtime(p) > 86400:
+        try:
+            os.remove(p)
+        except OSError:
+            pass
+print(out)
 PY
-then
-    echo "sparkgd: error: could not build $SPARKGD_PYFILES" >&2
+)"; then
+    echo "sparkgd: error: could not build the package zip in $_SPARKGD_VENV/pyfiles" >&2
     exit 1
 fi
+export SPARKGD_PYFILES
 
 export SPARKGD_LOG4J="$ROOT/sparkgd/conf/log4j2.properties"
 

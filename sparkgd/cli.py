@@ -15,7 +15,10 @@ import time
 
 from .errors import SparkgdError
 
-LOSS_ESTIMATOR = {"squared": "LinearRegression", "logistic": "LogisticRegression"}
+LOSS_ESTIMATOR = {"squared": "LinearRegression", "huber": "LinearRegression",
+                  "logistic": "LogisticRegression", "multinomial": "LogisticRegression",
+                  "hinge": "LinearSVC"}
+OPTIMIZERS = ("lbfgs", "gd", "sgd", "momentum", "nesterov", "adam")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,6 +63,20 @@ def _positive_float(text):
     return v
 
 
+def _unit_float(text):
+    v = _nonneg_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return v
+
+
+def _fraction(text):
+    v = _unit_float(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return v
+
+
 def _column_list(text):
     cols = [c.strip() for c in text.split(",")]
     if not cols or any(not c for c in cols):
@@ -73,21 +90,35 @@ def build_parser(default_data=None):
         description="Train a linear model with distributed gradient descent on Spark.")
     p.add_argument("--data", default=default_data,
                    help="Parquet file or partitioned directory (default: the bundled sample)")
-    p.add_argument("--format", default="parquet", choices=["parquet"], help="input format")
+    p.add_argument("--format", default="parquet", choices=["parquet", "libsvm"],
+                   help="input format")
+    p.add_argument("--num-features", type=_positive_int, default=None,
+                   help="libsvm: number of features (default: found by a pass over the data)")
     p.add_argument("--features-col", default="features",
                    help="features column: array<double|float> or Spark ML vector")
     p.add_argument("--feature-cols", type=_column_list, default=None,
                    help="comma-separated numeric columns to use as features instead")
     p.add_argument("--label-col", default="label")
     p.add_argument("--weight-col", default=None)
-    p.add_argument("--loss", default="logistic", choices=sorted(LOSS_ESTIMATOR))
-    p.add_argument("--optimizer", default="lbfgs", choices=["lbfgs", "gd"])
+    p.add_argument("--loss", default="logistic", choices=sorted(LOSS_ESTIMATOR),
+                   help="logistic (binary, or multiclass labels -> multinomial), multinomial, "
+                        "squared, huber, hinge (linear SVM)")
+    p.add_argument("--epsilon", type=_positive_float, default=1.35, help="huber epsilon")
+    p.add_argument("--optimizer", default="lbfgs", choices=OPTIMIZERS)
     p.add_argument("--max-iter", type=_nonneg_int, default=100)
     p.add_argument("--tol", type=_nonneg_float, default=1e-6)
     p.add_argument("--reg-param", type=_nonneg_float, default=0.0)
+    p.add_argument("--elastic-net-param", type=_unit_float, default=0.0,
+                   help="L1 share of the penalty, in [0, 1]")
     p.add_argument("--step-size", type=_positive_float, default=None,
-                   help="fixed step for gd (default: backtracking line search)")
+                   help="step size (gd: fixed step instead of backtracking)")
+    p.add_argument("--mini-batch-fraction", type=_fraction, default=1.0,
+                   help="sgd: fraction of rows sampled afresh each iteration")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sgd samples")
+    p.add_argument("--standardization", action="store_true",
+                   help="penalize standardized coefficients (Spark ML's meaning)")
     p.add_argument("--no-intercept", action="store_true", help="fit without an intercept")
+    p.add_argument("--initial-model", default=None, help="warm start from a saved model")
     p.add_argument("--aggregation-depth", type=int, default=2)
     p.add_argument("--partitions", type=_positive_int, default=None,
                    help="repartition the input into this many partitions")
@@ -110,6 +141,14 @@ def check_paths(args):
         raise SparkgdError("--data is required (no bundled sample found)")
     if _is_local(args.data) and not os.path.exists(_strip_file(args.data)):
         raise SparkgdError(f"--data '{args.data}': no such file or directory")
+    if args.initial_model is not None:
+        if not _is_local(args.initial_model) or not os.path.isfile(
+                os.path.join(_strip_file(args.initial_model), "metadata.json")):
+            raise SparkgdError(f"--initial-model '{args.initial_model}': not a saved sparkgd "
+                               "model (no metadata.json there)")
+    if args.format == "libsvm" and (args.feature_cols or args.weight_col):
+        raise SparkgdError("--format libsvm has only 'label' and 'features' columns; "
+                           "--feature-cols and --weight-col do not apply")
     if args.aggregation_depth < 2:
         raise SparkgdError(f"--aggregation-depth must be >= 2 (got {args.aggregation_depth})")
     out = args.output
@@ -132,11 +171,17 @@ def check_paths(args):
 
 def read_data(spark, args):
     try:
+        if args.format == "libsvm":
+            reader = spark.read.format("libsvm")
+            if args.num_features:
+                reader = reader.option("numFeatures", str(args.num_features))
+            return reader.load(args.data)
         return spark.read.parquet(args.data)
     except Exception as e:  # AnalysisException, or a SparkException from the footer read
         text = str(e).strip()
         first = text.splitlines()[0] if text else type(e).__name__
-        raise SparkgdError(f"cannot read --data '{args.data}' as Parquet: {first}") from None
+        raise SparkgdError(f"cannot read --data '{args.data}' as {args.format}: {first}") \
+            from None
 
 
 def make_estimator(args):
@@ -145,12 +190,16 @@ def make_estimator(args):
     common = dict(
         featuresCol=args.features_col, featureCols=args.feature_cols, labelCol=args.label_col,
         weightCol=args.weight_col, maxIter=args.max_iter, tol=args.tol,
-        regParam=args.reg_param, fitIntercept=not args.no_intercept,
+        regParam=args.reg_param, elasticNetParam=args.elastic_net_param,
+        fitIntercept=not args.no_intercept, standardization=args.standardization,
         aggregationDepth=args.aggregation_depth, optimizer=args.optimizer,
-        stepSize=args.step_size)
+        stepSize=args.step_size, miniBatchFraction=args.mini_batch_fraction, seed=args.seed,
+        initialModel=_strip_file(args.initial_model) if args.initial_model else None)
     cls = getattr(estimators, LOSS_ESTIMATOR[args.loss])
     if cls is estimators.LinearRegression:
-        common["loss"] = args.loss
+        common.update(loss=args.loss, epsilon=args.epsilon)
+    elif args.loss == "multinomial":
+        common["family"] = "multinomial"
     return cls(**common)
 
 
