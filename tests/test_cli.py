@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sparkgd import cli
@@ -39,6 +40,12 @@ def test_trains_on_the_sample_in_process(spark, tmp_path, capsys):
     (["--features-col", "label"], "features column 'label' in --data"),
     (["--weight-col", "features"], "weight column 'features' in --data"),
     (["--aggregation-depth", "1"], "--aggregation-depth must be >= 2"),
+    (["--elastic-net-param", "1.5"], "argument --elastic-net-param: expected a number in [0, 1]"),
+    (["--mini-batch-fraction", "0"], "argument --mini-batch-fraction: expected a number in (0, 1]"),
+    (["--optimizer", "newton"], "argument --optimizer: invalid choice: 'newton'"),
+    (["--initial-model", "/nonexistent"], "--initial-model '/nonexistent': not a saved sparkgd"),
+    (["--format", "libsvm", "--weight-col", "w"], "--format libsvm has only 'label'"),
+    (["--format", "libsvm"], "cannot read --data"),
     (["--loss", "logistic", "--data", os.path.join(ROOT, "data", "README.md")],
      "cannot read --data"),
 ])
@@ -97,3 +104,42 @@ def test_spark_submit_missing_data_is_one_line_exit_2(tmp_path):
     assert r.stderr.strip().splitlines() == [
         "sparkgd: error: --data '/nonexistent': no such file or directory"]
     assert not out_dir.exists()
+
+
+def test_every_loss_and_optimizer_option_reaches_the_estimator(spark, tmp_path, capsys):
+    data = tmp_path / "multi"
+    from sparkgd import datagen
+
+    datagen.write_dataset(str(data), task="multiclass", rows=300, features=3, partitions=2,
+                          classes=3)
+    out = tmp_path / "m"
+    code, stdout, err = run_cli(capsys, "--data", str(data), "--loss", "multinomial",
+                                "--optimizer", "adam", "--step-size", "0.05", "--max-iter", "5",
+                                "--reg-param", "0.01", "--elastic-net-param", "0.5",
+                                "--standardization", "--output", str(out))
+    assert code == 0, err
+    meta = json.load(open(out / "metadata.json"))
+    assert meta["loss"] == "multinomial" and meta["numClasses"] == 3
+    p = meta["params"]
+    assert (p["optimizer"], p["stepSize"], p["elasticNetParam"], p["standardization"],
+            p["family"]) == ("adam", 0.05, 0.5, True, "multinomial")
+    # warm start from it, with a model of the wrong width refused
+    code, _, err = run_cli(capsys, "--initial-model", str(out), "--output", str(tmp_path / "x"))
+    assert code == 2 and "initialModel has 3 features but the data has 10" in err
+
+
+def test_libsvm_input(spark, tmp_path, capsys):
+    path = tmp_path / "data.libsvm"
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(200):
+        idx = np.sort(rng.choice(50, size=4, replace=False))
+        z = sum(0.3 * (j % 5 - 2) for j in idx)
+        label = int(rng.random() < 1 / (1 + np.exp(-z)))
+        lines.append(f"{label} " + " ".join(f"{j + 1}:{rng.normal():.6f}" for j in idx))
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "m"
+    code, _, err = run_cli(capsys, "--data", str(path), "--format", "libsvm", "--num-features",
+                           "60", "--reg-param", "0.01", "--output", str(out))
+    assert code == 0, err
+    assert json.load(open(out / "metadata.json"))["numFeatures"] == 60
