@@ -390,21 +390,29 @@ def decode_row(row):
 
 
 class Blocks:
-    """The cached blocks of one fit: an RDD of (X, y, w), plus the facts about them.
+    """The cached blocks of one fit, plus the facts about them.
 
-    Use as a context manager (or call :meth:`release`) so the cache is freed
-    when the fit ends, whatever the outcome.
+    ``run(job)`` runs ``job(rdd)`` where ``rdd`` yields (X, y, w) blocks; the
+    store behind it (:mod:`sparkgd.blockstore`) decides where they live and
+    recovers them if they are lost. Use as a context manager (or call
+    :meth:`release`) so everything is freed when the fit ends, whatever the outcome.
     """
 
-    def __init__(self, rdd, infos, spec, cached):
-        self.rdd = rdd
-        self._cached = cached
+    def __init__(self, store, infos, spec):
+        self.store = store
         self.infos = infos
         self.spec = spec
         self.num_rows = sum(i["n"] for i in infos)
         self.num_features = infos[0]["d"] if infos else 0
         self.weight_sum = float(sum(i["wsum"] for i in infos))
-        self.num_partitions = rdd.getNumPartitions()
+        self.num_partitions = store.rdd.getNumPartitions()
+
+    @property
+    def rdd(self):
+        return self.store.rdd
+
+    def run(self, job):
+        return self.store.run(job)
 
     def label_range(self):
         lo = min(i["ymin"] for i in self.infos)
@@ -412,7 +420,7 @@ class Blocks:
         return lo, hi, all(i["yint"] for i in self.infos)
 
     def release(self):
-        self._cached.unpersist(blocking=False)
+        self.store.release()
 
     def __enter__(self):
         return self
@@ -426,28 +434,27 @@ def _decode_partition(rows):
         yield decode_row(r)
 
 
-def _blocks_only(pairs):
-    for _info, block in pairs:
-        yield block
-
-
-def build_blocks(df, spec, num_partitions=None, source="the DataFrame"):
+def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="files"):
     """Project, convert through Arrow and cache; check what executors found.
+
+    ``store``: ``files`` (memory-mapped block files on executors, the default)
+    or ``memory`` (pickled blocks in Spark's cache).
 
     Returns :class:`Blocks`. Raises SparkgdError (after releasing the cache)
     when a partition holds bad data or the input is empty.
     """
-    from pyspark import StorageLevel
+    from .blockstore import FileBlocks, MemoryBlocks
 
     proj = project(df, spec)
     if num_partitions:
         proj = proj.repartition(int(num_partitions))
     encoded = proj.mapInArrow(lambda it, _s=spec: encode_partition(it, _s), ENCODED_SCHEMA)
     pairs = encoded.rdd.mapPartitions(_decode_partition, preservesPartitioning=True)
-    pairs.persist(StorageLevel.MEMORY_ONLY)
-    pairs.setName("sparkgd blocks")
+    if store not in ("files", "memory"):
+        raise ValueError(f"unknown block store {store!r}; expected files or memory")
+    backend = FileBlocks(pairs) if store == "files" else MemoryBlocks(pairs)
     try:
-        infos = pairs.map(lambda p: p[0]).collect()
+        infos = backend.materialize()
         errors = [i["error"] for i in infos if "error" in i]
         if errors:
             raise SparkgdError(f"bad input in {source}: {errors[0]}")
@@ -461,7 +468,6 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame"):
         if spec.weight is not None and sum(i["wsum"] for i in infos) <= 0:
             raise SparkgdError(f"weight column '{spec.weight}' in {source} sums to 0")
     except BaseException:
-        pairs.unpersist(blocking=False)
+        backend.release()
         raise
-    blocks_rdd = pairs.mapPartitions(_blocks_only, preservesPartitioning=True)
-    return Blocks(blocks_rdd, infos, spec, cached=pairs)
+    return Blocks(backend, infos, spec)

@@ -192,7 +192,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
             line_search = optimizer == "lbfgs" or (optimizer == "gd" and step is None)
             std = pre = None
             if line_search or standardize:
-                mean, std = stats.feature_moments(blocks.rdd, layout.d, aggregator)
+                mean, std = stats.feature_moments(blocks, layout.d, aggregator)
                 # Line-search methods step where features look centred and unit-variance
                 # (the objective is unchanged); fixed-step methods step in the space the
                 # user chose the step for: the original one, or the standardized one.

@@ -50,10 +50,12 @@ def _moments_task(blocks, d):
     yield total
 
 
-def feature_moments(blocks_rdd, d, aggregator):
-    """Distributed (mean, std) of every feature, one Spark job."""
-    partials = blocks_rdd.mapPartitions(lambda it: _moments_task(it, d))
-    return moments_from_sums(aggregator.sum(partials, 2 + 2 * d), d)
+def feature_moments(blocks, d, aggregator):
+    """Distributed (mean, std) of every feature over :class:`~sparkgd.data.Blocks`."""
+    total = blocks.run(
+        lambda rdd: aggregator.sum(rdd.mapPartitions(lambda it: _moments_task(it, d)),
+                                   2 + 2 * d))
+    return moments_from_sums(total, d)
 
 
 class Preconditioner:

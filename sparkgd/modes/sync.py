@@ -50,13 +50,16 @@ class DistributedObjective:
 
     def smooth(self, theta, sample=None):
         """``sample = (fraction, seed, iteration)``: a mini-batch estimate instead."""
-        rdd = self.blocks.rdd
-        bc = rdd.context.broadcast(np.asarray(theta, dtype=np.float64))
-        loss, layout = self.loss, self.layout
-        try:
+        bc = self.blocks.rdd.context.broadcast(np.asarray(theta, dtype=np.float64))
+        loss, layout, aggregator = self.loss, self.layout, self.aggregator
+
+        def job(rdd):
             partials = rdd.mapPartitionsWithIndex(
                 lambda i, it: _kernel_task(i, it, bc, loss, layout, sample))
-            total = self.aggregator.sum(partials, 2 + layout.size)
+            return aggregator.sum(partials, 2 + layout.size)
+
+        try:
+            total = self.blocks.run(job)
         finally:
             bc.destroy()
         self.evaluations += 1

@@ -1,0 +1,123 @@
+"""The memory-mapped block store: same numbers as the plain path, recovery, cleanup."""
+import os
+
+import numpy as np
+import pytest
+
+import sparkgd
+from sparkgd import blockstore, kernels
+from sparkgd.data import build_blocks, resolve_input
+from sparkgd.modes.sync import DistributedObjective
+from sparkgd.penalties import Penalty
+
+from conftest import logistic_data, to_df
+
+
+def executor_root(spark):
+    sc = spark.sparkContext
+    return sc.parallelize([0], 1).map(lambda _: blockstore.local_root()).collect()[0]
+
+
+def objective(blocks, layout, loss="logistic"):
+    return DistributedObjective(blocks, kernels.make_loss(loss), layout, Penalty(layout, 0.05))
+
+
+def handle_paths(blocks):
+    handles = blocks.store._handles.map(lambda p: p[1]).collect()
+    return [h[k] for h in handles for k in ("X", "y", "w", "data", "indices", "indptr")
+            if h.get(k)]
+
+
+@pytest.fixture(scope="module")
+def data(spark):
+    X, y, w = logistic_data(n=400, d=6, seed=40, weights=True)
+    return X, y, w, to_df(spark, X, y, w, partitions=3)
+
+
+def test_files_and_memory_stores_give_the_same_objective(spark, data):
+    X, y, w, df = data
+    spec = resolve_input(df.schema, weight_col="weight")
+    layout = kernels.Layout(6, 1, True)
+    theta = np.random.default_rng(0).normal(size=layout.size)
+    results = {}
+    for store in ("files", "memory"):
+        with build_blocks(df, spec, store=store) as blocks:
+            assert blocks.store.kind == store
+            results[store] = objective(blocks, layout)(theta)
+    (ff, gf), (fm, gm) = results["files"], results["memory"]
+    assert abs(ff - fm) <= 1e-12 * abs(fm)
+    np.testing.assert_allclose(gf, gm, rtol=1e-12, atol=1e-15)
+
+
+def test_blocks_are_memory_mapped(spark, data):
+    df = data[3]
+    with build_blocks(df, resolve_input(df.schema)) as blocks:
+        kinds = blocks.rdd.map(lambda b: type(b[0]).__name__).collect()
+    assert set(kinds) == {"memmap"}
+
+
+def test_deleted_files_are_rebuilt_and_give_the_same_numbers(spark, data):
+    X, y, w, df = data
+    layout = kernels.Layout(6, 1, True)
+    theta = np.linspace(-1, 1, layout.size)
+    with build_blocks(df, resolve_input(df.schema, weight_col="weight")) as blocks:
+        obj = objective(blocks, layout)
+        before = obj(theta)
+        paths = handle_paths(blocks)
+        assert paths and all(os.path.exists(p) for p in paths)  # local mode: same machine
+        for p in paths[::2]:
+            os.remove(p)
+        after = obj(theta)
+        assert blocks.store.rebuilds == 1
+        assert all(os.path.exists(p) for p in handle_paths(blocks))
+    assert after[0] == before[0]
+    np.testing.assert_array_equal(after[1], before[1])
+
+
+def test_dropped_cache_entries_are_recomputed_through_lineage(spark, data):
+    df = data[3]
+    layout = kernels.Layout(6, 1, True)
+    theta = np.linspace(-1, 1, layout.size)
+    with build_blocks(df, resolve_input(df.schema)) as blocks:
+        obj = objective(blocks, layout)
+        before = obj(theta)
+        blocks.store._handles.unpersist(blocking=True)   # as if an executor were lost
+        after = obj(theta)
+        assert blocks.store.rebuilds == 0
+    assert after[0] == before[0]
+
+
+def test_fit_leaves_no_files_behind(spark, data):
+    root = executor_root(spark)
+    before = {p for p in os.listdir(root) if p.startswith("sparkgd-")}
+    sparkgd.LogisticRegression(maxIter=3).fit(data[3])
+    after = {p for p in os.listdir(root) if p.startswith("sparkgd-")}
+    assert after == before == set()
+
+
+def test_failed_fit_leaves_no_files_behind(spark):
+    root = executor_root(spark)
+    df = spark.createDataFrame([([1.0], 0.0), ([2.0], 0.5)], "features array<double>, label double")
+    with pytest.raises(sparkgd.SparkgdError):
+        sparkgd.LogisticRegression().fit(df)
+    assert not [p for p in os.listdir(root) if p.startswith("sparkgd-")]
+
+
+def test_write_and_open_block_roundtrip(tmp_path):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(20, 5))
+    y = rng.normal(size=20)
+    h = blockstore.write_block(str(tmp_path), "b", X, y, None)
+    X2, y2, w2 = blockstore.open_block(h)
+    np.testing.assert_array_equal(X2, X)
+    np.testing.assert_array_equal(y2, y)
+    assert w2 is None
+    S = sp.random(20, 50, density=0.1, format="csr", random_state=2)
+    h = blockstore.write_block(str(tmp_path), "s", S, y, y)
+    S2, _, w3 = blockstore.open_block(h)
+    assert (S2 != S).nnz == 0 and np.array_equal(w3, y)
+    os.remove(h["data"])
+    with pytest.raises(blockstore.BlockMissing, match=blockstore.MISSING_MARKER):
+        blockstore.open_block(h)
