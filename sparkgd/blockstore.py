@@ -2,11 +2,12 @@
 
 Caching NumPy blocks in Spark's cache means the JVM streams every cached byte
 to the Python worker again each iteration; that copy costs more than the
-arithmetic. Instead each block is written once, as raw ``.npy`` files, into the
+arithmetic. Instead each block is written once, as raw binary files, into the
 executor's own Spark local directory (``SPARK_LOCAL_DIRS``, which Spark deletes
 when the executor exits), and the cached RDD holds only small *handles*. A task
-maps its files (``np.load(mmap_mode="r")``): the OS page cache serves them, no
-copy, no deserialization.
+maps its files (``np.memmap``): the OS page cache serves them, no
+copy, no deserialization. The files are written straight from the Arrow batches
+inside ``mapInArrow``, so the data never travels back through the JVM.
 
 Recovery:
 
@@ -51,56 +52,117 @@ def fit_dir(fit_id):
     return os.path.join(local_root(), f"sparkgd-{fit_id}")
 
 
-def _save(path, array):
-    np.save(path, np.ascontiguousarray(array), allow_pickle=False)
-    return path
+class _BlockFile:
+    """Streams one block to raw files: rows are appended batch by batch, so a
+    partition of any size is written with one Arrow batch in memory."""
+
+    def __init__(self, directory, fmt, d, weighted):
+        os.makedirs(directory, exist_ok=True)
+        self.base = os.path.join(directory, uuid.uuid4().hex)
+        self.fmt, self.d, self.n, self.nnz = fmt, int(d), 0, 0
+        self.paths = {"y": self.base + ".y"}
+        if weighted:
+            self.paths["w"] = self.base + ".w"
+        if fmt == "dense":
+            self.paths["X"] = self.base + ".X"
+        else:
+            self.paths.update(data=self.base + ".data", indices=self.base + ".indices",
+                              indptr=self.base + ".indptr")
+        self.files = {k: open(v, "wb") for k, v in self.paths.items()}
+        if fmt == "csr":
+            self.files["indptr"].write(np.zeros(1, dtype=np.int64).tobytes())
+        self.info = None
+
+    def add(self, X, y, w, info):
+        f = self.files
+        if self.fmt == "dense":
+            f["X"].write(np.ascontiguousarray(X, dtype=np.float64).tobytes())
+        else:
+            X = X.tocsr()
+            f["data"].write(np.asarray(X.data, dtype=np.float64).tobytes())
+            f["indices"].write(np.asarray(X.indices, dtype=np.int64).tobytes())
+            f["indptr"].write((X.indptr[1:].astype(np.int64) + self.nnz).tobytes())
+            self.nnz += int(X.nnz)
+        f["y"].write(np.asarray(y, dtype=np.float64).tobytes())
+        if w is not None:
+            f["w"].write(np.asarray(w, dtype=np.float64).tobytes())
+        self.n += int(y.shape[0])
+        self.info = info if self.info is None else merge_infos(self.info, info)
+
+    def close(self):
+        for fh in self.files.values():
+            fh.close()
+        handle = {"host": socket.gethostname(), "fmt": self.fmt, "n": self.n, "d": self.d,
+                  "nnz": self.nnz, "w": None}
+        handle.update(self.paths)
+        return self.info, handle
 
 
-def write_block(directory, name, X, y, w):
-    """Write one block as .npy files; return its handle (a small dict)."""
-    os.makedirs(directory, exist_ok=True)
-    base = os.path.join(directory, name)
-    handle = {"host": socket.gethostname(), "n": int(y.shape[0]), "d": int(X.shape[1]),
-              "y": _save(base + ".y.npy", y),
-              "w": None if w is None else _save(base + ".w.npy", w)}
-    if sp.issparse(X):
-        X = X.tocsr()
-        handle.update(fmt="csr", data=_save(base + ".data.npy", X.data),
-                      indices=_save(base + ".indices.npy", X.indices),
-                      indptr=_save(base + ".indptr.npy", X.indptr))
-    else:
-        handle.update(fmt="dense", X=_save(base + ".X.npy", X))
-    return handle
+def merge_infos(a, b):
+    """Combine the facts of two row sets (see ``data.block_info``)."""
+    return {"n": a["n"] + b["n"], "d": a["d"], "wsum": a["wsum"] + b["wsum"],
+            "ymin": min(a["ymin"], b["ymin"]), "ymax": max(a["ymax"], b["ymax"]),
+            "yint": a["yint"] and b["yint"], "nnz": a["nnz"] + b["nnz"]}
 
 
-def _load(path):
+def write_arrow_partition(batches, spec, fit_id):
+    """mapInArrow body: Arrow batches of one partition -> block files, and one small
+    row per block: ``info`` (facts, or the bad-input message) and ``handle`` (JSON)."""
+    import json
+
+    import pyarrow as pa
+
+    from .data import BadInput, arrow_to_xyw, block_info
+
+    def row(info, handle):
+        return pa.RecordBatch.from_pydict({"info": [json.dumps(info)],
+                                           "handle": [json.dumps(handle)]})
+
+    directory = fit_dir(fit_id)
+    current = None
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        for batch in batches:
+            if not batch.num_rows:
+                continue
+            X, y, w = arrow_to_xyw(batch, spec)
+            fmt = "csr" if sp.issparse(X) else "dense"
+            if current is not None and (current.fmt != fmt or current.d != X.shape[1]):
+                yield row(*current.close())
+                current = None
+            if current is None:
+                current = _BlockFile(directory, fmt, X.shape[1], w is not None)
+            current.add(X, y, w, block_info(X, y, w))
+    except BadInput as e:
+        if current is not None:
+            current.close()
+        yield row({"error": str(e)}, None)
+        return
+    if current is not None:
+        yield row(*current.close())
+
+
+def _map(path, dtype, shape):
+    try:
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
     except FileNotFoundError:
         raise BlockMissing(f"{MISSING_MARKER}: {path} is gone on {socket.gethostname()}") \
             from None
 
 
 def open_block(handle):
-    """A handle -> (X, y, w) backed by the memory-mapped files."""
-    y = _load(handle["y"])
-    w = None if handle["w"] is None else _load(handle["w"])
+    """A handle -> (X, y, w) backed by the memory-mapped files (no copy)."""
+    n, d = handle["n"], handle["d"]
+    y = _map(handle["y"], np.float64, (n,))
+    w = None if handle.get("w") is None else _map(handle["w"], np.float64, (n,))
     if handle["fmt"] == "dense":
-        X = _load(handle["X"])
+        X = _map(handle["X"], np.float64, (n, d))
     else:
-        X = sp.csr_matrix((_load(handle["data"]), _load(handle["indices"]),
-                           _load(handle["indptr"])), shape=(handle["n"], handle["d"]))
+        nnz = handle["nnz"]
+        data = _map(handle["data"], np.float64, (nnz,)) if nnz else np.zeros(0)
+        indices = _map(handle["indices"], np.int64, (nnz,)) if nnz else np.zeros(0, np.int64)
+        indptr = _map(handle["indptr"], np.int64, (n + 1,))
+        X = sp.csr_matrix((data, indices, indptr), shape=(n, d), copy=False)
     return X, y, w
-
-
-def _write_partition(index, pairs, fit_id, generation):
-    directory = fit_dir(fit_id)
-    for j, (info, block) in enumerate(pairs):
-        if block is None:
-            yield info, None
-            continue
-        X, y, w = block
-        yield info, write_block(directory, f"g{generation}-p{index}-b{j}", X, y, w)
 
 
 def _open_partition(pairs):
@@ -149,31 +211,34 @@ def _open_in_memory(pairs):
 class FileBlocks:
     """Handles to memory-mapped block files; the fast block store.
 
-    ``self.rdd`` yields (X, y, w) like the in-memory store, so kernels do not
-    know which store they read.
+    ``handles`` is an uncached RDD of (info, handle) whose computation writes the
+    files (:func:`write_arrow_partition` under ``mapInArrow``): recomputing it
+    through lineage rewrites them. ``self.rdd`` yields (X, y, w) like the
+    in-memory store, so kernels do not know which store they read.
     """
 
     kind = "files"
 
-    def __init__(self, pairs, fit_id=None):
-        self._pairs = pairs  # uncached: (info, block) straight from the input's lineage
-        self.fit_id = fit_id or uuid.uuid4().hex[:12]
-        self.generation = 0
+    def __init__(self, handles, fit_id):
+        self._handles = handles
+        self.fit_id = fit_id
         self.rebuilds = 0
-        self._handles = None
+        self._cached = False
         self.rdd = None
 
     def materialize(self):
         """Write the files (one pass over the input); return the block infos."""
         from pyspark import StorageLevel
 
-        fit_id, gen = self.fit_id, self.generation
-        handles = self._pairs.mapPartitionsWithIndex(
-            lambda i, it: _write_partition(i, it, fit_id, gen), preservesPartitioning=True)
+        handles = self._handles
         handles.persist(StorageLevel.MEMORY_ONLY)
-        handles.setName(f"sparkgd block handles {fit_id} g{gen}")
-        self._handles = handles
-        self.rdd = handles.mapPartitions(_open_partition, preservesPartitioning=True)
+        handles.setName(f"sparkgd block handles {self.fit_id}")
+        self._cached = True
+        # One task per core, not per partition: a task costs more than mapping a file.
+        # coalesce() keeps each handle's partition with the executor that cached it.
+        slots = max(1, handles.context.defaultParallelism)
+        tasks = handles.coalesce(slots) if handles.getNumPartitions() > slots else handles
+        self.rdd = tasks.mapPartitions(_open_partition, preservesPartitioning=True)
         return handles.map(lambda p: p[0]).collect()
 
     def run(self, job):
@@ -185,20 +250,19 @@ class FileBlocks:
                 raise
         self.rebuilds += 1
         self._drop()
-        self.generation += 1
         self.materialize()
         return job(self.rdd)
 
     def _drop(self):
-        if self._handles is not None:
+        if self._cached:
             self._handles.unpersist(blocking=True)
-            self._handles = None
+            self._cached = False
 
     def release(self):
         """Unpersist the handles and delete this fit's files on every executor slot."""
         self._drop()
-        sc = self._pairs.context
-        slots = max(sc.defaultParallelism, self._pairs.getNumPartitions(), 1)
+        sc = self._handles.context
+        slots = max(sc.defaultParallelism, self._handles.getNumPartitions(), 1)
         fit_id = self.fit_id
         try:
             sc.parallelize(range(slots), slots).mapPartitions(

@@ -429,6 +429,11 @@ class Blocks:
         self.release()
 
 
+def _parse_handles(rows):
+    for r in rows:
+        yield json.loads(r["info"]), json.loads(r["handle"])
+
+
 def _decode_partition(rows):
     for r in rows:
         yield decode_row(r)
@@ -443,16 +448,23 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
     Returns :class:`Blocks`. Raises SparkgdError (after releasing the cache)
     when a partition holds bad data or the input is empty.
     """
-    from .blockstore import FileBlocks, MemoryBlocks
+    import uuid
+
+    from .blockstore import FileBlocks, MemoryBlocks, write_arrow_partition
 
     proj = project(df, spec)
     if num_partitions:
         proj = proj.repartition(int(num_partitions))
-    encoded = proj.mapInArrow(lambda it, _s=spec: encode_partition(it, _s), ENCODED_SCHEMA)
-    pairs = encoded.rdd.mapPartitions(_decode_partition, preservesPartitioning=True)
-    if store not in ("files", "memory"):
+    if store == "files":
+        fit_id = uuid.uuid4().hex[:16]
+        rows = proj.mapInArrow(lambda it, _s=spec: write_arrow_partition(it, _s, fit_id),
+                               "info string, handle string")
+        backend = FileBlocks(rows.rdd.mapPartitions(_parse_handles), fit_id)
+    elif store == "memory":
+        encoded = proj.mapInArrow(lambda it, _s=spec: encode_partition(it, _s), ENCODED_SCHEMA)
+        backend = MemoryBlocks(encoded.rdd.mapPartitions(_decode_partition))
+    else:
         raise ValueError(f"unknown block store {store!r}; expected files or memory")
-    backend = FileBlocks(pairs) if store == "files" else MemoryBlocks(pairs)
     try:
         infos = backend.materialize()
         errors = [i["error"] for i in infos if "error" in i]

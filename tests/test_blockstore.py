@@ -103,21 +103,67 @@ def test_failed_fit_leaves_no_files_behind(spark):
     assert not [p for p in os.listdir(root) if p.startswith("sparkgd-")]
 
 
-def test_write_and_open_block_roundtrip(tmp_path):
-    import scipy.sparse as sp
+def test_streamed_block_files_roundtrip(tmp_path, monkeypatch):
+    """Batches are appended to one block; dense and CSR read back exactly."""
+    import json
 
+    import pyarrow as pa
+
+    from sparkgd.data import InputSpec
+
+    monkeypatch.setenv("SPARK_LOCAL_DIRS", str(tmp_path))
     rng = np.random.default_rng(1)
-    X = rng.normal(size=(20, 5))
-    y = rng.normal(size=20)
-    h = blockstore.write_block(str(tmp_path), "b", X, y, None)
-    X2, y2, w2 = blockstore.open_block(h)
+    X = rng.normal(size=(30, 4))
+    y = rng.integers(0, 2, 30).astype(float)
+    w = rng.uniform(0.5, 2, 30)
+
+    def batch(lo, hi):
+        return pa.RecordBatch.from_pydict({
+            "features": pa.array(X[lo:hi].tolist(), type=pa.list_(pa.float64())),
+            "label": pa.array(y[lo:hi]), "weight": pa.array(w[lo:hi])})
+
+    spec = InputSpec("array", ("features",), "label", "weight")
+    rows = list(blockstore.write_arrow_partition(iter([batch(0, 10), batch(10, 30)]), spec,
+                                                 "t1"))
+    assert len(rows) == 1
+    info = json.loads(rows[0].column("info")[0].as_py())
+    handle = json.loads(rows[0].column("handle")[0].as_py())
+    assert info["n"] == 30 and abs(info["wsum"] - w.sum()) < 1e-12
+    X2, y2, w2 = blockstore.open_block(handle)
     np.testing.assert_array_equal(X2, X)
     np.testing.assert_array_equal(y2, y)
-    assert w2 is None
-    S = sp.random(20, 50, density=0.1, format="csr", random_state=2)
-    h = blockstore.write_block(str(tmp_path), "s", S, y, y)
-    S2, _, w3 = blockstore.open_block(h)
-    assert (S2 != S).nnz == 0 and np.array_equal(w3, y)
-    os.remove(h["data"])
+    np.testing.assert_array_equal(w2, w)
+    assert isinstance(X2, np.memmap)
+    os.remove(handle["y"])
     with pytest.raises(blockstore.BlockMissing, match=blockstore.MISSING_MARKER):
-        blockstore.open_block(h)
+        blockstore.open_block(handle)
+
+
+def test_sparse_batches_stream_into_csr(tmp_path, monkeypatch):
+    import json
+
+    import pyarrow as pa
+    import scipy.sparse as sp
+
+    from sparkgd.data import InputSpec
+
+    monkeypatch.setenv("SPARK_LOCAL_DIRS", str(tmp_path))
+    S = sp.random(40, 500, density=0.01, format="csr", random_state=3)
+
+    def batch(lo, hi):
+        rows = S[lo:hi]
+        arr = pa.StructArray.from_arrays(
+            [pa.array([0] * (hi - lo), pa.int8()), pa.array([500] * (hi - lo), pa.int32()),
+             pa.array([rows[i].indices.tolist() for i in range(hi - lo)], pa.list_(pa.int32())),
+             pa.array([rows[i].data.tolist() for i in range(hi - lo)], pa.list_(pa.float64()))],
+            names=["type", "size", "indices", "values"])
+        return pa.RecordBatch.from_arrays([arr, pa.array(np.zeros(hi - lo))],
+                                          names=["features", "label"])
+
+    spec = InputSpec("vector", ("features",), "label", None)
+    rows = list(blockstore.write_arrow_partition(iter([batch(0, 15), batch(15, 40)]), spec,
+                                                 "t2"))
+    handle = json.loads(rows[0].column("handle")[0].as_py())
+    X2, _, w2 = blockstore.open_block(handle)
+    assert sp.issparse(X2) and w2 is None
+    assert (X2 != S).nnz == 0

@@ -178,3 +178,16 @@ def test_preconditioner_is_an_exact_change_of_variables(k, fit_intercept):
     bu = u[k * d:] if fit_intercept else np.zeros(k)
     Xs = (X - (mean * (std > 0) if fit_intercept else 0)) / np.where(std > 0, std, 1.0)
     np.testing.assert_allclose(kernels.margins(X, coef, b), Xs @ cu.T + bu, rtol=1e-10)
+
+
+def test_fused_chunks_give_the_same_sums(monkeypatch):
+    rng = np.random.default_rng(8)
+    X = rng.normal(size=(3000, 7))
+    y = rng.integers(0, 2, 3000).astype(float)
+    w = rng.uniform(0.5, 2, 3000)
+    loss, layout = kernels.make_loss("logistic"), kernels.Layout(7, 1, True)
+    theta = rng.normal(size=layout.size)
+    whole = kernels._block_sums(X, y, w, theta, loss, layout)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 8 * 7 * 300)  # 300-row chunks -> 10+ chunks
+    chunked = kernels.block_sums(X, y, w, theta, loss, layout)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12)
