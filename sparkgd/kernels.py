@@ -75,8 +75,14 @@ class LogisticLoss(Loss):
 
     def value_and_derivative(self, y, z):
         z = z[:, 0]
-        value = np.logaddexp(0.0, z) - y * z
-        return value, (_sigmoid(z) - y)[:, None]
+        e = np.exp(-np.abs(z))  # one exp serves both: no overflow, full precision
+        value = np.log1p(e)
+        value += np.maximum(z, 0.0)
+        value -= y * z
+        inv = 1.0 / (1.0 + e)
+        p = np.where(z >= 0, inv, e * inv)  # sigmoid(z)
+        p -= y
+        return value, p[:, None]
 
 
 @_register
