@@ -3,7 +3,8 @@
 
     python data/generate.py OUT [--task binary|regression|multiclass] [--rows N]
                                 [--features D] [--partitions P] [--classes K] [--seed S]
-                                [--format array|columns] [--weights] [--overwrite]
+                                [--format array|columns|libsvm] [--nnz-per-row K]
+                                [--weights] [--overwrite]
 
 Needs only numpy and pyarrow. The generator module is loaded from its file, so neither an
 installed sparkgd nor Spark is required.

@@ -10,7 +10,7 @@ Generates logistic data (or takes ``--data``), then measures, in this one run:
   distributed evaluation (both block stores);
 * a whole L-BFGS fit (tol 1e-8) on a cached DataFrame: Spark ML LogisticRegression vs
   sparkgd, with the objective each reaches (and SciPy on the NumPy arrays);
-* peak memory (RSS of the JVM and every Python process under it).
+* peak memory (PSS: RSS with shared pages split) of the JVM and every Python process under it.
 
 Prints a table of times and ratios (sparkgd / reference: below 1 is faster) and writes
 JSON. Machines are shared and noisy: compare the ratios within one run.
@@ -26,8 +26,25 @@ import time
 import numpy as np
 
 
+def _pss(pid):
+    """Proportional set size: shared pages (the memory-mapped blocks two Python workers
+    both map) are split between the processes instead of counted twice."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
 class PeakRss:
-    """Samples the summed RSS of a process tree (the JVM and its Python children)."""
+    """Samples the summed memory (PSS) of a process tree (the JVM and its Python children)."""
 
     def __init__(self, root_pid, interval=0.2):
         self.root, self.interval = root_pid, interval
@@ -50,25 +67,27 @@ class PeakRss:
         return kids
 
     def sample(self):
+        """-> (total RSS of the tree, RSS of the root JVM alone)."""
         kids = self._children()
-        stack, total = [self.root], 0
+        stack, total, root = [self.root], 0, 0
         while stack:
             pid = stack.pop()
-            try:
-                with open(f"/proc/{pid}/statm") as f:
-                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            except OSError:
-                pass
+            rss = _pss(pid)
+            total += rss
+            if pid == self.root:
+                root = rss
             stack.extend(kids.get(pid, []))
-        return total
+        return total, root
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
+            total, root = self.sample()
+            if total > self.peak:
+                self.peak, self.peak_root = total, root
             time.sleep(self.interval)
 
     def __enter__(self):
-        self.peak = self.sample()
+        self.peak, self.peak_root = self.sample()
         self._thread.start()
         return self
 
@@ -108,6 +127,10 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions of one pass")
     p.add_argument("--skip-spark-ml", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--memory-only", action="store_true",
+                   help="only build sparkgd's blocks from the Parquet files and run passes, "
+                        "reporting peak memory (PSS): run it in its own spark-submit so nothing "
+                        "else has grown the JVM")
     args = p.parse_args(argv)
 
     from pyspark.sql import SparkSession
@@ -139,6 +162,9 @@ def main(argv=None):
         print(f"generated {int(args.rows)} x {args.features} in {t:.1f}s at {path}", flush=True)
     raw_bytes = int(args.rows) * args.features * 8
     results["raw_bytes"] = raw_bytes
+
+    if args.memory_only:
+        return memory_only(spark, path, args, raw_bytes, tmp)
 
     # --- single-process NumPy / SciPy --------------------------------------------------
     X, y = numpy_arrays(path)
@@ -228,7 +254,7 @@ def main(argv=None):
                      f"{results['spark_ml_objective']:.12g} (Spark ML) | "
                      f"{results['sparkgd_objective'] - results['spark_ml_objective']:+.2e} |")
     gib = 2.0 ** 30
-    lines.append(f"| peak RSS (files store build+passes) | "
+    lines.append(f"| peak memory (PSS) (files store build+passes) | "
                  f"{results['sparkgd_files_peak_rss'] / gib:.2f} GiB | raw data "
                  f"{raw_bytes / gib:.2f} GiB | "
                  f"{results['sparkgd_files_peak_rss'] / raw_bytes:.2f}x |")
@@ -239,6 +265,44 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if tmp:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    spark.stop()
+    return 0
+
+
+def memory_only(spark, path, args, raw_bytes, tmp):
+    from sparkgd import kernels
+    from sparkgd.comm import Aggregator
+    from sparkgd.data import build_blocks, resolve_input
+    from sparkgd.modes.sync import DistributedObjective
+    from sparkgd.penalties import Penalty
+
+    df = spark.read.parquet(path)
+    d = args.features
+    layout = kernels.Layout(d, 1, True)
+    theta = np.zeros(layout.size)
+    with PeakRss(os.getppid()) as mem:
+        t0 = time.perf_counter()
+        blocks = build_blocks(df, resolve_input(df.schema))
+        build = time.perf_counter() - t0
+        try:
+            obj = DistributedObjective(blocks, kernels.make_loss("logistic"), layout,
+                                       Penalty(layout), Aggregator())
+            t, _ = timed(lambda: obj(theta), args.repeat)
+        finally:
+            blocks.release()
+    gib = 2.0 ** 30
+    print(f"\nsparkgd memory: {int(args.rows)} x {d}, raw {raw_bytes / gib:.2f} GiB; build "
+          f"{build:.1f}s, pass {t:.3f}s; peak memory (PSS) of the whole tree "
+          f"{mem.peak / gib:.2f} GiB ({mem.peak / raw_bytes:.2f}x raw), of which the JVM "
+          f"{mem.peak_root / gib:.2f} GiB and Python {(mem.peak - mem.peak_root) / gib:.2f} GiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"raw_bytes": raw_bytes, "build_s": build, "pass_s": t,
+                       "peak_rss": mem.peak, "peak_rss_jvm": mem.peak_root}, f, indent=2)
     if tmp:
         import shutil
 

@@ -148,3 +148,15 @@ def test_optimizer_state_is_plain_values():
         _, state, _ = opt.update(np.ones(3), state)
         for v in state:
             assert isinstance(v, (int, np.ndarray))
+
+
+def test_callback_reports_the_step_actually_taken():
+    fun, _, _, H = quadratic()
+    xs, steps = [np.zeros(H.shape[0])], []
+
+    def fun_tracking(x):
+        return fun(x)
+
+    res = optim.minimize("lbfgs", fun_tracking, np.zeros(H.shape[0]), max_iter=5, tol=0,
+                         callback=lambda it, f, gn, st: steps.append(st))
+    assert len(steps) == res.iterations and all(s > 0 for s in steps)

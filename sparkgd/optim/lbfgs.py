@@ -82,7 +82,7 @@ def minimize_lbfgs(fun, x0, max_iter=100, tol=1e-6, l1=None, callback=None):
         if callback is not None:
             g = last["g"] if "z" in last and np.array_equal(last["z"], z) else None
             gnorm = float(np.linalg.norm(g)) if g is not None else float("nan")
-            x = to_x(z)
+            x = np.array(to_x(z), copy=True)  # SciPy reuses its array between calls
             callback(len(history), f, gnorm, float(np.linalg.norm(x - prev["x"])))
             prev["x"] = x
 
