@@ -195,6 +195,10 @@ class MemoryBlocks:
         self.rdd = self._pairs.mapPartitions(_open_in_memory, preservesPartitioning=True)
         return self._pairs.map(lambda p: p[0]).collect()
 
+    @property
+    def num_partitions(self):
+        return self._pairs.getNumPartitions()
+
     def run(self, job):
         return job(self.rdd)
 
@@ -225,6 +229,10 @@ class FileBlocks:
         self.rebuilds = 0
         self._cached = False
         self.rdd = None
+
+    @property
+    def num_partitions(self):
+        return self._handles.getNumPartitions()
 
     def materialize(self):
         """Write the files (one pass over the input); return the block infos."""

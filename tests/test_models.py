@@ -266,8 +266,8 @@ def test_linear_svc_is_at_least_as_good_as_spark_ml(spark):
 
     X, y, _ = logistic_data(n=300, d=3, seed=10)
     df = to_df(spark, X, y, partitions=2)
-    ours = sparkgd.LinearSVC(regParam=0.01, tol=1e-9, maxIter=300).fit(df)
-    ref = SparkSVC(regParam=0.01, standardization=False, tol=1e-9, maxIter=300).fit(
+    ours = sparkgd.LinearSVC(regParam=0.01, tol=1e-9, maxIter=100).fit(df)
+    ref = SparkSVC(regParam=0.01, standardization=False, tol=1e-6, maxIter=25).fit(
         df.withColumn("features", array_to_vector("features")))
     f_ours = full_objective(model_theta(ours), X, y, None, "hinge", 1, 0.01, 0.0)
     f_ref = full_objective(spark_ml_theta(ref), X, y, None, "hinge", 1, 0.01, 0.0)
