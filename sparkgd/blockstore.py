@@ -60,6 +60,7 @@ class _BlockFile:
         os.makedirs(directory, exist_ok=True)
         self.base = os.path.join(directory, uuid.uuid4().hex)
         self.fmt, self.d, self.n, self.nnz = fmt, int(d), 0, 0
+        self.index_dtype = np.int32 if self.d < 2**31 else np.int64
         self.paths = {"y": self.base + ".y"}
         if weighted:
             self.paths["w"] = self.base + ".w"
@@ -80,7 +81,7 @@ class _BlockFile:
         else:
             X = X.tocsr()
             f["data"].write(np.asarray(X.data, dtype=np.float64).tobytes())
-            f["indices"].write(np.asarray(X.indices, dtype=np.int64).tobytes())
+            f["indices"].write(np.asarray(X.indices, dtype=self.index_dtype).tobytes())
             f["indptr"].write((X.indptr[1:].astype(np.int64) + self.nnz).tobytes())
             self.nnz += int(X.nnz)
         f["y"].write(np.asarray(y, dtype=np.float64).tobytes())
@@ -93,7 +94,8 @@ class _BlockFile:
         for fh in self.files.values():
             fh.close()
         handle = {"host": socket.gethostname(), "fmt": self.fmt, "n": self.n, "d": self.d,
-                  "nnz": self.nnz, "w": None}
+                  "nnz": self.nnz, "w": None,
+                  "index_dtype": np.dtype(self.index_dtype).name}
         handle.update(self.paths)
         return self.info, handle
 
@@ -159,7 +161,8 @@ def open_block(handle):
     else:
         nnz = handle["nnz"]
         data = _map(handle["data"], np.float64, (nnz,)) if nnz else np.zeros(0)
-        indices = _map(handle["indices"], np.int64, (nnz,)) if nnz else np.zeros(0, np.int64)
+        idx = np.dtype(handle.get("index_dtype", "int64"))
+        indices = _map(handle["indices"], idx, (nnz,)) if nnz else np.zeros(0, idx)
         indptr = _map(handle["indptr"], np.int64, (n + 1,))
         X = sp.csr_matrix((data, indices, indptr), shape=(n, d), copy=False)
     return X, y, w
