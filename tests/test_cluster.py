@@ -13,7 +13,13 @@ the process groups it started. Then:
   reached the same final objective (to 1e-9 relative) as a ``--master local[2]`` run
   of the same command -- the model must not depend on where it ran;
 * a bad ``--data`` fails on the cluster as it does locally: exit 2, one
-  ``sparkgd: error:`` line on stderr, no output directory, no application started.
+  ``sparkgd: error:`` line on stderr, no output directory, no application started;
+* a fixed-step GD fit survives losing its executor: the test SIGKILLs the job's
+  executor JVM (the ``CoarseGrainedExecutorBackend`` under the worker started here)
+  once iteration 10 is printed, or while the blocks are being written; the worker
+  launches a replacement, and the fit still exits 0 after 40 iterations with the
+  model of an undisturbed ``--master local[2]`` run (coefficients to 1e-9), while the
+  driver, worker and master logs show the executor lost and a new one launched.
 
 Throughout, a watcher thread polls /proc and records every listening TCP socket of the
 processes started here and of their descendants (driver, executors, Python workers):
@@ -45,6 +51,12 @@ LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 60   # master up + worker registered
 JOB_TIMEOUT = 240    # one spark-submit run
 TRAIN = ["jobs/train.py", "--max-iter", "30", "--partitions", "4"]
+# Fixed-step gradient descent: deterministic, so a run that lost its executor half-way
+# must still reach the model of an undisturbed local run.
+GD_ITERS = 40
+GD_TRAIN = ["jobs/train.py", "--optimizer", "gd", "--step-size", "0.5", "--max-iter",
+            str(GD_ITERS), "--tol", "0", "--partitions", "4"]
+KILL_AT_ITER = 10
 
 
 def _tail(path, lines=40):
@@ -310,6 +322,137 @@ class Job:
         return text
 
 
+# --------------------------------------------------------------------------- executors
+
+EXECUTOR_CLASS = "org.apache.spark.executor.CoarseGrainedExecutorBackend"
+ITER_LINE = re.compile(r"^sparkgd: iter\s+(\d+)\s+objective", re.M)
+
+
+def _process_table():
+    """pid -> (ppid, argv) of every live (not zombie) process we can read."""
+    table = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except (OSError, ValueError, IndexError):
+            continue
+        if fields[0] != "Z":
+            table[int(d)] = (int(fields[1]), argv)
+    return table
+
+
+def _has_ancestor(table, pid, root):
+    seen = set()
+    while pid in table and pid not in seen:
+        if pid == root:
+            return True
+        seen.add(pid)
+        pid = table[pid][0]
+    return False
+
+
+def _arg(argv, name):
+    try:
+        return argv[argv.index(name) + 1]
+    except (ValueError, IndexError):
+        return None
+
+
+def _executors(table, worker_pid, old_apps=()):
+    """The executor JVMs whose parent chain leads to ``worker_pid``, minus those of
+    ``old_apps``: {pid: (app id, executor id)}."""
+    def is_executor(pid):
+        argv = table[pid][1] if pid in table else []
+        return bool(argv) and os.path.basename(argv[0]) == "java" and EXECUTOR_CLASS in argv
+
+    found = {}
+    for pid, (ppid, argv) in table.items():
+        # A child the executor JVM has just forked shows the JVM's command line until it
+        # execs (a Python worker, jspawnhelper): never take that for the executor.
+        if not is_executor(pid) or is_executor(ppid):
+            continue
+        if not _has_ancestor(table, pid, worker_pid):
+            continue
+        app = _arg(argv, "--app-id")
+        if app not in old_apps:
+            found[pid] = (app, _arg(argv, "--executor-id"))
+    return found
+
+
+def _iterations(path):
+    with open(path, errors="replace") as f:
+        return [int(n) for n in ITER_LINE.findall(f.read())]
+
+
+def _python_workers(table, pid):
+    return [p for p, (_pp, argv) in table.items()
+            if "pyspark.daemon" in argv and _has_ancestor(table, p, pid)]
+
+
+def _kill_executor(job, cluster, old_apps, phase, kill_at):
+    """Poll the driver's stdout and the worker's process tree every 20 ms; SIGKILL the
+    job's executor JVM when ``phase`` is reached:
+
+    * ``iteration``: the progress line of iteration ``kill_at`` (or later) is out;
+    * ``build``: the executor has started its first Python worker (the first Python
+      work of a fit is writing the blocks, mapInArrow) and no iteration has run yet.
+
+    Returns what was killed, when, and how far the fit was."""
+    while True:
+        done = _iterations(job.out_path)
+        table = _process_table()
+        execs = _executors(table, cluster.worker.pid, old_apps)
+        target = None
+        if phase == "iteration" and max(done, default=0) >= kill_at:
+            assert len(execs) == 1, (execs, job.name)
+            target = next(iter(execs))
+        elif phase == "build":
+            assert not done, f"iterations began before a Python worker was seen: {done}"
+            for pid in execs:
+                if _python_workers(table, pid):
+                    target = pid
+        if target is not None:
+            os.kill(target, signal.SIGKILL)
+            app, executor = execs[target]
+            return {"pid": target, "app": app, "executor": executor, "at": time.monotonic(),
+                    "iteration": max(done, default=0)}
+        if job.proc.poll() is not None:
+            pytest.fail(f"{job.name} ended (exit {job.proc.returncode}) before the executor was "
+                        f"killed ({phase}); iterations seen: {done}\n{_tail(job.out_path)}\n"
+                        f"{_tail(job.err_path)}")
+        if time.monotonic() > job.deadline:
+            job.kill()
+            pytest.fail(f"{job.name}: {phase} not reached in {JOB_TIMEOUT}s\n"
+                        f"{_tail(job.out_path)}\n{_tail(job.err_path)}")
+        time.sleep(0.02)
+
+
+def _after_kill(job, cluster, killed):
+    """Follow the job after the kill: when the worker's replacement executor JVM (for
+    the same app, another pid) is first seen, and when the driver prints its next
+    iteration. Returns (replacement pids, seconds to it, seconds to the next iteration);
+    a None where the job ended first."""
+    replacements, to_new, to_iter = set(), None, None
+    while job.proc.poll() is None and time.monotonic() < job.deadline:
+        now = time.monotonic() - killed["at"]
+        if to_new is None or to_iter is None:  # /proc scans cost CPU: stop when done
+            for pid, (app, _e) in _executors(_process_table(), cluster.worker.pid).items():
+                if app == killed["app"] and pid != killed["pid"]:
+                    replacements.add(pid)
+                    to_new = now if to_new is None else to_new
+        else:
+            break
+        if to_iter is None and max(_iterations(job.out_path), default=0) > killed["iteration"]:
+            to_iter = now
+        time.sleep(0.05)
+    return replacements, to_new, to_iter
+
+
 # --------------------------------------------------------------------------- the cluster
 
 
@@ -330,6 +473,7 @@ class Cluster:
                         SPARK_MASTER_OPTS="-Dspark.master.rest.enabled=false")
         self.procs = []
         self.master_url = None
+        self.worker = None
 
     def tails(self):
         return f"{_tail(self.master_log)}\n{_tail(self.worker_log)}"
@@ -369,7 +513,7 @@ class Cluster:
         self._wait_for(master, self.master_log, r"I have been elected leader", "master leader",
                        deadline)
         self.master_url = url
-        worker = self._spawn("worker", self.worker_log, [
+        worker = self.worker = self._spawn("worker", self.worker_log, [
             "org.apache.spark.deploy.worker.Worker", "--host", LOOPBACK, "--cores", "2",
             "--memory", "2g", "--webui-port", str(worker_ui_port), "--work-dir", self.work_dir,
             url])
@@ -411,6 +555,26 @@ def local_reference(tmp_path_factory, watch):
     job = Job("local-run", ["--master", "local[2]", *TRAIN, "--output", out], base, watch)
     yield job, out
     job.kill()
+
+
+@pytest.fixture(scope="module")
+def local_gd_reference(tmp_path_factory, watch):
+    """GD_TRAIN with --master local[2] (started by the first test that needs it, and
+    running alongside it)."""
+    base = str(tmp_path_factory.mktemp("local-gd"))
+    out = os.path.join(base, "model")
+    job = Job("local-gd", ["--master", "local[2]", *GD_TRAIN, "--output", out], base, watch)
+    yield job, out
+    job.kill()
+
+
+def _load_model(path):
+    import numpy as np
+
+    with open(os.path.join(path, "metadata.json")) as f:
+        meta = json.load(f)
+    return (np.load(os.path.join(path, "coefficients.npy"), allow_pickle=False),
+            np.load(os.path.join(path, "intercept.npy"), allow_pickle=False), meta)
 
 
 # --------------------------------------------------------------------------- tests
@@ -487,4 +651,77 @@ def test_missing_data_on_the_cluster_is_one_line_exit_2(cluster, watch, tmp_path
     assert not out_dir.exists()
     # Checked before Spark starts: no application reached the cluster.
     assert cluster.apps() == before
+    watch.assert_loopback_only()
+
+
+@pytest.mark.parametrize("phase", ["iteration", "build"])
+def test_fit_survives_a_lost_executor(phase, local_gd_reference, cluster, watch, tmp_path):
+    """SIGKILL the job's executor JVM half-way through the fit (``iteration``: once the
+    progress line of iteration 10 is out; ``build``: while the blocks are being written).
+    The worker launches a replacement executor; Spark recomputes the lost block handles
+    (and the repartition's lost shuffle output) through lineage, and the fit must end as
+    if nothing happened: exit 0, 40 iterations, the local run's model to 1e-9."""
+    import numpy as np
+
+    ref_job, ref_dir = local_gd_reference
+    old_apps = cluster.apps()
+    out_dir = tmp_path / "model"
+    job = Job(f"cluster-kill-{phase}",
+              [*cluster.submit_args(), *GD_TRAIN, "--output", str(out_dir)],
+              str(tmp_path), watch)
+    killed = _kill_executor(job, cluster, old_apps, phase, KILL_AT_ITER)
+    app, lost = killed["app"], killed["executor"]
+    replacements, to_new, to_iter = _after_kill(job, cluster, killed)
+    job.wait()
+    timeline = (f"{job.name}: SIGKILLed executor {app}/{lost} (pid {killed['pid']}) "
+          f"{killed['at'] - job.started:.1f}s after submission, after iteration "
+          f"{killed['iteration']}; replacement JVM {sorted(replacements)} seen after {to_new}s, "
+          f"next iteration after {to_iter}s; job ended "
+          f"{job.started + job.seconds - killed['at']:.1f}s after the kill "
+          f"({job.seconds:.1f}s in all)")
+    print("\n" + timeline)
+    info = timeline + "\n" + job.describe() + "\n" + cluster.tails()
+
+    # The fit completed, all of it, after the kill.
+    assert job.proc.returncode == 0, info
+    assert f"sparkgd: done: {GD_ITERS} iterations" in job.stdout, info
+    assert _iterations(job.out_path) == list(range(1, GD_ITERS + 1)), info
+    if phase == "iteration":
+        assert KILL_AT_ITER <= killed["iteration"] < GD_ITERS, (killed, info)
+    else:
+        assert killed["iteration"] == 0, (killed, info)
+    coef, intercept, meta = _load_model(str(out_dir))
+    assert meta["summary"]["totalIterations"] == GD_ITERS, meta["summary"]
+
+    # The executor really was lost (the driver saw it; the worker reported its exit to the
+    # master) and replaced by a new one, on the same worker, which ran the rest.
+    assert re.search(rf"Lost executor {lost}\b", job.stderr), info
+    with open(cluster.worker_log, errors="replace") as f:
+        worker_log = f.read()
+    with open(cluster.master_log, errors="replace") as f:
+        master_log = f.read()
+    assert re.search(rf"Executor {re.escape(app)}/{lost} finished with state EXITED "
+                     r"message Command exited with code 137", worker_log), info
+    assert re.search(rf"Removing executor {re.escape(app)}/{lost} because it is EXITED",
+                     master_log), info
+    launched = re.findall(rf"Launching executor {re.escape(app)}/(\d+) on worker", master_log)
+    assert lost in launched and len(set(launched)) >= 2, (launched, info)
+    app_dir = os.path.join(cluster.work_dir, app)
+    executors = sorted(os.listdir(app_dir), key=int)
+    assert len(executors) >= 2 and lost in executors, (executors, info)
+    for e in executors:
+        if e != lost:  # the replacement fetched the job's files: it ran tasks
+            files = os.listdir(os.path.join(app_dir, e))
+            assert any(re.fullmatch(r"sparkgd-[0-9a-f]{16}\.zip", f) for f in files), (e, files)
+    assert replacements, "no replacement executor JVM seen under the worker"
+
+    # Same model as the undisturbed local run.
+    ref_job.wait()
+    assert ref_job.proc.returncode == 0, ref_job.describe()
+    ref_coef, ref_intercept, ref_meta = _load_model(ref_dir)
+    assert ref_meta["summary"]["totalIterations"] == GD_ITERS
+    np.testing.assert_allclose(coef, ref_coef, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(intercept, ref_intercept, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(meta["summary"]["objectiveHistory"],
+                               ref_meta["summary"]["objectiveHistory"], rtol=1e-9, atol=0)
     watch.assert_loopback_only()
