@@ -118,20 +118,63 @@ def resolve_input(schema, features_col="features", feature_cols=None, label_col=
     return InputSpec(kind, features, label_col, weight_col)
 
 
-def project(df, spec):
-    """The columns executors read, cast to what :func:`arrow_to_blocks` expects."""
+#: Dense vector columns up to this many features are converted to arrays in the
+#: JVM (``vector_to_array``), which moves them to Arrow 2-5x faster than the
+#: vector type's own row-by-row conversion. Sparse or wider vectors keep their
+#: struct form and become CSR blocks.
+VECTOR_AS_ARRAY_MAX = 4096
+
+
+def _first_vector(df, name):
+    """The first non-null vector of a column (None when there is none)."""
+    from pyspark.sql import functions as F
+
+    row = df.select(F.col(_quote(name))).where(F.col(_quote(name)).isNotNull()).head()
+    return None if row is None else row[0]
+
+
+def features_column(df, spec):
+    """-> (Column, executor kind): the features as executors read them."""
     from pyspark.sql import functions as F
 
     if spec.kind == "columns":
-        cols = [F.col(_quote(c)).cast("double").alias(f"f{i}") for i, c in enumerate(spec.features)]
-    elif spec.kind == "array":
-        cols = [F.col(_quote(spec.features[0])).cast("array<double>").alias("features")]
+        return F.array(*[F.col(_quote(c)).cast("double") for c in spec.features]), "array"
+    col = F.col(_quote(spec.features[0]))
+    if spec.kind == "array":
+        return col.cast("array<double>"), "array"
+    from pyspark.ml.linalg import DenseVector
+
+    first = _first_vector(df, spec.features[0])
+    if isinstance(first, DenseVector) and first.size <= VECTOR_AS_ARRAY_MAX:
+        from pyspark.ml.functions import vector_to_array
+
+        return vector_to_array(col, "float64"), "array"
+    return col, "vector"
+
+
+def project(df, spec):
+    """The columns executors read, and the spec they read them with.
+
+    Numeric feature columns stay separate columns (cheapest to move); array and
+    narrow vector columns arrive as ``array<double>``; wide vectors as the
+    vector struct (dense or sparse rows).
+    """
+    from dataclasses import replace
+
+    from pyspark.sql import functions as F
+
+    if spec.kind == "columns":
+        cols = [F.col(_quote(c)).cast("double").alias(f"f{i}")
+                for i, c in enumerate(spec.features)]
+        read_spec = spec
     else:
-        cols = [F.col(_quote(spec.features[0])).alias("features")]
+        col, kind = features_column(df, spec)
+        cols = [col.alias("features")]
+        read_spec = replace(spec, kind=kind)
     cols.append(F.col(_quote(spec.label)).cast("double").alias("label"))
     if spec.weight is not None:
         cols.append(F.col(_quote(spec.weight)).cast("double").alias("weight"))
-    return df.select(*cols)
+    return df.select(*cols), read_spec
 
 
 def _quote(name):
@@ -453,7 +496,7 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
 
     from .blockstore import FileBlocks, MemoryBlocks, write_arrow_partition
 
-    proj = project(df, spec)
+    proj, spec = project(df, spec)
     if num_partitions:
         proj = proj.repartition(int(num_partitions))
     if store == "files":

@@ -13,20 +13,11 @@ from . import data, kernels
 def margin_column(dataset, model, coef, intercept):
     """A Column: the margin (double) when K == 1, else array<double> of K margins."""
     import pyarrow as pa
-    from pyspark.sql import functions as F
     from pyspark.sql.functions import arrow_udf
 
     spec = data.resolve_input(dataset.schema, model.getFeaturesCol(), model.getFeatureCols(),
                               label_col=None, weight_col=None)
-    if spec.kind == "columns":
-        col = F.array(*[F.col(data._quote(c)).cast("double") for c in spec.features])
-        kind = "array"
-    elif spec.kind == "array":
-        col = F.col(data._quote(spec.features[0])).cast("array<double>")
-        kind = "array"
-    else:
-        col = F.col(data._quote(spec.features[0]))
-        kind = "vector"
+    col, kind = data.features_column(dataset, spec)
     d = coef.shape[1]
     coef = np.array(coef, dtype=np.float64)
     intercept = np.array(intercept, dtype=np.float64)
