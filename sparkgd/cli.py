@@ -14,11 +14,11 @@ import sys
 import time
 
 from .errors import SparkgdError
+from .optim import OPTIMIZERS
 
 LOSS_ESTIMATOR = {"squared": "LinearRegression", "huber": "LinearRegression",
                   "logistic": "LogisticRegression", "multinomial": "LogisticRegression",
                   "hinge": "LinearSVC"}
-OPTIMIZERS = ("lbfgs", "gd", "sgd", "momentum", "nesterov", "adam")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -22,9 +22,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 OPTIMIZERS = ("lbfgs", "gd", "sgd", "momentum", "nesterov", "adam")
-#: Optimizers that search along a direction (their speed does not rest on a
-#: user-chosen step, so they may run in a preconditioned space).
-LINE_SEARCH = ("lbfgs",)
 
 
 @dataclass
