@@ -4,15 +4,16 @@ Two halves:
 
 * **Driver side** (:func:`resolve_input`): check the schema and decide how each
   column is read. Errors say which column and what was expected.
-* **Executor side** (:func:`arrow_to_blocks`): Arrow record batches of one
-  partition -> blocks ``(X, y, w)`` with X a C-contiguous float64 array (or a
-  CSR matrix when the vectors are sparse), y and w float64 (w None when no
-  weight column). No ``Row`` objects, no per-row Python.
+* **Executor side** (:func:`arrow_to_xyw`): an Arrow record batch -> ``(X, y, w)``
+  with X a C-contiguous float64 array (or a CSR matrix when the vectors are
+  sparse), y and w float64 (w None when no weight column). No ``Row`` objects,
+  no per-row Python.
 
-:func:`build_blocks` ties them together on Spark: ``mapInArrow`` encodes each
-block as raw bytes, the Python side decodes them with ``np.frombuffer`` and the
-result is cached once per fit. Problems found on executors (nulls, NaN, ragged
-arrays) travel back in the block's ``info`` and become one
+:func:`build_blocks` ties them together on Spark: under ``mapInArrow`` each
+partition's batches become blocks in the store :mod:`sparkgd.blockstore`
+provides (memory-mapped files on executors by default; pickled in Spark's cache
+with ``store="memory"``), once per fit. Problems found on executors (nulls,
+NaN, ragged arrays) travel back in the block's ``info`` and become one
 :class:`~sparkgd.errors.SparkgdError` on the driver, never a stack trace.
 """
 from __future__ import annotations
