@@ -215,6 +215,20 @@ def _open_in_memory(pairs):
             yield block
 
 
+def task_layout(sc):
+    """-> (tasks per pass, threads per task): one task per executor using its cores.
+
+    ``local[N]`` is one executor with N cores; elsewhere ``spark.executor.cores``
+    (default 1) says how many cores each executor has.
+    """
+    slots = max(1, sc.defaultParallelism)
+    if sc.master.startswith("local"):
+        return 1, slots
+    cores = int(sc.getConf().get("spark.executor.cores", "1") or 1)
+    cores = max(1, min(cores, slots))
+    return max(1, slots // cores), cores
+
+
 class FileBlocks:
     """Handles to memory-mapped block files; the fast block store.
 
@@ -232,6 +246,7 @@ class FileBlocks:
         self.rebuilds = 0
         self._cached = False
         self.rdd = None
+        self.threads_per_task = 1
 
     @property
     def num_partitions(self):
@@ -245,10 +260,12 @@ class FileBlocks:
         handles.persist(StorageLevel.MEMORY_ONLY)
         handles.setName(f"sparkgd block handles {self.fit_id}")
         self._cached = True
-        # One task per core, not per partition: a task costs more than mapping a file.
-        # coalesce() keeps each handle's partition with the executor that cached it.
-        slots = max(1, handles.context.defaultParallelism)
-        tasks = handles.coalesce(slots) if handles.getNumPartitions() > slots else handles
+        # One task per executor, its cores as threads: a Spark task costs more than
+        # mapping a file, and a pass is mostly that fixed cost. coalesce() keeps each
+        # handle's partition with the executor that cached it.
+        tasks_wanted, self.threads_per_task = task_layout(handles.context)
+        tasks = handles.coalesce(tasks_wanted) \
+            if handles.getNumPartitions() > tasks_wanted else handles
         self.rdd = tasks.mapPartitions(_open_partition, preservesPartitioning=True)
         return handles.map(lambda p: p[0]).collect()
 

@@ -451,6 +451,7 @@ class Blocks:
         self.weight_sum = float(sum(i["wsum"] for i in infos))
         self.num_partitions = store.num_partitions  # of the data, as read or repartitioned
         self.num_tasks = store.rdd.getNumPartitions()  # per pass (the file store coalesces)
+        self.threads_per_task = getattr(store, "threads_per_task", 1)
 
     @property
     def rdd(self):

@@ -228,22 +228,27 @@ def margins(X, coef, intercept):
 CHUNK_BYTES = 4 << 20
 
 
+def row_chunks(X, y, w):
+    """Split a block into the pieces the kernel handles at once: dense blocks into
+    row chunks of about :data:`CHUNK_BYTES` (views, no copy), CSR blocks whole."""
+    n = y.shape[0]
+    if sp.issparse(X) or n * X.shape[1] * 8 <= 2 * CHUNK_BYTES:
+        return [(X, y, w)]
+    step = max(256, CHUNK_BYTES // (8 * max(X.shape[1], 1)))
+    return [(X[s:s + step], y[s:s + step], None if w is None else w[s:s + step])
+            for s in range(0, n, step)]
+
+
 def block_sums(X, y, w, theta, loss, layout):
     """One block's partial result ``[loss_sum, weight_sum, grad...]``.
 
     ``w`` may be None (all weights 1). Dense blocks are processed in row chunks
     of about :data:`CHUNK_BYTES` (the fused pass); the sums are the same.
     """
-    n = y.shape[0]
-    if not sp.issparse(X) and n * X.shape[1] * 8 > 2 * CHUNK_BYTES:
-        step = max(256, CHUNK_BYTES // (8 * max(X.shape[1], 1)))
-        out = np.zeros(2 + layout.size)
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            out += _block_sums(X[s:e], y[s:e], None if w is None else w[s:e], theta, loss,
-                               layout)
-        return out
-    return _block_sums(X, y, w, theta, loss, layout)
+    out = np.zeros(2 + layout.size)
+    for Xc, yc, wc in row_chunks(X, y, w):
+        out += _block_sums(Xc, yc, wc, theta, loss, layout)
+    return out
 
 
 def _block_sums(X, y, w, theta, loss, layout):
@@ -279,17 +284,34 @@ def sample_rows(n, fraction, seed, iteration, partition, block):
     return rng.random(n) < fraction
 
 
-def partition_sums(blocks, theta, loss, layout, sample=None):
+def partition_sums(blocks, theta, loss, layout, sample=None, threads=1):
     """Sum of :func:`block_sums` over an iterable of (X, y, w) blocks.
 
     ``sample = (fraction, seed, iteration, partition_index)`` restricts each
-    block to a fresh Bernoulli(fraction) sample of its rows.
+    block to a fresh Bernoulli(fraction) sample of its rows. ``threads > 1``
+    spreads the chunks over a thread pool (NumPy and BLAS release the GIL); the
+    partial sums are still added in chunk order, so the result does not depend
+    on the number of threads.
     """
-    total = np.zeros(2 + layout.size)
+    pieces = []
     for j, (X, y, w) in enumerate(blocks):
         if sample is not None:
             fraction, seed, iteration, partition = sample
             mask = sample_rows(y.shape[0], fraction, seed, iteration, partition, j)
             X, y, w = X[mask], y[mask], None if w is None else w[mask]
-        total += block_sums(X, y, w, theta, loss, layout)
+        pieces.extend(row_chunks(X, y, w))
+
+    def one(piece):
+        return _block_sums(piece[0], piece[1], piece[2], theta, loss, layout)
+
+    total = np.zeros(2 + layout.size)
+    if threads > 1 and len(pieces) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(int(threads)) as pool:
+            parts = list(pool.map(one, pieces))
+    else:
+        parts = map(one, pieces)
+    for part in parts:
+        total += part
     return total

@@ -191,3 +191,18 @@ def test_fused_chunks_give_the_same_sums(monkeypatch):
     monkeypatch.setattr(kernels, "CHUNK_BYTES", 8 * 7 * 300)  # 300-row chunks -> 10+ chunks
     chunked = kernels.block_sums(X, y, w, theta, loss, layout)
     np.testing.assert_allclose(chunked, whole, rtol=1e-12)
+
+
+def test_threads_do_not_change_the_sums(monkeypatch):
+    rng = np.random.default_rng(9)
+    blocks = [(rng.normal(size=(2000, 5)), rng.integers(0, 2, 2000).astype(float), None),
+              (rng.normal(size=(700, 5)), rng.integers(0, 2, 700).astype(float), None)]
+    loss, layout = kernels.make_loss("logistic"), kernels.Layout(5, 1, True)
+    theta = rng.normal(size=layout.size)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 8 * 5 * 256)  # many chunks
+    one = kernels.partition_sums(blocks, theta, loss, layout, threads=1)
+    three = kernels.partition_sums(blocks, theta, loss, layout, threads=3)
+    np.testing.assert_array_equal(one, three)
+    sampled = [kernels.partition_sums(blocks, theta, loss, layout, sample=(0.5, 1, 2, 0),
+                                      threads=t) for t in (1, 2)]
+    np.testing.assert_array_equal(sampled[0], sampled[1])

@@ -24,14 +24,15 @@ from ..comm import Aggregator
 log = logging.getLogger("sparkgd")
 
 
-def _kernel_task(index, blocks, bc, loss, layout, sample):
+def _kernel_task(index, blocks, bc, loss, layout, sample, threads):
     """Executor side: one partition's ``[loss_sum, weight_sum, grad...]``.
 
-    Captures only the broadcast and small plain objects (never an estimator).
+    Captures only the broadcast and small plain values (never an estimator).
     """
     if sample is not None:
         sample = sample + (index,)
-    yield kernels.partition_sums(blocks, bc.value, loss, layout, sample=sample)
+    yield kernels.partition_sums(blocks, bc.value, loss, layout, sample=sample,
+                                 threads=threads)
 
 
 class DistributedObjective:
@@ -52,10 +53,11 @@ class DistributedObjective:
         """``sample = (fraction, seed, iteration)``: a mini-batch estimate instead."""
         bc = self.blocks.rdd.context.broadcast(np.asarray(theta, dtype=np.float64))
         loss, layout, aggregator = self.loss, self.layout, self.aggregator
+        threads = self.blocks.threads_per_task
 
         def job(rdd):
             partials = rdd.mapPartitionsWithIndex(
-                lambda i, it: _kernel_task(i, it, bc, loss, layout, sample))
+                lambda i, it: _kernel_task(i, it, bc, loss, layout, sample, threads))
             return aggregator.sum(partials, 2 + layout.size)
 
         try:
