@@ -93,9 +93,16 @@ class _BlockFile:
     def close(self):
         for fh in self.files.values():
             fh.close()
+        indptr_dtype = "int64"
+        if self.fmt == "csr" and self.index_dtype == np.int32 and self.nnz < 2**31:
+            # SciPy keeps one index dtype: int32 row pointers map without a copy.
+            path = self.paths["indptr"]
+            ptr = np.fromfile(path, dtype=np.int64).astype(np.int32)
+            ptr.tofile(path)
+            indptr_dtype = "int32"
         handle = {"host": socket.gethostname(), "fmt": self.fmt, "n": self.n, "d": self.d,
                   "nnz": self.nnz, "w": None,
-                  "index_dtype": np.dtype(self.index_dtype).name}
+                  "index_dtype": np.dtype(self.index_dtype).name, "indptr_dtype": indptr_dtype}
         handle.update(self.paths)
         return self.info, handle
 
@@ -163,7 +170,7 @@ def open_block(handle):
         data = _map(handle["data"], np.float64, (nnz,)) if nnz else np.zeros(0)
         idx = np.dtype(handle.get("index_dtype", "int64"))
         indices = _map(handle["indices"], idx, (nnz,)) if nnz else np.zeros(0, idx)
-        indptr = _map(handle["indptr"], np.int64, (n + 1,))
+        indptr = _map(handle["indptr"], np.dtype(handle.get("indptr_dtype", "int64")), (n + 1,))
         X = sp.csr_matrix((data, indices, indptr), shape=(n, d), copy=False)
     return X, y, w
 

@@ -498,7 +498,12 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
 
     from .blockstore import FileBlocks, MemoryBlocks, write_arrow_partition
 
-    proj, spec = project(df, spec)
+    try:
+        proj, spec = project(df, spec)
+    except Exception as e:
+        text = str(e).strip()
+        raise SparkgdError(f"cannot read {source}: "
+                           f"{text.splitlines()[0] if text else type(e).__name__}") from None
     if num_partitions:
         proj = proj.repartition(int(num_partitions))
     if store == "files":
@@ -512,7 +517,12 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
     else:
         raise ValueError(f"unknown block store {store!r}; expected files or memory")
     try:
-        infos = backend.materialize()
+        try:
+            infos = backend.materialize()
+        except Exception as e:  # e.g. a corrupt file, or a cast Spark cannot make
+            text = str(e).strip()
+            first = text.splitlines()[0] if text else type(e).__name__
+            raise SparkgdError(f"cannot read {source}: {first}") from None
         errors = [i["error"] for i in infos if "error" in i]
         if errors:
             raise SparkgdError(f"bad input in {source}: {errors[0]}")

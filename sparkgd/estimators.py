@@ -118,6 +118,9 @@ def _validate_common(est):
         fail(f"stepSize must be > 0 (got {est.getStepSize()})")
     if not 0 < est.getMiniBatchFraction() <= 1:
         fail(f"miniBatchFraction must be in (0, 1] (got {est.getMiniBatchFraction()})")
+    if est.getMiniBatchFraction() < 1 and est.getOptimizer() not in optim.STOCHASTIC:
+        fail(f"miniBatchFraction < 1 needs a stochastic optimizer ({', '.join(optim.STOCHASTIC)}),"
+             f" not {est.getOptimizer()}")
 
 
 def _initial_theta(initial, layout, num_classes, loss_name):
@@ -164,9 +167,14 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         label = self.getLabelCol()
         kind = kernels.LOSSES[loss_name].labels
         if kind == "binary" and (lo < 0 or hi > 1 or not integral):
-            bad = lo if (lo < 0 or lo not in (0.0, 1.0)) else hi
+            if lo < 0 or hi > 1:
+                what = f"{lo:g}" if lo < 0 else f"{hi:g}"
+            elif lo not in (0.0, 1.0) or hi not in (0.0, 1.0):
+                what = f"{lo:g}" if lo not in (0.0, 1.0) else f"{hi:g}"
+            else:
+                what = "values other than 0 and 1"
             raise SparkgdError(
-                f"label column '{label}' holds {bad:g}; the {loss_name} loss needs labels 0 or 1")
+                f"label column '{label}' holds {what}; the {loss_name} loss needs labels 0 or 1")
         if kind == "class" and (lo < 0 or not integral):
             raise SparkgdError(
                 f"label column '{label}' holds values that are not class indices 0, 1, 2, ... "
@@ -325,7 +333,12 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
         lo, hi, integral = blocks.label_range()
         if self.getFamily() == "binomial" or not integral or lo < 0:
             return 2  # labels that are no class indices fail _check_labels
-        return max(int(hi) + 1, 2)
+        k = int(hi) + 1
+        if k > max(2, min(blocks.num_rows, 100000)):
+            raise SparkgdError(
+                f"label column '{self.getLabelCol()}' holds {hi:g}: that would be {k} classes "
+                f"for {blocks.num_rows} rows; labels must be class indices 0, 1, 2, ...")
+        return max(k, 2)
 
     def _loss(self, num_classes):
         if self.getFamily() == "multinomial" or (num_classes or 2) > 2:

@@ -98,20 +98,26 @@ def load_model(path):
             meta = json.load(f)
         coef = np.load(os.path.join(root, "coefficients.npy"), allow_pickle=False)
         intercept = np.load(os.path.join(root, "intercept.npy"), allow_pickle=False)
-    except (OSError, ValueError) as e:
+        cls = MODEL_CLASSES.get(meta.get("class"))
+        if cls is None:
+            raise ValueError(f"unknown model class {meta.get('class')!r}")
+        d = int(meta["numFeatures"])
+        coef = np.asarray(coef, dtype=np.float64).reshape(-1, d)
+        intercept = np.atleast_1d(np.asarray(intercept, dtype=np.float64))
+        if d < 1 or intercept.shape != (coef.shape[0],):
+            raise ValueError(f"coefficients {coef.shape} and intercept {intercept.shape} "
+                             "do not fit together")
+        summary = TrainingSummary.from_dict(meta["summary"]) if meta.get("summary") else None
+        model = cls._from_fit(coef, intercept, meta["loss"], meta.get("numClasses"), summary,
+                              meta.get("lossParams"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise SparkgdError(f"cannot read model '{path}': {e}") from None
-    cls = MODEL_CLASSES.get(meta.get("class"))
-    if cls is None:
-        raise SparkgdError(f"model '{path}': unknown model class {meta.get('class')!r}")
-    d = int(meta["numFeatures"])
-    coef = np.asarray(coef, dtype=np.float64).reshape(-1, d)
-    intercept = np.atleast_1d(np.asarray(intercept, dtype=np.float64))
-    summary = TrainingSummary.from_dict(meta["summary"]) if meta.get("summary") else None
-    model = cls._from_fit(coef, intercept, meta["loss"], meta.get("numClasses"), summary,
-                          meta.get("lossParams"))
     params = meta.get("params") or {}
     model._est_params = params
     for name, value in params.items():
         if model.hasParam(name) and value is not None and name != "initialModel":
-            model._set(**{name: value})
+            try:
+                model._set(**{name: value})
+            except (TypeError, ValueError) as e:
+                raise SparkgdError(f"cannot read model '{path}': param {name}: {e}") from None
     return model

@@ -3,7 +3,8 @@
 Used to precondition the optimizers (a diagonal change of variables that leaves
 the objective as it is) and, with ``standardization=True``, to define the
 scaled space the penalty applies in. The variance is Spark ML's: weighted and
-unbiased, ``sum_i w_i (x_ij - mean_j)^2 / (W - sum_i w_i^2 / W)``.
+unbiased, ``sum_i w_i (x_ij - mean_j)^2 / (W - sum_i w_i^2 / W)``, computed
+from centred per-block moments so a large mean does not swamp a small spread.
 """
 from __future__ import annotations
 
@@ -11,51 +12,92 @@ import numpy as np
 import scipy.sparse as sp
 
 
+#: A feature whose standard deviation is below this fraction of its mean's
+#: magnitude is constant up to rounding (a timestamp column, std 1e4 around
+#: 1.7e9, is 6e-6: far above it).
+CONSTANT_RELATIVE_STD = 1e-10
+
+
 def block_moments(X, w, d):
-    """``[W, sum w^2, sum_i w_i x_i (d), sum_i w_i x_i^2 (d)]`` for one block."""
+    """``[W, sum w^2, mean (d), M2 (d)]`` of one block, M2 = sum_i w_i (x_i - mean)^2.
+
+    Dense blocks are centred exactly (in row chunks, so no block-sized copy);
+    CSR blocks use ``sum w x^2 - W mean^2`` over their non-zeros.
+    """
     out = np.zeros(2 + 2 * d)
     n = X.shape[0]
     if n == 0:
         return out
     if w is None:
         w = np.ones(n)
-    out[0] = w.sum()
-    out[1] = w @ w
+    W = float(w.sum())
+    out[0], out[1] = W, float(w @ w)
+    if W <= 0:
+        return out
     if sp.issparse(X):
-        out[2:2 + d] = X.T @ w
-        out[2 + d:] = X.multiply(X).T @ w
+        mean = (X.T @ w) / W
+        m2 = X.multiply(X).T @ w - W * mean * mean
     else:
-        out[2:2 + d] = w @ X
-        out[2 + d:] = np.einsum("ij,ij,i->j", X, X, w, optimize=False)
+        mean = (w @ X) / W
+        m2 = np.zeros(d)
+        step = max(256, (4 << 20) // (8 * max(d, 1)))
+        for s in range(0, n, step):
+            diff = X[s:s + step] - mean
+            m2 += np.einsum("ij,ij,i->j", diff, diff, w[s:s + step], optimize=False)
+    out[2:2 + d] = mean
+    out[2 + d:] = np.maximum(m2, 0.0)
     return out
 
 
-def moments_from_sums(total, d):
-    """(mean, std) from summed :func:`block_moments`."""
+def merge_moments(a, b):
+    """Combine two :func:`block_moments` results (Chan et al.'s parallel update)."""
+    d = (a.shape[0] - 2) // 2
+    Wa, Wb = a[0], b[0]
+    if Wa <= 0:
+        return b.copy()
+    if Wb <= 0:
+        return a.copy()
+    W = Wa + Wb
+    ma, mb = a[2:2 + d], b[2:2 + d]
+    delta = mb - ma
+    out = np.empty_like(a)
+    out[0], out[1] = W, a[1] + b[1]
+    out[2:2 + d] = ma + delta * (Wb / W)
+    out[2 + d:] = a[2 + d:] + b[2 + d:] + delta * delta * (Wa * Wb / W)
+    return out
+
+
+def moments_from_merged(total, d):
+    """(mean, std) from merged :func:`block_moments`: Spark ML's weighted unbiased std;
+    exactly 0 for a constant feature."""
     W, W2 = total[0], total[1]
-    s1, s2 = total[2:2 + d], total[2 + d:]
-    mean = s1 / W
-    m2 = s2 - W * mean * mean
-    # A constant column leaves only rounding noise here: call it exactly 0.
-    m2[m2 <= 1e-10 * s2] = 0.0
-    denom = W - W2 / W
+    mean, m2 = total[2:2 + d], total[2 + d:]
+    denom = W - W2 / W if W > 0 else 0.0
     var = m2 / denom if denom > 0 else np.zeros(d)
-    return mean, np.sqrt(var)
+    std = np.sqrt(np.maximum(var, 0.0))
+    std[std <= CONSTANT_RELATIVE_STD * np.abs(mean)] = 0.0
+    return mean.copy(), std
 
 
 def _moments_task(blocks, d):
     total = np.zeros(2 + 2 * d)
     for X, _y, w in blocks:
-        total += block_moments(X, w, d)
+        total = merge_moments(total, block_moments(X, w, d))
     yield total
 
 
 def feature_moments(blocks, d, aggregator):
-    """Distributed (mean, std) of every feature over :class:`~sparkgd.data.Blocks`."""
-    total = blocks.run(
-        lambda rdd: aggregator.sum(rdd.mapPartitions(lambda it: _moments_task(it, d)),
-                                   2 + 2 * d))
-    return moments_from_sums(total, d)
+    """Distributed (mean, std) of every feature over :class:`~sparkgd.data.Blocks`.
+
+    Moments do not add up like gradients, so each task's (W, mean, M2) comes
+    to the driver, which merges them (counted in ``bytes_communicated``).
+    """
+    parts = blocks.run(lambda rdd: rdd.mapPartitions(lambda it: _moments_task(it, d)).collect())
+    aggregator.bytes_communicated += 8 * (2 + 2 * d) * len(parts)
+    total = np.zeros(2 + 2 * d)
+    for part in parts:
+        total = merge_moments(total, part)
+    return moments_from_merged(total, d)
 
 
 class Preconditioner:

@@ -158,3 +158,25 @@ def test_weights_equal_duplicated_rows(spark):
     b = sparkgd.LogisticRegression(tol=1e-12).fit(dup)
     np.testing.assert_allclose(a.coefficients, b.coefficients, rtol=1e-6)
     np.testing.assert_allclose(a.intercept, b.intercept, rtol=1e-6)
+
+
+@pytest.mark.parametrize("meta", [{"class": "LogisticRegressionModel"}, [1, 2],
+                                  {"class": "Nope", "numFeatures": 3, "loss": "logistic"}])
+def test_corrupt_saved_models_are_clear_errors(tmp_path, meta):
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    np.save(tmp_path / "coefficients.npy", np.zeros(3))
+    np.save(tmp_path / "intercept.npy", np.zeros(2))
+    with pytest.raises(SparkgdError, match="cannot read model"):
+        sparkgd.load_model(str(tmp_path))
+
+
+def test_mini_batches_need_a_stochastic_optimizer(binary):
+    with pytest.raises(SparkgdError, match="miniBatchFraction < 1 needs a stochastic optimizer"):
+        sparkgd.LogisticRegression(miniBatchFraction=0.5).fit(binary[2])
+
+
+def test_non_binary_labels_are_named(spark):
+    df = spark.createDataFrame([([1.0], 0.0), ([2.0], 1.0), ([3.0], 0.5)],
+                               "features array<double>, label double").coalesce(1)
+    with pytest.raises(SparkgdError, match="holds values other than 0 and 1"):
+        sparkgd.LinearSVC().fit(df)

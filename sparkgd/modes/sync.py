@@ -66,8 +66,8 @@ class DistributedObjective:
             bc.destroy()
         self.evaluations += 1
         weight = total[1]
-        if weight <= 0:  # an empty mini-batch: no information, no step
-            return 0.0, np.zeros(layout.size)
+        if weight <= 0:  # an empty mini-batch: no loss information, only the penalty
+            return self.penalty.add_l2(0.0, np.zeros(layout.size), theta)
         f = float(total[0] / weight)
         grad = total[2:] / weight
         return self.penalty.add_l2(f, grad, theta)
@@ -111,7 +111,7 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
             return f, pre.grad_to_u(g)
 
     batch_fun = None
-    if optimizer == "sgd" and mini_batch_fraction < 1.0:
+    if optimizer in optim.STOCHASTIC and mini_batch_fraction < 1.0:
         to_theta = (lambda u: u) if pre is None else pre.to_theta
 
         def batch_fun(u, iteration):

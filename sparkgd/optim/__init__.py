@@ -7,7 +7,7 @@
   ``fun(x)[0] + sum_j l1_j |x_j|``. L-BFGS handles it with the split
   ``x = p - q, p, q >= 0`` on L-BFGS-B; every first-order method with a
   soft-threshold (proximal) step, which gives exact zeros.
-* ``batch_fun(x, iteration)`` (optional, ``sgd``) estimates ``fun`` on a fresh
+* ``batch_fun(x, iteration)`` (optional, the :data:`STOCHASTIC` ones) estimates ``fun`` on a fresh
   mini-batch; the last history entry is then replaced by the full objective
   at the returned point.
 
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 OPTIMIZERS = ("lbfgs", "gd", "sgd", "momentum", "nesterov", "adam")
+#: The optimizers that can step on mini-batch estimates (``miniBatchFraction < 1``).
+STOCHASTIC = ("sgd", "momentum", "nesterov", "adam")
 
 
 @dataclass

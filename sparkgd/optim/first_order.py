@@ -133,7 +133,9 @@ def minimize_first_order(name, fun, x0, max_iter=100, tol=1e-6, step_size=None, 
         if converged(f_prev, f, tol):
             message, done = "relative change of the objective <= tol", True
             break
-    if stochastic or not history:
+    if not history and not stochastic:
+        history.append(float(f))
+    elif stochastic:
         # The last entry is always F on the full data at the returned point.
         fs, _ = fun(x)
         f = float(fs) + l1_value(l1, x)
