@@ -448,7 +448,6 @@ class Blocks:
         self.spec = spec
         self.num_rows = sum(i["n"] for i in infos)
         self.num_features = infos[0]["d"] if infos else 0
-        self.weight_sum = float(sum(i["wsum"] for i in infos))
         self.num_partitions = store.num_partitions  # of the data, as read or repartitioned
         self.num_tasks = store.rdd.getNumPartitions()  # per pass (the file store coalesces)
         self.threads_per_task = getattr(store, "threads_per_task", 1)

@@ -208,9 +208,6 @@ class Layout:
     def zeros(self):
         return np.zeros(self.size)
 
-    def to_tuple(self):
-        return (self.d, self.k, self.fit_intercept)
-
 
 def margins(X, coef, intercept):
     """z = X @ coef.T + intercept, shape (n, K); X dense or CSR."""

@@ -39,9 +39,6 @@ class Penalty:
         grad += wt
         return f, grad
 
-    def l1(self, theta):
-        return float(self.l1_weights @ np.abs(theta))
-
 
 def soft_threshold(x, thresholds):
     """The L1 proximal map: ``sign(x) max(|x| - t, 0)``, exact zeros included."""
