@@ -181,6 +181,40 @@ def _open_partition(pairs):
             yield open_block(handle)
 
 
+def _open_keyed(pairs):
+    from .data import block_key
+
+    for info, handle in pairs:
+        if handle is not None:
+            yield block_key(info), open_block(handle)
+
+
+def _keyed_in_memory(pairs):
+    from .data import block_key
+
+    for info, block in pairs:
+        if block is not None:
+            yield block_key(info), block
+
+
+def keys_by_task(infos, parents):
+    """The block keys each task must hold: ``parents[i]`` lists the data partitions
+    task i reads (a coalesce groups several)."""
+    from .data import block_key
+
+    by_part = {}
+    for info in infos:
+        if "part" in info:
+            by_part.setdefault(int(info["part"]), []).append(block_key(info))
+    return [sorted(k for p in ps for k in by_part.get(p, [])) for ps in parents]
+
+
+def coalesced_parents(rdd):
+    """Data partitions behind each partition of ``rdd``, a ``coalesce`` of them, as
+    Spark's own CoalescedRDD grouped them."""
+    return [[int(i) for i in part.parentsIndices()] for part in rdd._jrdd.rdd().partitions()]
+
+
 def _remove_fit_dir(fit_id):
     shutil.rmtree(fit_dir(fit_id), ignore_errors=True)
     yield 0
@@ -203,14 +237,19 @@ class MemoryBlocks:
         self._pairs.persist(StorageLevel.MEMORY_ONLY)
         self._pairs.setName("sparkgd blocks")
         self.rdd = self._pairs.mapPartitions(_open_in_memory, preservesPartitioning=True)
-        return self._pairs.map(lambda p: p[0]).collect()
+        self.serving_rdd = self._pairs.mapPartitions(_keyed_in_memory,
+                                                     preservesPartitioning=True)
+        infos = self._pairs.map(lambda p: p[0]).collect()
+        self.task_keys = keys_by_task(infos, [[i] for i in range(self.num_partitions)])
+        return infos
 
     @property
     def num_partitions(self):
         return self._pairs.getNumPartitions()
 
-    def run(self, job):
-        return job(self.rdd)
+    def run(self, job, serving=False):
+        """``job(rdd)``; ``serving``: over (key, block) pairs, for serving tasks."""
+        return job(self.serving_rdd if serving else self.rdd)
 
     def release(self):
         self._pairs.unpersist(blocking=False)
@@ -222,15 +261,30 @@ def _open_in_memory(pairs):
             yield block
 
 
+def local_cores(master):
+    """Task slots of a ``local``/``local[N]``/``local[*]``/``local[N,F]`` master;
+    None for any other master (a cluster: its slots are not known up front)."""
+    import re
+
+    m = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", master.strip())
+    if m is None:
+        return None
+    n = m.group(1)
+    if n is None:
+        return 1
+    return max(1, os.cpu_count() or 1) if n == "*" else max(1, int(n))
+
+
 def task_layout(sc):
     """-> (tasks per pass, threads per task): one task per executor using its cores.
 
     ``local[N]`` is one executor with N cores; elsewhere ``spark.executor.cores``
     (default 1) says how many cores each executor has.
     """
+    cores = local_cores(sc.master)
+    if cores is not None:
+        return 1, cores
     slots = max(1, sc.defaultParallelism)
-    if sc.master.startswith("local"):
-        return 1, slots
     cores = int(sc.getConf().get("spark.executor.cores", "1") or 1)
     cores = max(1, min(cores, slots))
     return max(1, slots // cores), cores
@@ -271,22 +325,29 @@ class FileBlocks:
         # mapping a file, and a pass is mostly that fixed cost. coalesce() keeps each
         # handle's partition with the executor that cached it.
         tasks_wanted, self.threads_per_task = task_layout(handles.context)
-        tasks = handles.coalesce(tasks_wanted) \
-            if handles.getNumPartitions() > tasks_wanted else handles
+        if handles.getNumPartitions() > tasks_wanted:
+            tasks = handles.coalesce(tasks_wanted)
+            parents = coalesced_parents(tasks)
+        else:
+            tasks, parents = handles, [[i] for i in range(handles.getNumPartitions())]
         self.rdd = tasks.mapPartitions(_open_partition, preservesPartitioning=True)
-        return handles.map(lambda p: p[0]).collect()
+        self.serving_rdd = tasks.mapPartitions(_open_keyed, preservesPartitioning=True)
+        infos = handles.map(lambda p: p[0]).collect()
+        self.task_keys = keys_by_task(infos, parents)
+        return infos
 
-    def run(self, job):
-        """Run ``job(rdd)``; if a task found its files gone, rebuild once and rerun."""
+    def run(self, job, serving=False):
+        """Run ``job(rdd)`` (``serving``: over (key, block) pairs, for serving tasks);
+        if a task found its files gone, rebuild once and rerun."""
         try:
-            return job(self.rdd)
+            return job(self.serving_rdd if serving else self.rdd)
         except Exception as e:  # Py4J / PythonException carry the task's message
             if MISSING_MARKER not in str(e):
                 raise
         self.rebuilds += 1
         self._drop()
         self.materialize()
-        return job(self.rdd)
+        return job(self.serving_rdd if serving else self.rdd)
 
     def _drop(self):
         if self._cached:

@@ -53,3 +53,12 @@ class Aggregator:
         levels = tree_levels(partials.getNumPartitions(), self.depth)
         self.bytes_communicated += 8 * size * sum(levels)
         return total
+
+    def sum_parts(self, parts):
+        """Partial results that reached the driver directly (one per serving task,
+        :mod:`sparkgd.workers`), added in task order."""
+        total = np.zeros_like(parts[0])
+        for part in parts:
+            total += part
+        self.bytes_communicated += 8 * sum(p.size for p in parts)
+        return total

@@ -327,6 +327,11 @@ def concat_xyw(parts):
     return X, y, w
 
 
+def block_key(info):
+    """A block's identity that survives recomputation: (partition, position in it, rows)."""
+    return int(info["part"]), int(info["seq"]), int(info["n"])
+
+
 def block_info(X, y, w):
     """Small per-block facts the driver checks: sizes, label range, weight sum."""
     n = int(y.shape[0])
@@ -451,21 +456,36 @@ class Blocks:
         self.num_partitions = store.num_partitions  # of the data, as read or repartitioned
         self.num_tasks = store.rdd.getNumPartitions()  # per pass (the file store coalesces)
         self.threads_per_task = getattr(store, "threads_per_task", 1)
+        self._closers = []
 
     @property
     def rdd(self):
         return self.store.rdd
 
-    def run(self, job):
-        return self.store.run(job)
+    def run(self, job, serving=False):
+        return self.store.run(job, serving=serving)
+
+    @property
+    def task_keys(self):
+        """Per task of a pass: the keys of the blocks it must hold (sorted)."""
+        return self.store.task_keys
 
     def label_range(self):
         lo = min(i["ymin"] for i in self.infos)
         hi = max(i["ymax"] for i in self.infos)
         return lo, hi, all(i["yint"] for i in self.infos)
 
+    def on_release(self, fn):
+        """Call ``fn()`` first when the blocks are released (e.g. stop serving tasks)."""
+        self._closers.append(fn)
+
     def release(self):
-        self.store.release()
+        closers, self._closers = self._closers, []
+        try:
+            for fn in reversed(closers):
+                fn()
+        finally:
+            self.store.release()
 
     def __enter__(self):
         return self
@@ -474,14 +494,25 @@ class Blocks:
         self.release()
 
 
-def _parse_handles(rows):
-    for r in rows:
-        yield json.loads(r["info"]), json.loads(r["handle"])
+def _stamp(part, pairs):
+    """Give each block of data partition ``part`` its identity (see :func:`block_key`).
+
+    Stamped here, by the RDD's own partition index, not from the task context: a
+    coalesced task computes several partitions, and its context names only its own."""
+    seq = 0
+    for info, block in pairs:
+        if block is not None:
+            info = dict(info, part=part, seq=seq)
+            seq += 1
+        yield info, block
 
 
-def _decode_partition(rows):
-    for r in rows:
-        yield decode_row(r)
+def _parse_handles(part, rows):
+    return _stamp(part, ((json.loads(r["info"]), json.loads(r["handle"])) for r in rows))
+
+
+def _decode_partition(part, rows):
+    return _stamp(part, (decode_row(r) for r in rows))
 
 
 def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="files"):
@@ -509,10 +540,10 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
         fit_id = uuid.uuid4().hex[:16]
         rows = proj.mapInArrow(lambda it, _s=spec: write_arrow_partition(it, _s, fit_id),
                                "info string, handle string")
-        backend = FileBlocks(rows.rdd.mapPartitions(_parse_handles), fit_id)
+        backend = FileBlocks(rows.rdd.mapPartitionsWithIndex(_parse_handles), fit_id)
     elif store == "memory":
         encoded = proj.mapInArrow(lambda it, _s=spec: encode_partition(it, _s), ENCODED_SCHEMA)
-        backend = MemoryBlocks(encoded.rdd.mapPartitions(_decode_partition))
+        backend = MemoryBlocks(encoded.rdd.mapPartitionsWithIndex(_decode_partition))
     else:
         raise ValueError(f"unknown block store {store!r}; expected files or memory")
     try:

@@ -75,12 +75,15 @@ class LogisticLoss(Loss):
 
     def value_and_derivative(self, y, z):
         z = z[:, 0]
-        e = np.exp(-np.abs(z))  # one exp serves both: no overflow, full precision
+        e = np.abs(z)  # e = exp(-|z|): one exp serves both, no overflow, full precision
+        np.negative(e, out=e)
+        np.exp(e, out=e)
         value = np.log1p(e)
         value += np.maximum(z, 0.0)
         value -= y * z
-        inv = 1.0 / (1.0 + e)
-        p = np.where(z >= 0, inv, e * inv)  # sigmoid(z)
+        p = np.where(z >= 0, 1.0, e)  # sigmoid(z) = 1/(1+e) or e/(1+e)
+        e += 1.0
+        p /= e
         p -= y
         return value, p[:, None]
 
@@ -281,14 +284,77 @@ def sample_rows(n, fraction, seed, iteration, partition, block):
     return rng.random(n) < fraction
 
 
+_BLAS_NAMES = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+               "scipy_openblas_set_num_threads", "openblas_set_num_threads64_")
+_blas = None
+
+
+def _openblas_setters():
+    """(set, get) pairs of every OpenBLAS loaded in this process (NumPy's wheels
+    bundle one); empty when NumPy uses another BLAS, which then keeps its own setting."""
+    global _blas
+    if _blas is None:
+        import ctypes
+
+        found, paths = [], set()
+        try:
+            with open("/proc/self/maps") as f:
+                paths = {ln.split()[-1] for ln in f
+                         if "openblas" in ln.rsplit("/", 1)[-1].lower()}
+        except OSError:
+            pass
+        for path in sorted(paths):
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for name in _BLAS_NAMES:
+                setter = getattr(lib, name, None)
+                getter = getattr(lib, name.replace("_set_", "_get_"), None)
+                if setter is not None and getter is not None:
+                    found.append((setter, getter))
+                    break
+        _blas = found
+    return _blas
+
+
+class blas_threads:
+    """``with blas_threads(n):`` BLAS calls in this block use n threads.
+
+    PySpark starts Python workers with ``OMP_NUM_THREADS`` = ``spark.task.cpus``
+    (1), so BLAS in a task is single-threaded; a sparkgd task that owns all of an
+    executor's cores gives them to BLAS for its dense products, then restores."""
+
+    def __init__(self, n):
+        self.n = max(1, int(n))
+        self._old = []
+
+    def __enter__(self):
+        for setter, getter in _openblas_setters():
+            old = getter()
+            if old != self.n:
+                setter(self.n)
+                self._old.append((setter, old))
+        return self
+
+    def __exit__(self, *exc):
+        for setter, old in self._old:
+            setter(old)
+        self._old = []
+
+
 def partition_sums(blocks, theta, loss, layout, sample=None, threads=1):
     """Sum of :func:`block_sums` over an iterable of (X, y, w) blocks.
 
     ``sample = (fraction, seed, iteration, partition_index)`` restricts each
     block to a fresh Bernoulli(fraction) sample of its rows. ``threads > 1``
-    spreads the chunks over a thread pool (NumPy and BLAS release the GIL); the
-    partial sums are still added in chunk order, so the result does not depend
-    on the number of threads.
+    spreads CSR pieces over a thread pool (SciPy's sparse products are
+    single-threaded); dense chunks stay in this thread and BLAS gets ``threads``
+    threads (:class:`blas_threads`) -- Python threads around BLAS contend for
+    the GIL between products (1M x 100 on two cores: 0.039 s this way, 0.044-0.055 s
+    with two Python threads).
+    The partial sums are added in chunk order either way, so the result does not
+    depend on the number of threads.
     """
     pieces = []
     for j, (X, y, w) in enumerate(blocks):
@@ -302,13 +368,14 @@ def partition_sums(blocks, theta, loss, layout, sample=None, threads=1):
         return _block_sums(piece[0], piece[1], piece[2], theta, loss, layout)
 
     total = np.zeros(2 + layout.size)
-    if threads > 1 and len(pieces) > 1:
+    if threads > 1 and len(pieces) > 1 and any(sp.issparse(p[0]) for p in pieces):
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(int(threads)) as pool:
             parts = list(pool.map(one, pieces))
     else:
-        parts = map(one, pieces)
+        with blas_threads(threads):
+            parts = [one(piece) for piece in pieces]
     for part in parts:
         total += part
     return total

@@ -18,8 +18,9 @@ def executor_root(spark):
     return sc.parallelize([0], 1).map(lambda _: blockstore.local_root()).collect()[0]
 
 
-def objective(blocks, layout, loss="logistic"):
-    return DistributedObjective(blocks, kernels.make_loss(loss), layout, Penalty(layout, 0.05))
+def objective(blocks, layout, loss="logistic", engine="workers"):
+    return DistributedObjective(blocks, kernels.make_loss(loss), layout, Penalty(layout, 0.05),
+                                engine=engine)
 
 
 def handle_paths(blocks):
@@ -43,10 +44,12 @@ def test_files_and_memory_stores_give_the_same_objective(spark, data):
     for store in ("files", "memory"):
         with build_blocks(df, spec, store=store) as blocks:
             assert blocks.store.kind == store
-            results[store] = objective(blocks, layout)(theta)
-    (ff, gf), (fm, gm) = results["files"], results["memory"]
-    assert abs(ff - fm) <= 1e-12 * abs(fm)
-    np.testing.assert_allclose(gf, gm, rtol=1e-12, atol=1e-15)
+            for engine in ("workers", "jobs"):
+                results[store, engine] = objective(blocks, layout, engine=engine)(theta)
+    fm, gm = results["memory", "jobs"]
+    for f, g in results.values():
+        assert abs(f - fm) <= 1e-12 * abs(fm)
+        np.testing.assert_allclose(g, gm, rtol=1e-12, atol=1e-15)
 
 
 def test_blocks_are_memory_mapped(spark, data):
@@ -56,17 +59,21 @@ def test_blocks_are_memory_mapped(spark, data):
     assert set(kinds) == {"memmap"}
 
 
-def test_deleted_files_are_rebuilt_and_give_the_same_numbers(spark, data):
+@pytest.mark.parametrize("engine", ["workers", "jobs"])
+def test_deleted_files_are_rebuilt_and_give_the_same_numbers(spark, data, engine):
+    """``jobs``: the next pass's tasks find the files gone. ``workers``: the running
+    serving tasks keep their mapped files; a restarted session finds them gone."""
     X, y, w, df = data
     layout = kernels.Layout(6, 1, True)
     theta = np.linspace(-1, 1, layout.size)
     with build_blocks(df, resolve_input(df.schema, weight_col="weight")) as blocks:
-        obj = objective(blocks, layout)
+        obj = objective(blocks, layout, engine=engine)
         before = obj(theta)
         paths = handle_paths(blocks)
         assert paths and all(os.path.exists(p) for p in paths)  # local mode: same machine
         for p in paths[::2]:
             os.remove(p)
+        obj.close()
         after = obj(theta)
         assert blocks.store.rebuilds == 1
         assert all(os.path.exists(p) for p in handle_paths(blocks))
@@ -74,14 +81,16 @@ def test_deleted_files_are_rebuilt_and_give_the_same_numbers(spark, data):
     np.testing.assert_array_equal(after[1], before[1])
 
 
-def test_dropped_cache_entries_are_recomputed_through_lineage(spark, data):
+@pytest.mark.parametrize("engine", ["workers", "jobs"])
+def test_dropped_cache_entries_are_recomputed_through_lineage(spark, data, engine):
     df = data[3]
     layout = kernels.Layout(6, 1, True)
     theta = np.linspace(-1, 1, layout.size)
     with build_blocks(df, resolve_input(df.schema)) as blocks:
-        obj = objective(blocks, layout)
+        obj = objective(blocks, layout, engine=engine)
         before = obj(theta)
         blocks.store._handles.unpersist(blocking=True)   # as if an executor were lost
+        obj.close()                                      # ... with its serving task
         after = obj(theta)
         assert blocks.store.rebuilds == 0
     assert after[0] == before[0]

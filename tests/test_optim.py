@@ -160,3 +160,13 @@ def test_callback_reports_the_step_actually_taken():
     res = optim.minimize("lbfgs", fun_tracking, np.zeros(H.shape[0]), max_iter=5, tol=0,
                          callback=lambda it, f, gn, st: steps.append(st))
     assert len(steps) == res.iterations and all(s > 0 for s in steps)
+
+
+@pytest.mark.parametrize("name", ["gd", "sgd", "momentum", "nesterov", "adam"])
+def test_tol_zero_runs_every_iteration(name):
+    """DESIGN: ``tol=0`` runs all maxIter iterations -- even once F stops changing
+    (here from the first step: the start is the optimum)."""
+    fun, x_star, f_star, _ = quadratic()
+    res = optim.minimize(name, fun, x_star, max_iter=25, tol=0.0, step_size=0.01)
+    assert res.iterations == 25 and len(res.history) >= 25
+    assert not res.converged

@@ -2,9 +2,18 @@
 
 One evaluation of the objective, top to bottom:
 
-    broadcast theta -> kernel on every partition's blocks -> aggregate (tree)
+    send theta -> kernel on every partition's blocks -> aggregate
         -> driver: divide by W, add the L2 penalty -> (F, grad) -> optimizer step
-        -> release the broadcast
+
+Two engines carry theta out and the sums back:
+
+* ``workers`` (default): long-lived serving tasks, one per partition of the
+  block RDD, started once per fit (:mod:`sparkgd.workers`); theta goes out and
+  each task's sums come back over a socket, the driver adds them in task order.
+  No Spark job per pass.
+* ``jobs``: one Spark job per pass -- broadcast theta, kernel per partition,
+  ``treeAggregate`` (:class:`~sparkgd.comm.Aggregator`), destroy the broadcast.
+  Used when the cluster cannot run every serving task at once.
 
 The optimizer (``sparkgd.optim``) decides where to evaluate next; this module
 turns cached blocks into ``fun(theta) -> (F, grad)`` (and its mini-batch
@@ -19,7 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels, optim
+from ..blockstore import local_cores
 from ..comm import Aggregator
+from ..workers import WorkersFailed, WorkerSession, WorkersUnavailable
+
+ENGINES = ("workers", "jobs")
 
 log = logging.getLogger("sparkgd")
 
@@ -38,20 +51,77 @@ def _kernel_task(index, blocks, bc, loss, layout, sample, threads):
 class DistributedObjective:
     """The smooth part of F (loss + L2) and its gradient over cached blocks.
 
-    One Spark job per call. ``penalty`` is a :class:`~sparkgd.penalties.Penalty`.
+    ``penalty`` is a :class:`~sparkgd.penalties.Penalty`; ``engine`` one of
+    :data:`ENGINES`. Serving tasks are stopped by :meth:`close`, which the blocks
+    also call when they are released.
     """
 
-    def __init__(self, blocks, loss, layout, penalty, aggregator=None):
+    def __init__(self, blocks, loss, layout, penalty, aggregator=None, engine="workers",
+                 wait_seconds=30.0):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
         self.blocks = blocks
         self.loss = loss
         self.layout = layout
         self.penalty = penalty
         self.aggregator = aggregator or Aggregator()
+        self.engine = engine
+        self.wait_seconds = wait_seconds
         self.evaluations = 0
+        self._session = None
+        slots = local_cores(blocks.rdd.context.master)
+        if engine == "workers" and slots is not None and blocks.num_tasks > slots:
+            # every serving task needs a slot at once; local mode says up front it has not
+            self.engine = "jobs"
+        blocks.on_release(self.close)
 
     def smooth(self, theta, sample=None):
         """``sample = (fraction, seed, iteration)``: a mini-batch estimate instead."""
-        bc = self.blocks.rdd.context.broadcast(np.asarray(theta, dtype=np.float64))
+        theta = np.asarray(theta, dtype=np.float64)
+        total = None
+        if self.engine == "workers":
+            try:
+                total = self.blocks.run(lambda rdd: self._served(rdd, theta, sample),
+                                        serving=True)
+            except WorkersUnavailable as e:
+                log.warning("sparkgd: %s; falling back to one Spark job per pass", e)
+                self.close()
+                self.engine = "jobs"
+        if total is None:
+            total = self._one_job(theta, sample)
+        self.evaluations += 1
+        weight = total[1]
+        if weight <= 0:  # an empty mini-batch: no loss information, only the penalty
+            return self.penalty.add_l2(0.0, np.zeros(self.layout.size), theta)
+        f = float(total[0] / weight)
+        grad = total[2:] / weight
+        return self.penalty.add_l2(f, grad, theta)
+
+    __call__ = smooth
+
+    def _served(self, rdd, theta, sample):
+        """One pass through the serving tasks over ``rdd`` (started on first use,
+        restarted when the store hands over a rebuilt RDD)."""
+        session = self._session
+        if session is None or session.rdd is not rdd:
+            self.close()
+            session = self._session = WorkerSession(
+                rdd, self.loss, self.layout, self.blocks.threads_per_task, self.wait_seconds,
+                expected=self.blocks.task_keys)
+        try:
+            parts = session.evaluate(theta, sample)
+        except WorkersFailed:
+            self.close()
+            raise
+        return self.aggregator.sum_parts(parts)
+
+    def close(self):
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
+
+    def _one_job(self, theta, sample):
+        bc = self.blocks.rdd.context.broadcast(theta)
         loss, layout, aggregator = self.loss, self.layout, self.aggregator
         threads = self.blocks.threads_per_task
 
@@ -61,18 +131,9 @@ class DistributedObjective:
             return aggregator.sum(partials, 2 + layout.size)
 
         try:
-            total = self.blocks.run(job)
+            return self.blocks.run(job)
         finally:
             bc.destroy()
-        self.evaluations += 1
-        weight = total[1]
-        if weight <= 0:  # an empty mini-batch: no loss information, only the penalty
-            return self.penalty.add_l2(0.0, np.zeros(layout.size), theta)
-        f = float(total[0] / weight)
-        grad = total[2:] / weight
-        return self.penalty.add_l2(f, grad, theta)
-
-    __call__ = smooth
 
 
 @dataclass

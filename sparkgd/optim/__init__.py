@@ -37,7 +37,9 @@ class OptimResult:
 
 
 def converged(f_prev, f, tol):
-    return abs(f_prev - f) <= tol * max(abs(f_prev), abs(f), 1.0)
+    """The contract's stopping rule; ``tol <= 0`` never stops (all maxIter iterations
+    run, even once F stops changing)."""
+    return tol > 0 and abs(f_prev - f) <= tol * max(abs(f_prev), abs(f), 1.0)
 
 
 def l1_value(l1, x):

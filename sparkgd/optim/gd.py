@@ -82,7 +82,7 @@ def minimize_gd(fun, x0, max_iter=100, tol=1e-6, step_size=None, l1=None, callba
         if not np.isfinite(f):
             message = "objective is not finite (step size too large?)"
             break
-        if not np.any(s):
+        if not np.any(s) and tol > 0:   # tol=0: every iteration runs, as the contract says
             message, done = "fixed point reached", True
             break
         if converged(f_prev, f, tol):

@@ -1,0 +1,281 @@
+"""Serving tasks (sparkgd.workers): wire format, the driver's hub, and the Spark engine.
+
+The hub is tested with plain threads standing in for Spark tasks (milliseconds, and
+faults on demand: a task that vanishes mid-evaluation, an intruder with a wrong
+secret); the engine on the shared local[2] session against one Spark job per pass.
+"""
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from sparkgd import kernels, workers
+from sparkgd.data import build_blocks, resolve_input
+from sparkgd.modes import sync
+from sparkgd.modes.sync import DistributedObjective
+from sparkgd.penalties import Penalty
+
+from conftest import logistic_data, to_df
+
+
+# ------------------------------------------------------------------ wire format
+
+def test_request_and_reply_roundtrip():
+    a, b = socket.socketpair()
+    with a, b:
+        theta = np.array([1.5, -2.0, 3.25])
+        a.sendall(workers.pack_request(workers.OP_SUMS, theta, (0.25, 7, 3)))
+        op, got, sample = workers.read_request(b)
+        assert op == workers.OP_SUMS and sample == (0.25, 7, 3)
+        np.testing.assert_array_equal(got, theta)
+        a.sendall(workers.pack_request(workers.OP_SUMS, theta))
+        assert workers.read_request(b)[2] is None          # a full pass
+        a.sendall(workers.pack_request(workers.OP_STOP))
+        assert workers.read_request(b)[0] == workers.OP_STOP
+        b.sendall(workers.pack_reply(np.arange(5.0)))
+        np.testing.assert_array_equal(workers.read_reply(a, 5), np.arange(5.0))
+
+
+def test_bad_messages_are_refused():
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(workers.pack_reply(np.arange(4.0)))
+        with pytest.raises(ValueError, match="4 values, expected 5"):
+            workers.read_reply(a, 5)
+        a.sendall(workers._REQUEST.pack(9, 0, 1.0, 0, 0))
+        with pytest.raises(ValueError, match="bad request"):
+            workers.read_request(b)
+        a.sendall(workers._REQUEST.pack(workers.OP_SUMS, 0, 1.0, 0, 1 << 40))
+        with pytest.raises(ValueError, match="bad request"):
+            workers.read_request(b)
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(workers.pack_hello(b"a" * 32, 3, 1, [(4, 1, 20), (2, 0, 7)]))
+        assert workers.read_hello(b, b"a" * 32) == (3, 1, [(2, 0, 7), (4, 1, 20)])
+        a.sendall(workers.pack_hello(b"a" * 32, 3, 1))
+        with pytest.raises(ValueError, match="not a sparkgd task"):
+            workers.read_hello(b, b"b" * 32)
+
+
+def test_recv_exact_reports_a_closed_peer():
+    a, b = socket.socketpair()
+    with b:
+        a.sendall(b"abc")
+        a.close()
+        with pytest.raises(EOFError, match="after 3 of 8 bytes"):
+            workers.recv_exact(b, 8)
+
+
+# ---------------------------------------------------------------- the driver hub
+
+class FakeTask(threading.Thread):
+    """A stand-in for a serving task: answers ``value * theta`` (padded to size)
+    or, with ``vanish``, reads one request and closes without answering."""
+
+    def __init__(self, hub, index, attempt=0, value=1.0, vanish=False, secret=None, keys=None):
+        super().__init__(daemon=True)
+        self.hub, self.index, self.attempt = hub, index, attempt
+        self.value, self.vanish = value, vanish
+        self.secret = secret or hub.secret
+        self.keys = keys if keys is not None else [(index, 0, 10)]
+        self.requests = 0
+        self.verdict = None
+
+    def run(self):
+        with socket.create_connection(("127.0.0.1", self.hub.port)) as s:
+            s.sendall(workers.pack_hello(self.secret, self.index, self.attempt, self.keys))
+            try:
+                self.verdict = workers.recv_exact(s, 1)
+            except (EOFError, OSError):
+                return
+            if self.verdict != workers.ACCEPT:
+                return
+            while True:
+                try:
+                    op, theta, _ = workers.read_request(s)
+                except (EOFError, OSError):
+                    return
+                if op == workers.OP_STOP:
+                    return
+                self.requests += 1
+                if self.vanish:
+                    return
+                out = np.zeros(self.hub.size)
+                out[: theta.size] = self.value * theta
+                s.sendall(workers.pack_reply(out))
+
+
+def make_hub(n, size=4, running=None, wait=5.0, ended=lambda: None):
+    expected = [[(i, 0, 10)] for i in range(n)]
+    return workers.Hub(n, size, "127.0.0.1", ended, running or (lambda: n), wait, expected)
+
+
+def test_hub_sums_come_back_in_task_order():
+    hub = make_hub(3)
+    tasks = [FakeTask(hub, i, value=10.0 ** i) for i in (2, 0, 1)]
+    for t in tasks:
+        t.start()
+    try:
+        hub.wait_for_tasks()
+        parts = hub.evaluate(np.array([1.0, 2.0]))
+    finally:
+        hub.close()
+    assert [p[0] for p in parts] == [1.0, 10.0, 100.0]
+    for t in tasks:
+        t.join(5)
+        assert not t.is_alive() and t.requests == 1
+
+
+def test_a_task_that_vanishes_is_replaced_by_its_next_attempt():
+    """Task 1 reads the request and dies (its executor is lost); Spark's retry of it
+    connects as attempt 1 and must get the same request; the impostor with a wrong
+    secret is turned away."""
+    hub = make_hub(2)
+    first = [FakeTask(hub, 0, value=1.0), FakeTask(hub, 1, value=5.0, vanish=True)]
+    for t in first:
+        t.start()
+    hub.wait_for_tasks()
+    result = {}
+    evaluator = threading.Thread(
+        target=lambda: result.setdefault("parts", hub.evaluate(np.array([2.0]))), daemon=True)
+    evaluator.start()
+    first[1].join(5)
+    assert first[1].requests == 1 and "parts" not in result
+    intruder = FakeTask(hub, 1, attempt=7, value=-1.0, secret=b"x" * 32)
+    intruder.start()
+    retry = FakeTask(hub, 1, attempt=1, value=5.0)
+    retry.start()
+    evaluator.join(10)
+    try:
+        assert [p[0] for p in result["parts"]] == [2.0, 10.0]
+        assert hub.reconnects == 1 and retry.requests == 1 and intruder.requests == 0
+    finally:
+        hub.close()
+
+
+def test_a_task_without_all_its_blocks_is_refused():
+    """An attempt whose input ended early (it reports fewer or other blocks than its
+    index must hold) is refused and gets no request; the complete attempt serves."""
+    hub = make_hub(2)
+    good = FakeTask(hub, 0)
+    short = FakeTask(hub, 1, keys=[])
+    other = FakeTask(hub, 1, attempt=1, keys=[(0, 0, 10)])
+    for t in (good, short, other):
+        t.start()
+    waiter = threading.Thread(target=hub.wait_for_tasks, daemon=True)
+    waiter.start()
+    for t in (short, other):
+        t.join(5)
+        assert t.verdict == workers.REJECT and t.requests == 0
+    full = FakeTask(hub, 1, attempt=2, value=3.0)
+    full.start()
+    try:
+        waiter.join(5)
+        assert not waiter.is_alive()
+        assert [p[0] for p in hub.evaluate(np.array([1.0]))] == [1.0, 3.0]
+        assert hub.refused == 2 and full.verdict == workers.ACCEPT
+    finally:
+        hub.close()
+
+
+def test_hub_gives_up_when_tasks_cannot_all_run():
+    hub = make_hub(2, running=lambda: 1, wait=0.5)
+    task = FakeTask(hub, 0)
+    task.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(workers.WorkersUnavailable, match="only 1 of 2 serving tasks"):
+            hub.wait_for_tasks()
+    finally:
+        hub.close()
+    assert 0.5 <= time.monotonic() - t0 < 5 and hub.short
+
+
+def test_hub_reports_the_job_ending():
+    ended = threading.Event()
+
+    def check():
+        if ended.is_set():
+            raise workers.WorkersFailed("task 0 failed: boom")
+
+    hub = make_hub(1, ended=check)
+    task = FakeTask(hub, 0, vanish=True)
+    task.start()
+    hub.wait_for_tasks()
+    ended.set()
+    try:
+        with pytest.raises(workers.WorkersFailed, match="boom"):
+            hub.evaluate(np.array([1.0]))
+    finally:
+        hub.close()
+
+
+# -------------------------------------------------------------- on Spark (local[2])
+
+@pytest.fixture(scope="module")
+def data(spark):
+    X, y, w = logistic_data(n=500, d=5, seed=21, weights=True)
+    return to_df(spark, X, y, w, partitions=3)
+
+
+def objective(blocks, engine, **kw):
+    layout = kernels.Layout(5, 1, True)
+    return DistributedObjective(blocks, kernels.make_loss("logistic"), layout,
+                                Penalty(layout, 0.1), engine=engine, **kw)
+
+
+def active_jobs(spark):
+    return list(spark.sparkContext.statusTracker().getActiveJobsIds())
+
+
+def test_serving_tasks_match_one_job_per_pass(spark, data):
+    """Full passes and mini-batches (same rows drawn), several evaluations in a row."""
+    spec = resolve_input(data.schema, weight_col="weight")
+    rng = np.random.default_rng(3)
+    thetas = [rng.normal(size=6) for _ in range(3)]
+    with build_blocks(data, spec) as blocks:
+        served, jobs = objective(blocks, "workers"), objective(blocks, "jobs")
+        for theta in thetas:
+            for sample in (None, (0.4, 5, 2)):
+                f1, g1 = served.smooth(theta, sample)
+                f2, g2 = jobs.smooth(theta, sample)
+                assert abs(f1 - f2) <= 1e-12 * abs(f2)
+                np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-15)
+        assert served.engine == "workers" and served._session is not None
+        assert served._session.num_tasks == blocks.num_tasks == 1   # local: one task
+        assert served.aggregator.bytes_communicated == 6 * 8 * 8     # 6 passes x 8 floats
+    assert served._session is None and not active_jobs(spark)      # released with the blocks
+
+
+def test_more_tasks_than_slots_falls_back_to_a_job_per_pass(spark, data, monkeypatch):
+    """The memory store keeps 3 partitions: 3 serving tasks cannot all run on local[2].
+    Local mode knows that up front; elsewhere the session waits, then falls back."""
+    spec = resolve_input(data.schema, weight_col="weight")
+    theta = np.linspace(-1, 1, 6)
+    with build_blocks(data, spec, store="memory") as blocks:
+        assert blocks.num_tasks == 3
+        assert objective(blocks, "workers").engine == "jobs"
+        reference = objective(blocks, "jobs")(theta)
+        monkeypatch.setattr(sync, "local_cores", lambda master: None)   # as on a cluster
+        obj = objective(blocks, "workers", wait_seconds=1.0)
+        assert obj.engine == "workers"
+        t0 = time.monotonic()
+        f, g = obj(theta)
+        assert obj.engine == "jobs" and time.monotonic() - t0 < 30
+        assert f == reference[0]
+        np.testing.assert_array_equal(g, reference[1])
+    deadline = time.monotonic() + 20
+    while active_jobs(spark) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not active_jobs(spark)      # the serving job was cancelled
+
+
+def test_blas_threads_are_restored():
+    setters = kernels._openblas_setters()
+    assert setters, "NumPy's wheels bundle OpenBLAS; sparkgd should have found it"
+    before = [get() for _, get in setters]
+    with kernels.blas_threads(before[0] + 1):
+        assert [get() for _, get in setters] == [before[0] + 1] * len(setters)
+    assert [get() for _, get in setters] == before
