@@ -212,16 +212,14 @@ def main(argv=None):
     spec = resolve_input(df.schema)
     # (store, engine): the plain path (pickled blocks, a Spark job per pass), the file
     # store with a Spark job per pass, and the default (file store, serving tasks).
-    variants = (("memory", "jobs"), ("files", "jobs"), ("files", "workers"))
+    engines = {"memory": ("jobs",), "files": ("jobs", "workers")}
     for store in ("memory", "files"):
         with rss() as mem:
             t0 = time.perf_counter()
             blocks = build_blocks(df, spec, store=store)
             results[f"sparkgd_{store}_build_s"] = time.perf_counter() - t0
             try:
-                for st, engine in variants:
-                    if st != store:
-                        continue
+                for engine in engines[store]:
                     obj = DistributedObjective(blocks, loss, layout, Penalty(layout),
                                                Aggregator(), engine=engine)
                     obj(theta)  # warm: page cache, Python workers, serving tasks

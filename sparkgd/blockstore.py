@@ -339,15 +339,16 @@ class FileBlocks:
     def run(self, job, serving=False):
         """Run ``job(rdd)`` (``serving``: over (key, block) pairs, for serving tasks);
         if a task found its files gone, rebuild once and rerun."""
+        pick = (lambda: self.serving_rdd) if serving else (lambda: self.rdd)
         try:
-            return job(self.serving_rdd if serving else self.rdd)
+            return job(pick())
         except Exception as e:  # Py4J / PythonException carry the task's message
             if MISSING_MARKER not in str(e):
                 raise
         self.rebuilds += 1
         self._drop()
         self.materialize()
-        return job(self.serving_rdd if serving else self.rdd)
+        return job(pick())
 
     def _drop(self):
         if self._cached:

@@ -77,7 +77,7 @@ def recv_exact(sock, n):
         if k == 0:
             raise EOFError(f"connection closed after {got} of {n} bytes")
         got += k
-    return bytes(buf)
+    return buf
 
 
 def pack_hello(secret, index, attempt, keys=()):
@@ -123,7 +123,7 @@ def read_reply(sock, size):
     (n,) = _REPLY.unpack(recv_exact(sock, _REPLY.size))
     if n != size:
         raise ValueError(f"reply of {n} values, expected {size}")
-    return np.frombuffer(recv_exact(sock, 8 * n), dtype="<f8").astype(np.float64)
+    return np.frombuffer(recv_exact(sock, 8 * n), dtype="<f8")
 
 
 # --------------------------------------------------------------- executor side
