@@ -52,6 +52,13 @@ def fit_dir(fit_id):
     return os.path.join(local_root(), f"sparkgd-{fit_id}")
 
 
+def _write(fh, a, dtype):
+    """Append an array's bytes straight from its buffer: no ``tobytes`` copy, whose
+    fresh allocation per batch cost more than the write itself."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    fh.write(memoryview(a).cast("B") if a.size else b"")
+
+
 class _BlockFile:
     """Streams one block to raw files: rows are appended batch by batch, so a
     partition of any size is written with one Arrow batch in memory."""
@@ -77,16 +84,16 @@ class _BlockFile:
     def add(self, X, y, w, info):
         f = self.files
         if self.fmt == "dense":
-            f["X"].write(np.ascontiguousarray(X, dtype=np.float64).tobytes())
+            _write(f["X"], X, np.float64)
         else:
             X = X.tocsr()
-            f["data"].write(np.asarray(X.data, dtype=np.float64).tobytes())
-            f["indices"].write(np.asarray(X.indices, dtype=self.index_dtype).tobytes())
-            f["indptr"].write((X.indptr[1:].astype(np.int64) + self.nnz).tobytes())
+            _write(f["data"], X.data, np.float64)
+            _write(f["indices"], X.indices, self.index_dtype)
+            _write(f["indptr"], X.indptr[1:].astype(np.int64) + self.nnz, np.int64)
             self.nnz += int(X.nnz)
-        f["y"].write(np.asarray(y, dtype=np.float64).tobytes())
+        _write(f["y"], y, np.float64)
         if w is not None:
-            f["w"].write(np.asarray(w, dtype=np.float64).tobytes())
+            _write(f["w"], w, np.float64)
         self.n += int(y.shape[0])
         self.info = info if self.info is None else merge_infos(self.info, info)
 
@@ -109,9 +116,12 @@ class _BlockFile:
 
 def merge_infos(a, b):
     """Combine the facts of two row sets (see ``data.block_info``)."""
+    from .data import merge_label_weights
+
     return {"n": a["n"] + b["n"], "d": a["d"], "wsum": a["wsum"] + b["wsum"],
             "ymin": min(a["ymin"], b["ymin"]), "ymax": max(a["ymax"], b["ymax"]),
-            "yint": a["yint"] and b["yint"], "nnz": a["nnz"] + b["nnz"]}
+            "yint": a["yint"] and b["yint"], "nnz": a["nnz"] + b["nnz"],
+            "yw": merge_label_weights(a.get("yw"), b.get("yw"))}
 
 
 def write_arrow_partition(batches, spec, fit_id):

@@ -343,7 +343,32 @@ def block_info(X, y, w):
         "ymax": float(y.max()) if n else None,
         "yint": bool(np.all(y == np.round(y))) if n else True,
         "nnz": int(X.nnz) if sp.issparse(X) else int(X.size),
+        "yw": label_weights(y, w),
     }
+
+
+#: Labels up to this value get a weighted histogram in the block facts (Spark ML's
+#: label summary): it sets the starting intercepts of a classifier.
+MAX_HISTOGRAM_LABEL = 1000
+
+
+def label_weights(y, w):
+    """Weighted count of each label 0, 1, ..., max(y) -- or None when the labels are
+    not small non-negative integers."""
+    if y.shape[0] == 0:
+        return []
+    lo, hi = float(y.min()), float(y.max())
+    if lo < 0 or hi >= MAX_HISTOGRAM_LABEL or not np.all(y == np.round(y)):
+        return None
+    return np.bincount(y.astype(np.int64), weights=w, minlength=int(hi) + 1).tolist()
+
+
+def merge_label_weights(a, b):
+    if a is None or b is None:
+        return None
+    if len(a) < len(b):
+        a, b = b, a
+    return [x + (b[i] if i < len(b) else 0.0) for i, x in enumerate(a)]
 
 
 # ----------------------------------------------------------------------------
@@ -469,6 +494,13 @@ class Blocks:
     def task_keys(self):
         """Per task of a pass: the keys of the blocks it must hold (sorted)."""
         return self.store.task_keys
+
+    def label_weights(self):
+        """Weighted count of each class label 0, 1, ... (None if labels are not such)."""
+        out = []
+        for i in self.infos:
+            out = merge_label_weights(out, i.get("yw"))
+        return None if out is None else np.asarray(out, dtype=np.float64)
 
     def label_range(self):
         lo = min(i["ymin"] for i in self.infos)

@@ -196,6 +196,8 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
             layout = kernels.Layout(blocks.num_features, loss.n_outputs(num_classes),
                                     self.getFitIntercept())
             x0 = _initial_theta(self.getInitialModel(), layout, num_classes, loss_name)
+            if self.getInitialModel() is None and layout.fit_intercept:
+                x0 = self._start(x0, layout, blocks, loss_name)
             aggregator = Aggregator("tree", self.getAggregationDepth())
             line_search = optimizer == "lbfgs" or (optimizer == "gd" and step is None)
             std = pre = None
@@ -225,6 +227,10 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                                             loss.params())
         model._est_params = self._param_values()
         return self._copyValues(model)
+
+    def _start(self, x0, layout, blocks, loss_name):
+        """The starting point of a fit from scratch (zeros unless a subclass knows better)."""
+        return x0
 
     def _identify(self, coef, intercept):
         return coef, intercept
@@ -344,6 +350,23 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
         if self.getFamily() == "multinomial" or (num_classes or 2) > 2:
             return "multinomial", kernels.make_loss("multinomial")
         return "logistic", kernels.make_loss("logistic")
+
+    def _start(self, x0, layout, blocks, loss_name):
+        """Intercepts that match the label distribution, as Spark ML starts: log-odds
+        for binomial, centred log(count + 1) for multinomial. Fewer iterations; the
+        optimum is the same."""
+        counts = blocks.label_weights()
+        if counts is None:
+            return x0
+        x0 = x0.copy()
+        if loss_name == "logistic":
+            counts = np.pad(counts, (0, max(0, 2 - counts.shape[0])))
+            if counts.shape[0] == 2 and counts[0] > 0 and counts[1] > 0:
+                x0[layout.n_coef] = np.log(counts[1] / counts[0])
+        elif counts.shape[0] <= layout.k:
+            raw = np.log1p(np.pad(counts, (0, layout.k - counts.shape[0])))
+            x0[layout.n_coef:] = raw - raw.mean()
+        return x0
 
     def _identify(self, coef, intercept):
         if coef.shape[0] > 1:

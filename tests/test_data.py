@@ -107,6 +107,18 @@ def test_bad_rows_are_named(features, label, weight, message):
         data.arrow_to_xyw(batch(features, label, weight), spec)
 
 
+def test_label_weights_are_a_weighted_histogram_that_merges():
+    y = np.array([0.0, 2.0, 2.0, 1.0])
+    w = np.array([1.0, 0.5, 2.0, 3.0])
+    assert data.label_weights(y, w) == [1.0, 3.0, 2.5]
+    assert data.label_weights(y, None) == [1.0, 1.0, 2.0]
+    assert data.label_weights(np.array([0.5, 1.0]), None) is None
+    assert data.label_weights(np.array([-1.0, 1.0]), None) is None
+    assert data.merge_label_weights([1.0, 3.0, 2.5], [2.0]) == [3.0, 3.0, 2.5]
+    assert data.merge_label_weights([], [2.0]) == [2.0]
+    assert data.merge_label_weights([1.0], None) is None
+
+
 def test_encode_decode_roundtrip_and_chunking():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(25, 3))

@@ -108,7 +108,7 @@ def test_gd_fixed_step_reproduces_numpy_iterations(spark):
 
     X, y, _ = logistic_data(n=300, d=4, seed=8)
     df = to_df(spark, X, y, partitions=3)
-    theta = np.zeros(5)
+    theta = np.r_[np.zeros(4), np.log(y.sum() / (1 - y).sum())]  # Spark ML's start: log-odds
     expected = []
     for _ in range(6):
         theta = theta - 0.7 * numpy_objective(theta, X, y, None, "logistic", True, 0.02)[1]
