@@ -1,25 +1,37 @@
-"""sparkgd: distributed gradient descent for linear models on Apache Spark."""
+"""sparkgd: distributed gradient descent for linear models on Apache Spark.
+
+The estimators and ``load_model`` are imported on first use (PEP 562): executors
+import ``sparkgd.data``, ``sparkgd.blockstore`` or ``sparkgd.kernels`` for every new
+Python worker, and the estimators' imports (pyspark.ml, pandas) cost each worker
+about 0.4 s they never use.
+"""
 
 __version__ = "0.1.0"
 
 from .errors import SparkgdError  # noqa: E402
-from .estimators import (  # noqa: E402
-    LinearRegression,
-    LinearRegressionModel,
-    LinearSVC,
-    LinearSVCModel,
-    LogisticRegression,
-    LogisticRegressionModel,
-)
-from .persist import load_model  # noqa: E402
 
-__all__ = [
-    "LinearRegression",
-    "LinearRegressionModel",
-    "LinearSVC",
-    "LinearSVCModel",
-    "LogisticRegression",
-    "LogisticRegressionModel",
-    "SparkgdError",
-    "load_model",
-]
+_LAZY = {
+    "LinearRegression": "estimators",
+    "LinearRegressionModel": "estimators",
+    "LinearSVC": "estimators",
+    "LinearSVCModel": "estimators",
+    "LogisticRegression": "estimators",
+    "LogisticRegressionModel": "estimators",
+    "load_model": "persist",
+}
+
+__all__ = sorted([*_LAZY, "SparkgdError"])
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sparkgd' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

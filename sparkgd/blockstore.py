@@ -117,11 +117,14 @@ class _BlockFile:
 def merge_infos(a, b):
     """Combine the facts of two row sets (see ``data.block_info``)."""
     from .data import merge_label_weights
+    from .stats import merge_moments
 
     return {"n": a["n"] + b["n"], "d": a["d"], "wsum": a["wsum"] + b["wsum"],
             "ymin": min(a["ymin"], b["ymin"]), "ymax": max(a["ymax"], b["ymax"]),
             "yint": a["yint"] and b["yint"], "nnz": a["nnz"] + b["nnz"],
-            "yw": merge_label_weights(a.get("yw"), b.get("yw"))}
+            "yw": merge_label_weights(a.get("yw"), b.get("yw")),
+            "moments": None if a.get("moments") is None or b.get("moments") is None
+            else merge_moments(np.asarray(a["moments"]), np.asarray(b["moments"])).tolist()}
 
 
 def write_arrow_partition(batches, spec, fit_id):

@@ -344,7 +344,20 @@ def block_info(X, y, w):
         "yint": bool(np.all(y == np.round(y))) if n else True,
         "nnz": int(X.nnz) if sp.issparse(X) else int(X.size),
         "yw": label_weights(y, w),
+        "moments": _moments(X, w),
     }
+
+
+#: Blocks with at most this many features carry their feature moments in their facts
+#: (computed while the batch is in memory), so a fit needs no pass to get them.
+MAX_MOMENT_FEATURES = 4096
+
+
+def _moments(X, w):
+    from .stats import block_moments
+
+    d = X.shape[1]
+    return block_moments(X, w, d).tolist() if d <= MAX_MOMENT_FEATURES else None
 
 
 #: Labels up to this value get a weighted histogram in the block facts (Spark ML's

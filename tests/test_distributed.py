@@ -152,3 +152,32 @@ def test_badly_scaled_features_still_reach_the_optimum(spark, optimizer, tol, bo
                                        maxIter=2000 if optimizer == "gd" else 100).fit(df)
     f = model.summary.objectiveHistory[-1]
     assert (f - ref.fun) / ref.fun <= bound, (f, ref.fun, model.summary.totalIterations)
+
+
+@pytest.mark.parametrize("store", ["files", "memory"])
+def test_moments_from_block_facts_equal_the_pass_and_numpy(spark, store):
+    """Feature moments folded into the build equal a pass over the blocks and NumPy's."""
+    from sparkgd import stats
+
+    rng = np.random.default_rng(12)
+    X = rng.normal(size=(500, 4)) * [1.0, 10.0, 0.0, 1e4] + [0.0, 5.0, 2.0, 1.7e9]
+    y = (rng.uniform(size=500) < 0.4).astype(float)
+    w = rng.uniform(0.5, 2.0, 500)
+    df = to_df(spark, X, y, w, partitions=3)
+    with build_blocks(df, resolve_input(df.schema, weight_col="weight"), store=store) as blocks:
+        assert all(i["moments"] is not None for i in blocks.infos)
+        agg = Aggregator()
+        mean, std = stats.feature_moments(blocks, 4, agg)
+        assert agg.bytes_communicated == 8 * (2 + 2 * 4) * len(blocks.infos)
+        facts = [dict(i) for i in blocks.infos]
+        for i in blocks.infos:
+            i["moments"] = None  # as for wide blocks: the moments come from a pass
+        pass_mean, pass_std = stats.feature_moments(blocks, 4, Aggregator())
+        blocks.infos[:] = facts
+    ref_mean = w @ X / w.sum()
+    ref_std = np.sqrt((w @ (X - ref_mean) ** 2) / (w.sum() - (w @ w) / w.sum()))
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(pass_mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(std[[0, 1, 3]], ref_std[[0, 1, 3]], rtol=1e-9)
+    np.testing.assert_allclose(pass_std[[0, 1, 3]], ref_std[[0, 1, 3]], rtol=1e-9)
+    assert std[2] == pass_std[2] == 0.0
