@@ -63,8 +63,11 @@ class _BlockFile:
     """Streams one block to raw files: rows are appended batch by batch, so a
     partition of any size is written with one Arrow batch in memory."""
 
-    def __init__(self, directory, fmt, d, weighted):
+    def __init__(self, directory, fmt, d, weighted, dtype="float64"):
         os.makedirs(directory, exist_ok=True)
+        # Dense features are stored as ``dtype`` (float32 halves what a pass reads);
+        # CSR values, labels and weights stay float64.
+        self.x_dtype = np.dtype(dtype) if fmt == "dense" else np.dtype(np.float64)
         self.base = os.path.join(directory, uuid.uuid4().hex)
         self.fmt, self.d, self.n, self.nnz = fmt, int(d), 0, 0
         self.index_dtype = np.int32 if self.d < 2**31 else np.int64
@@ -84,7 +87,7 @@ class _BlockFile:
     def add(self, X, y, w, info):
         f = self.files
         if self.fmt == "dense":
-            _write(f["X"], X, np.float64)
+            _write(f["X"], X, self.x_dtype)
         else:
             X = X.tocsr()
             _write(f["data"], X.data, np.float64)
@@ -108,7 +111,7 @@ class _BlockFile:
             ptr.tofile(path)
             indptr_dtype = "int32"
         handle = {"host": socket.gethostname(), "fmt": self.fmt, "n": self.n, "d": self.d,
-                  "nnz": self.nnz, "w": None,
+                  "nnz": self.nnz, "w": None, "x_dtype": self.x_dtype.name,
                   "index_dtype": np.dtype(self.index_dtype).name, "indptr_dtype": indptr_dtype}
         handle.update(self.paths)
         return self.info, handle
@@ -127,9 +130,12 @@ def merge_infos(a, b):
             else merge_moments(np.asarray(a["moments"]), np.asarray(b["moments"])).tolist()}
 
 
-def write_arrow_partition(batches, spec, fit_id):
+def write_arrow_partition(batches, spec, fit_id, dtype="float64"):
     """mapInArrow body: Arrow batches of one partition -> block files, and one small
-    row per block: ``info`` (facts, or the bad-input message) and ``handle`` (JSON)."""
+    row per block: ``info`` (facts, or the bad-input message) and ``handle`` (JSON).
+
+    ``dtype``: how dense features are stored. With float32 the facts (moments) are
+    computed from the rounded values, so they describe exactly what the passes read."""
     import json
 
     import pyarrow as pa
@@ -148,11 +154,13 @@ def write_arrow_partition(batches, spec, fit_id):
                 continue
             X, y, w = arrow_to_xyw(batch, spec)
             fmt = "csr" if sp.issparse(X) else "dense"
+            if fmt == "dense" and dtype != "float64":
+                X = X.astype(dtype).astype(np.float64)
             if current is not None and (current.fmt != fmt or current.d != X.shape[1]):
                 yield row(*current.close())
                 current = None
             if current is None:
-                current = _BlockFile(directory, fmt, X.shape[1], w is not None)
+                current = _BlockFile(directory, fmt, X.shape[1], w is not None, dtype)
             current.add(X, y, w, block_info(X, y, w))
     except BadInput as e:
         if current is not None:
@@ -177,7 +185,7 @@ def open_block(handle):
     y = _map(handle["y"], np.float64, (n,))
     w = None if handle.get("w") is None else _map(handle["w"], np.float64, (n,))
     if handle["fmt"] == "dense":
-        X = _map(handle["X"], np.float64, (n, d))
+        X = _map(handle["X"], np.dtype(handle.get("x_dtype", "float64")), (n, d))
     else:
         nnz = handle["nnz"]
         data = _map(handle["data"], np.float64, (nnz,)) if nnz else np.zeros(0)

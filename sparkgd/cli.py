@@ -116,6 +116,9 @@ def build_parser(default_data=None):
     p.add_argument("--no-intercept", action="store_true", help="fit without an intercept")
     p.add_argument("--initial-model", default=None, help="warm start from a saved model")
     p.add_argument("--aggregation-depth", type=int, default=2)
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                   help="how the cached blocks store dense features (float32: half the "
+                        "memory; sums stay float64)")
     p.add_argument("--partitions", type=_positive_int, default=None,
                    help="repartition the input into this many partitions")
     p.add_argument("--output", default="out/model",
@@ -190,6 +193,7 @@ def make_estimator(args):
         fitIntercept=not args.no_intercept, standardization=args.standardization,
         aggregationDepth=args.aggregation_depth, optimizer=args.optimizer,
         stepSize=args.step_size, miniBatchFraction=args.mini_batch_fraction, seed=args.seed,
+        dtype=args.dtype,
         initialModel=_strip_file(args.initial_model) if args.initial_model else None)
     cls = getattr(estimators, LOSS_ESTIMATOR[args.loss])
     if cls is estimators.LinearRegression:

@@ -560,11 +560,17 @@ def _decode_partition(part, rows):
     return _stamp(part, (decode_row(r) for r in rows))
 
 
-def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="files"):
+#: How dense features may be stored (``dtype``); sums are float64 either way.
+DTYPES = ("float64", "float32")
+
+
+def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="files",
+                 dtype="float64"):
     """Project, convert through Arrow and cache; check what executors found.
 
     ``store``: ``files`` (memory-mapped block files on executors, the default)
-    or ``memory`` (pickled blocks in Spark's cache).
+    or ``memory`` (pickled blocks in Spark's cache, float64 only). ``dtype``: how
+    the file store keeps dense features (see :data:`DTYPES`).
 
     Returns :class:`Blocks`. Raises SparkgdError (after releasing the cache)
     when a partition holds bad data or the input is empty.
@@ -572,6 +578,9 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
     import uuid
 
     from .blockstore import FileBlocks, MemoryBlocks, write_arrow_partition
+
+    if dtype not in DTYPES or (store != "files" and dtype != "float64"):
+        raise ValueError(f"dtype {dtype!r} is not available for the {store} store")
 
     try:
         proj, spec = project(df, spec)
@@ -583,7 +592,8 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
         proj = proj.repartition(int(num_partitions))
     if store == "files":
         fit_id = uuid.uuid4().hex[:16]
-        rows = proj.mapInArrow(lambda it, _s=spec: write_arrow_partition(it, _s, fit_id),
+        rows = proj.mapInArrow(lambda it, _s=spec, _t=dtype: write_arrow_partition(it, _s, fit_id,
+                                                                                _t),
                                "info string, handle string")
         backend = FileBlocks(rows.rdd.mapPartitionsWithIndex(_parse_handles), fit_id)
     elif store == "memory":

@@ -62,13 +62,18 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
     initialModel = Param(
         Params._dummy(), "initialModel",
         "warm start: a fitted sparkgd model, or the path of a saved one")
+    dtype = Param(
+        Params._dummy(), "dtype",
+        "how the cached blocks store dense features: float64, or float32 (half the "
+        "memory and bytes read per pass; sums stay float64)",
+        typeConverter=TypeConverters.toString)
 
     def __init__(self, *args):
         super().__init__(*args)
         self._setDefault(featuresCol="features", labelCol="label", predictionCol="prediction",
                          maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0,
                          fitIntercept=True, standardization=False, aggregationDepth=2,
-                         optimizer="lbfgs", miniBatchFraction=1.0, seed=0)
+                         optimizer="lbfgs", miniBatchFraction=1.0, seed=0, dtype="float64")
 
     def getFeatureCols(self):
         return self.getOrDefault(self.featureCols) if self.isDefined(self.featureCols) else None
@@ -78,6 +83,9 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
 
     def getMiniBatchFraction(self):
         return self.getOrDefault(self.miniBatchFraction)
+
+    def getDtype(self):
+        return self.getOrDefault(self.dtype)
 
     def getInitialModel(self):
         return self.getOrDefault(self.initialModel) if self.isDefined(self.initialModel) \
@@ -111,6 +119,8 @@ def _validate_common(est):
         fail(f"elasticNetParam must be in [0, 1] (got {est.getElasticNetParam()})")
     if est.getAggregationDepth() < 2:
         fail(f"aggregationDepth must be >= 2 (got {est.getAggregationDepth()})")
+    if est.getDtype() not in data.DTYPES:
+        fail(f"unknown dtype '{est.getDtype()}'; expected " + " or ".join(data.DTYPES))
     if est.getOptimizer() not in optim.OPTIMIZERS:
         fail(f"unknown optimizer '{est.getOptimizer()}'; expected one of "
              + ", ".join(optim.OPTIMIZERS))
@@ -189,7 +199,8 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         optimizer = self.getOptimizer()
         step = self.getStepSize() if self.isSet(self.stepSize) else None
         standardize = self.getStandardization()
-        with data.build_blocks(dataset, spec, source=source) as blocks:
+        with data.build_blocks(dataset, spec, source=source,
+                               dtype=self.getDtype()) as blocks:
             num_classes = self._num_classes(blocks)
             loss_name, loss = self._loss(num_classes)
             self._check_labels(blocks, loss_name)
@@ -240,7 +251,7 @@ _COMMON_DOC = """
     Shared params (Spark ML names): featuresCol, featureCols, labelCol, weightCol,
     predictionCol, maxIter, tol, regParam, elasticNetParam, fitIntercept,
     standardization (default False), aggregationDepth, optimizer, stepSize,
-    miniBatchFraction, seed, initialModel.
+    miniBatchFraction, seed, initialModel, dtype (float64 or float32 block storage).
 """
 
 
@@ -259,7 +270,7 @@ class LinearRegression(_SparkgdEstimator):
                  weightCol=None, featureCols=None, maxIter=100, tol=1e-6, regParam=0.0,
                  elasticNetParam=0.0, fitIntercept=True, standardization=False,
                  aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
-                 seed=0, initialModel=None, loss="squared", epsilon=1.35):
+                 seed=0, initialModel=None, dtype="float64", loss="squared", epsilon=1.35):
         super().__init__()
         self._setDefault(loss="squared", epsilon=1.35)
         self.setParams(**self._input_kwargs)
@@ -269,7 +280,7 @@ class LinearRegression(_SparkgdEstimator):
                   weightCol=None, featureCols=None, maxIter=100, tol=1e-6, regParam=0.0,
                   elasticNetParam=0.0, fitIntercept=True, standardization=False,
                   aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
-                  seed=0, initialModel=None, loss="squared", epsilon=1.35):
+                  seed=0, initialModel=None, dtype="float64", loss="squared", epsilon=1.35):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -309,7 +320,7 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                  weightCol=None, featureCols=None, maxIter=100, tol=1e-6, regParam=0.0,
                  elasticNetParam=0.0, fitIntercept=True, standardization=False,
                  aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
-                 seed=0, initialModel=None, threshold=0.5, family="auto"):
+                 seed=0, initialModel=None, dtype="float64", threshold=0.5, family="auto"):
         super().__init__()
         self._setDefault(probabilityCol="probability", rawPredictionCol="rawPrediction",
                          threshold=0.5, family="auto")
@@ -321,7 +332,7 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                   weightCol=None, featureCols=None, maxIter=100, tol=1e-6, regParam=0.0,
                   elasticNetParam=0.0, fitIntercept=True, standardization=False,
                   aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
-                  seed=0, initialModel=None, threshold=0.5, family="auto"):
+                  seed=0, initialModel=None, dtype="float64", threshold=0.5, family="auto"):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -389,7 +400,8 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                  rawPredictionCol="rawPrediction", weightCol=None, featureCols=None,
                  maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0, fitIntercept=True,
                  standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
-                 miniBatchFraction=1.0, seed=0, initialModel=None, threshold=0.0):
+                 miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
+                 threshold=0.0):
         super().__init__()
         self._setDefault(rawPredictionCol="rawPrediction", threshold=0.0)
         self.setParams(**self._input_kwargs)
@@ -399,7 +411,8 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                   rawPredictionCol="rawPrediction", weightCol=None, featureCols=None,
                   maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0, fitIntercept=True,
                   standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
-                  miniBatchFraction=1.0, seed=0, initialModel=None, threshold=0.0):
+                  miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
+                 threshold=0.0):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 

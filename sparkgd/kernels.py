@@ -256,6 +256,8 @@ def _block_sums(X, y, w, theta, loss, layout):
     n = y.shape[0]
     if n == 0:
         return out
+    if not sp.issparse(X) and X.dtype != np.float64:
+        X = X.astype(np.float64)  # float32 storage: one cache-sized float64 copy per chunk
     coef, intercept = layout.split(theta)
     z = margins(X, coef, intercept)
     value, dz = loss.value_and_derivative(y, z)

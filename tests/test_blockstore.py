@@ -52,6 +52,32 @@ def test_files_and_memory_stores_give_the_same_objective(spark, data):
         np.testing.assert_allclose(g, gm, rtol=1e-12, atol=1e-15)
 
 
+def test_float32_storage_is_exact_on_the_rounded_data(spark, data):
+    """dtype=float32 stores X rounded to float32 (half the bytes) and sums in float64:
+    the objective equals NumPy's on the rounded features to 1e-12, for both engines."""
+    from test_distributed import numpy_objective
+
+    X, y, w, df = data
+    spec = resolve_input(df.schema, weight_col="weight")
+    layout = kernels.Layout(6, 1, True)
+    theta = np.random.default_rng(1).normal(size=layout.size)
+    X32 = X.astype(np.float32).astype(np.float64)
+    assert np.abs(X32 - X).max() > 0  # the rounding is visible at this precision
+    f_ref, g_ref = numpy_objective(theta, X32, y, w, "logistic", True, 0.05)
+    with build_blocks(df, spec, dtype="float32") as blocks:
+        handles = blocks.store._handles.map(lambda p: p[1]).collect()
+        assert {h["x_dtype"] for h in handles} == {"float32"}
+        assert sum(os.path.getsize(h["X"]) for h in handles) == X.size * 4
+        kinds = blocks.rdd.map(lambda b: b[0].dtype.name).collect()
+        assert set(kinds) == {"float32"}
+        for engine in ("workers", "jobs"):
+            f, g = objective(blocks, layout, engine=engine)(theta)
+            assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
+            np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
+    with pytest.raises(ValueError, match="float32"):
+        build_blocks(df, spec, store="memory", dtype="float32")
+
+
 def test_blocks_are_memory_mapped(spark, data):
     df = data[3]
     with build_blocks(df, resolve_input(df.schema)) as blocks:

@@ -28,6 +28,13 @@ def test_trains_on_the_sample_in_process(spark, tmp_path, capsys):
     meta = json.load(open(out_dir / "metadata.json"))
     assert meta["numFeatures"] == 10 and meta["loss"] == "logistic"
     assert 1 <= meta["summary"]["totalIterations"] <= 20
+    # float32 block storage: the same fit to float32's precision
+    code, _, err = run_cli(capsys, "--output", str(tmp_path / "m32"), "--max-iter", "20",
+                           "--dtype", "float32")
+    assert code == 0, err
+    c64 = np.load(out_dir / "coefficients.npy")
+    c32 = np.load(tmp_path / "m32" / "coefficients.npy")
+    np.testing.assert_allclose(c32, c64, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -43,6 +50,7 @@ def test_trains_on_the_sample_in_process(spark, tmp_path, capsys):
     (["--elastic-net-param", "1.5"], "argument --elastic-net-param: expected a number in [0, 1]"),
     (["--mini-batch-fraction", "0"], "argument --mini-batch-fraction: expected a number in (0, 1]"),
     (["--optimizer", "newton"], "argument --optimizer: invalid choice: 'newton'"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
     (["--initial-model", "/nonexistent"], "--initial-model '/nonexistent': not a saved sparkgd"),
     (["--format", "libsvm", "--weight-col", "w"], "--format libsvm has only 'label'"),
     (["--format", "libsvm"], "cannot read --data"),

@@ -209,3 +209,15 @@ def test_threads_do_not_change_the_sums(monkeypatch):
     sampled = [kernels.partition_sums(blocks, theta, loss, layout, sample=(0.5, 1, 2, 0),
                                       threads=t) for t in (1, 2)]
     np.testing.assert_array_equal(sampled[0], sampled[1])
+
+
+def test_float32_blocks_sum_like_their_float64_values():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(3000, 7)).astype(np.float32)
+    y = (rng.uniform(size=3000) < 0.5).astype(float)
+    layout = kernels.Layout(7, 1, True)
+    theta = rng.normal(size=layout.size)
+    loss = kernels.make_loss("logistic")
+    got = kernels.block_sums(X, y, None, theta, loss, layout)
+    ref = kernels.block_sums(X.astype(np.float64), y, None, theta, loss, layout)
+    np.testing.assert_array_equal(got, ref)

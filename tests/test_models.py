@@ -136,6 +136,23 @@ def test_lbfgs_reaches_the_reference_optimum(spark, case):
     assert abs(f_check - f) <= 1e-9 * abs(f)
 
 
+def test_float32_storage_reaches_the_optimum_of_the_rounded_data(spark):
+    """dtype=float32 fits the features as float32 holds them: the reference optimum
+    on X rounded to float32, computed in float64."""
+    X, y, _ = logistic_data(n=400, d=5, seed=9)
+    X = X * [1, 10, 0.1, 3, 1] + [0.3, 5, 0, 0, -2]
+    df = to_df(spark, X, y, partitions=3)
+    model = sparkgd.LogisticRegression(regParam=0.01, tol=1e-12, dtype="float32").fit(df)
+    X32 = X.astype(np.float32).astype(np.float64)
+    _, f_ref = reference_optimum(X32, y, None, "logistic", 1, 0.01, 0.0)
+    f = full_objective(model_theta(model), X32, y, None, "logistic", 1, 0.01, 0.0)
+    assert abs(f - f_ref) <= 1e-9 * abs(f_ref), (f, f_ref)
+    assert model.summary.objectiveHistory[-1] == pytest.approx(f, rel=1e-12)
+    assert model.getDtype() == "float32"
+    with pytest.raises(SparkgdError, match="unknown dtype 'float16'"):
+        sparkgd.LogisticRegression(dtype="float16").fit(df)
+
+
 def test_l1_zeros_are_exact_and_match_the_reference(spark):
     X, y, _ = regression_data(n=300, d=8, seed=3)
     y = X[:, :3] @ np.array([1.0, -2.0, 0.5]) + 0.2 * np.random.default_rng(0).normal(size=300)
