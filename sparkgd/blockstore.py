@@ -380,7 +380,10 @@ class FileBlocks:
         """Unpersist the handles and delete this fit's files on every executor slot."""
         self._drop()
         sc = self._handles.context
-        slots = max(sc.defaultParallelism, self._handles.getNumPartitions(), 1)
+        # local mode is one executor: one task reaches every file; elsewhere a task per
+        # slot (or per data partition) so that every executor gets one
+        slots = 1 if local_cores(sc.master) is not None else \
+            max(sc.defaultParallelism, self._handles.getNumPartitions(), 1)
         fit_id = self.fit_id
         try:
             sc.parallelize(range(slots), slots).mapPartitions(
