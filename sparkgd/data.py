@@ -349,8 +349,9 @@ def block_info(X, y, w):
 
 
 #: Blocks with at most this many features carry their feature moments in their facts
-#: (computed while the batch is in memory), so a fit needs no pass to get them.
-MAX_MOMENT_FEATURES = 4096
+#: (computed while the batch is in memory), so a fit needs no pass to get them. The facts
+#: of every block go to the driver as JSON: 1026 numbers (about 20 KB) per block here.
+MAX_MOMENT_FEATURES = 512
 
 
 def _moments(X, w):

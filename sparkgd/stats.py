@@ -38,9 +38,13 @@ def block_moments(X, w, d):
         mean = (X.T @ w) / W
         m2 = X.multiply(X).T @ w - W * mean * mean
     else:
-        mean = (w @ X) / W
-        m2 = np.zeros(d)
+        # row chunks for both sums: a float32 block is widened a chunk at a time
         step = max(256, (4 << 20) // (8 * max(d, 1)))
+        total = np.zeros(d)
+        for s in range(0, n, step):
+            total += w[s:s + step] @ X[s:s + step]
+        mean = total / W
+        m2 = np.zeros(d)
         for s in range(0, n, step):
             diff = X[s:s + step] - mean
             m2 += np.einsum("ij,ij,i->j", diff, diff, w[s:s + step], optimize=False)

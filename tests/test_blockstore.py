@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import sparkgd
+from sparkgd.errors import SparkgdError
 from sparkgd import blockstore, kernels
 from sparkgd.data import build_blocks, resolve_input
 from sparkgd.modes.sync import DistributedObjective
@@ -76,6 +77,9 @@ def test_float32_storage_is_exact_on_the_rounded_data(spark, data):
             np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
     with pytest.raises(ValueError, match="float32"):
         build_blocks(df, spec, store="memory", dtype="float32")
+    big = to_df(spark, np.r_[X[:5], [[1e39] * 6]], np.r_[y[:5], 1.0], partitions=1)
+    with pytest.raises(SparkgdError, match="beyond float32's range"):
+        build_blocks(big, resolve_input(big.schema), dtype="float32")
 
 
 def test_blocks_are_memory_mapped(spark, data):

@@ -164,7 +164,14 @@ def test_moments_from_block_facts_equal_the_pass_and_numpy(spark, store):
     y = (rng.uniform(size=500) < 0.4).astype(float)
     w = rng.uniform(0.5, 2.0, 500)
     df = to_df(spark, X, y, w, partitions=3)
-    with build_blocks(df, resolve_input(df.schema, weight_col="weight"), store=store) as blocks:
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    old = spark.conf.get(key)
+    spark.conf.set(key, "37")  # several batches per block: their facts are merged
+    try:
+        blocks = build_blocks(df, resolve_input(df.schema, weight_col="weight"), store=store)
+    finally:
+        spark.conf.set(key, old)
+    with blocks:
         assert all(i["moments"] is not None for i in blocks.infos)
         agg = Aggregator()
         mean, std = stats.feature_moments(blocks, 4, agg)

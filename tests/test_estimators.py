@@ -180,3 +180,28 @@ def test_non_binary_labels_are_named(spark):
                                "features array<double>, label double").coalesce(1)
     with pytest.raises(SparkgdError, match="holds values other than 0 and 1"):
         sparkgd.LinearSVC().fit(df)
+
+
+def test_classifiers_start_at_spark_mls_intercepts():
+    """Binomial: log-odds of the weighted label counts; multinomial: centred log(count+1);
+    no change when the labels give no histogram or a class is missing (binomial)."""
+    from sparkgd import kernels
+
+    class Facts:
+        def __init__(self, counts):
+            self.counts = counts
+
+        def label_weights(self):
+            return None if self.counts is None else np.asarray(self.counts, dtype=float)
+
+    lr = sparkgd.LogisticRegression()
+    lay = kernels.Layout(2, 1, True)
+    x0 = lr._start(lay.zeros(), lay, Facts([30.0, 10.0]), "logistic")
+    np.testing.assert_allclose(x0, [0, 0, np.log(10 / 30)])
+    assert not lr._start(lay.zeros(), lay, Facts([30.0]), "logistic").any()
+    assert not lr._start(lay.zeros(), lay, Facts(None), "logistic").any()
+    lay3 = kernels.Layout(2, 3, True)
+    x0 = lr._start(lay3.zeros(), lay3, Facts([5.0, 0.0, 20.0]), "multinomial")
+    raw = np.log1p([5.0, 0.0, 20.0])
+    np.testing.assert_allclose(x0[6:], raw - raw.mean())
+    assert not x0[:6].any()

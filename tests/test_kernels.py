@@ -221,3 +221,29 @@ def test_float32_blocks_sum_like_their_float64_values():
     got = kernels.block_sums(X, y, None, theta, loss, layout)
     ref = kernels.block_sums(X.astype(np.float64), y, None, theta, loss, layout)
     np.testing.assert_array_equal(got, ref)
+
+
+def test_float32_chunks_reuse_one_buffer_and_stay_exact():
+    """Blocks of growing and shrinking size, several chunks each, with a CSR piece and
+    two threads: every sum equals the float64 computation on the same values."""
+    import sparkgd.kernels as K
+
+    rng = np.random.default_rng(4)
+    layout = kernels.Layout(50, 1, True)
+    theta = rng.normal(size=layout.size) * 0.1
+    loss = kernels.make_loss("logistic")
+    sizes = [30000, 2000, 45000, 700]  # 30000 x 50 x 8 bytes: 3 chunks of 4 MB
+    blocks32 = [(rng.normal(size=(n, 50)).astype(np.float32),
+                 (rng.uniform(size=n) < 0.5).astype(float), None) for n in sizes]
+    blocks64 = [(X.astype(np.float64), y, w) for X, y, w in blocks32]
+    csr = sp.random(300, 50, density=0.1, format="csr", random_state=5)
+    ycsr = (rng.uniform(size=300) < 0.5).astype(float)
+    for threads in (1, 2):
+        got = kernels.partition_sums(blocks32 + [(csr, ycsr, None)], theta, loss, layout,
+                                     threads=threads)
+        ref = kernels.partition_sums(blocks64 + [(csr, ycsr, None)], theta, loss, layout,
+                                     threads=threads)
+        np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-12)
+    first = K._WIDE.buf
+    kernels.block_sums(*blocks32[1], theta, loss, layout)
+    assert K._WIDE.buf is first  # a smaller chunk reuses this thread's buffer
