@@ -7,10 +7,11 @@ Generates logistic data (or takes ``--data``), then measures, in this one run:
 
 * build: Spark ML's read + vectorize + cache vs sparkgd's blocks from the Parquet files;
 * one full-gradient pass on warm data: NumPy (``X @ w``, then ``X.T @ r``, in this
-  driver; runs of its passes alternate with runs of sparkgd's) vs sparkgd's distributed evaluation: the
-  default (file store, long-lived serving tasks), the same with dense features stored as
-  float32 (``dtype="float32"``, sums in float64), the file store with one Spark job per
-  pass, and blocks pickled in Spark's cache with one job per pass (the plain path);
+  driver; runs of its passes alternate with runs of sparkgd's) vs sparkgd's distributed
+  evaluation: the default (file store, long-lived serving tasks), the same with dense
+  features stored as float32 (``dtype="float32"``, sums in float64), the file store with
+  one Spark job per pass, and blocks pickled in Spark's cache with one job per pass (the
+  plain path);
 * a whole L-BFGS fit (tol 1e-8) on a cached DataFrame: Spark ML LogisticRegression vs
   sparkgd, each library's first fit in the JVM ("cold", sparkgd first, then Spark ML) and
   the best of its later fits ("warm"), then sparkgd at tol 1e-12; every model's
@@ -133,6 +134,13 @@ def scipy_optimum(objective, size):
     return float(res.fun)
 
 
+def model_theta(model):
+    """[coefficients, intercept] of a binary sparkgd or Spark ML model."""
+    coef = model.coefficients
+    coef = coef.toArray() if hasattr(coef, "toArray") else coef  # Spark ML: a DenseVector
+    return np.r_[np.asarray(coef).ravel(), model.intercept]
+
+
 def settled(fn, pause=0.3):
     """Run ``fn`` after a pause in which other processes' BLAS threads stop spinning."""
     time.sleep(pause)
@@ -242,15 +250,13 @@ def main(argv=None):
             t, model = timed(fits[key])
             results.setdefault(f"{key}_fit_all_s", []).append(t)
             results[f"{key}_iterations"] = int(model.summary.totalIterations)
-            coef = model.coefficients
-            thetas[key] = np.r_[np.asarray(coef.toArray() if hasattr(coef, "toArray")
-                                           else coef).ravel(), model.intercept]
+            thetas[key] = model_theta(model)
             print(f"{key} fit {rnd + 1}: {t:.2f}s ({results[f'{key}_iterations']} it)",
                   flush=True)
 
     fit_round(0)
 
-    # --- one gradient pass on warm blocks, NumPy's pass interleaved ---------------------------
+    # --- one gradient pass on warm blocks, NumPy's alongside ---------------------------------
     # (store, engine): the plain path (pickled blocks, a Spark job per pass), the file
     # store with a Spark job per pass, and the default (file store, serving tasks). Runs of
     # NumPy passes alternate with runs of sparkgd's, so both see the same background; not
@@ -305,7 +311,7 @@ def main(argv=None):
         regParam=args.reg_param, tol=1e-12, maxIter=100).fit(vec))
     results["sparkgd_tol12_fit_s"] = t
     results["sparkgd_tol12_iterations"] = int(model.summary.totalIterations)
-    thetas["sparkgd_tol12"] = np.r_[np.asarray(model.coefficients).ravel(), model.intercept]
+    thetas["sparkgd_tol12"] = model_theta(model)
     print(f"sparkgd tol 1e-12 fit: {t:.2f}s ({model.summary.totalIterations} it)", flush=True)
     vec.unpersist()
 
@@ -391,9 +397,9 @@ def memory_only(spark, path, args, raw_bytes, tmp):
         finally:
             blocks.release()
     gib = 2.0 ** 30
-    print(f"\nsparkgd memory ({args.dtype} blocks): {int(args.rows)} x {d}, raw {raw_bytes / gib:.2f} GiB; build "
-          f"{build:.1f}s, pass {t:.3f}s; peak memory (PSS) of the whole tree "
-          f"{mem.peak / gib:.2f} GiB ({mem.peak / raw_bytes:.2f}x raw), of which the JVM "
+    print(f"\nsparkgd memory ({args.dtype} blocks): {int(args.rows)} x {d}, raw "
+          f"{raw_bytes / gib:.2f} GiB; build {build:.1f}s, pass {t:.3f}s; peak memory (PSS) of "
+          f"the whole tree {mem.peak / gib:.2f} GiB ({mem.peak / raw_bytes:.2f}x raw), of which the JVM "
           f"{mem.peak_root / gib:.2f} GiB and Python {(mem.peak - mem.peak_root) / gib:.2f} GiB")
     if args.json:
         with open(args.json, "w") as f:

@@ -154,20 +154,18 @@ def write_arrow_partition(batches, spec, fit_id, dtype="float64"):
                 continue
             X, y, w = arrow_to_xyw(batch, spec)
             fmt = "csr" if sp.issparse(X) else "dense"
-            stored = X
             if fmt == "dense" and dtype != "float64":
-                stored = X.astype(dtype)
-                if not np.isfinite(stored).all():
+                X = X.astype(dtype)  # the facts below then describe the stored values
+                if not np.isfinite(X).all():
                     raise BadInput(f"{spec.feature_desc} holds values beyond {dtype}'s "
                                    f"range (|x| > {np.finfo(dtype).max:.3g}); use "
                                    "dtype float64")
-                X = stored.astype(np.float64)  # the facts describe the stored values
             if current is not None and (current.fmt != fmt or current.d != X.shape[1]):
                 yield row(*current.close())
                 current = None
             if current is None:
                 current = _BlockFile(directory, fmt, X.shape[1], w is not None, dtype)
-            current.add(stored, y, w, block_info(X, y, w))
+            current.add(X, y, w, block_info(X, y, w))
     except BadInput as e:
         if current is not None:
             current.close()

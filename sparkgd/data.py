@@ -593,9 +593,9 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
         proj = proj.repartition(int(num_partitions))
     if store == "files":
         fit_id = uuid.uuid4().hex[:16]
-        rows = proj.mapInArrow(lambda it, _s=spec, _t=dtype: write_arrow_partition(it, _s, fit_id,
-                                                                                _t),
-                               "info string, handle string")
+        rows = proj.mapInArrow(
+            lambda it, _s=spec, _t=dtype: write_arrow_partition(it, _s, fit_id, _t),
+            "info string, handle string")
         backend = FileBlocks(rows.rdd.mapPartitionsWithIndex(_parse_handles), fit_id)
     elif store == "memory":
         encoded = proj.mapInArrow(lambda it, _s=spec: encode_partition(it, _s), ENCODED_SCHEMA)

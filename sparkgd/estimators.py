@@ -412,7 +412,7 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                   maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0, fitIntercept=True,
                   standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
                   miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
-                 threshold=0.0):
+                  threshold=0.0):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 

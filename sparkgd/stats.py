@@ -98,12 +98,10 @@ def feature_moments(blocks, d, aggregator):
     built with their moments in their facts need no pass at all.
     """
     if blocks.infos and all(i.get("moments") is not None for i in blocks.infos):
-        total = np.zeros(2 + 2 * d)
-        for info in blocks.infos:
-            total = merge_moments(total, np.asarray(info["moments"], dtype=np.float64))
-        aggregator.bytes_communicated += 8 * (2 + 2 * d) * len(blocks.infos)
-        return moments_from_merged(total, d)
-    parts = blocks.run(lambda rdd: rdd.mapPartitions(lambda it: _moments_task(it, d)).collect())
+        parts = [np.asarray(i["moments"], dtype=np.float64) for i in blocks.infos]
+    else:
+        parts = blocks.run(
+            lambda rdd: rdd.mapPartitions(lambda it: _moments_task(it, d)).collect())
     aggregator.bytes_communicated += 8 * (2 + 2 * d) * len(parts)
     total = np.zeros(2 + 2 * d)
     for part in parts:
