@@ -8,10 +8,11 @@ Generates logistic data (or takes ``--data``), then measures, in this one run:
 * build: Spark ML's read + vectorize + cache vs sparkgd's blocks from the Parquet files;
 * one full-gradient pass on warm data: NumPy (``X @ w``, then ``X.T @ r``, in this
   driver; runs of its passes alternate with runs of sparkgd's) vs sparkgd's distributed
-  evaluation: the default (file store, long-lived serving tasks), the same with dense
-  features stored as float32 (``dtype="float32"``, sums in float64), the file store with
-  one Spark job per pass, and blocks pickled in Spark's cache with one job per pass (the
-  plain path);
+  evaluation: the default for dense data (the served store: the tasks that built the
+  blocks keep them in memory and serve the passes), the file store with long-lived
+  serving tasks, both also with dense features stored as float32 (``dtype="float32"``,
+  sums in float64), the file store with one Spark job per pass, and blocks pickled in
+  Spark's cache with one job per pass (the plain path);
 * a whole L-BFGS fit (tol 1e-8) on a cached DataFrame: Spark ML LogisticRegression vs
   sparkgd, each library's first fit in the JVM ("cold", sparkgd first, then Spark ML) and
   the best of its later fits ("warm"), then sparkgd at tol 1e-12; every model's
@@ -176,6 +177,8 @@ def main(argv=None):
                         "else has grown the JVM")
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"],
                    help="block storage of --memory-only")
+    p.add_argument("--store", default="auto", choices=["auto", "served", "files"],
+                   help="block store of --memory-only (auto: what a fit uses)")
     args = p.parse_args(argv)
 
     from pyspark.sql import SparkSession
@@ -258,16 +261,18 @@ def main(argv=None):
 
     # --- one gradient pass on warm blocks, NumPy's alongside ---------------------------------
     # (store, engine): the plain path (pickled blocks, a Spark job per pass), the file
-    # store with a Spark job per pass, and the default (file store, serving tasks). Runs of
+    # store with a Spark job per pass or with serving tasks, and the default for dense
+    # data: the served store (the tasks that built the blocks serve them). Runs of
     # NumPy passes alternate with runs of sparkgd's, so both see the same background; not
     # pass by pass: each side's BLAS threads spin for a while after a product and would
     # slow the other side's next pass (measured: both sides about 2x slower).
     spec = resolve_input(df.schema)
-    # files32: the file store with dense features kept as float32 (dtype="float32").
-    engines = {"memory": ("jobs",), "files": ("jobs", "workers"), "files32": ("workers",)}
+    # a trailing 32: dense features kept as float32 (dtype="float32"), sums in float64.
+    engines = {"memory": ("jobs",), "files": ("jobs", "workers"), "files32": ("workers",),
+               "served": ("served",), "served32": ("served",)}
     # (No memory figures here: this driver holds NumPy's copy of the data; --memory-only
     # measures the block store alone.)
-    for store in ("memory", "files", "files32"):
+    for store in ("memory", "files", "files32", "served", "served32"):
         t0 = time.perf_counter()
         blocks = build_blocks(df, spec, store=store.replace("32", ""),
                               dtype="float32" if store.endswith("32") else "float64")
@@ -278,8 +283,8 @@ def main(argv=None):
         X, y = numpy_arrays(path)
         try:
             for engine in engines[store]:
-                obj = DistributedObjective(blocks, loss, layout, Penalty(layout),
-                                           Aggregator(), engine=engine)
+                obj = DistributedObjective(blocks, loss, layout, Penalty(layout), Aggregator(),
+                                           engine="workers" if engine == "served" else engine)
                 obj(theta)  # warm: page cache, Python workers, serving tasks
                 best = float("inf")
                 for _ in range(2):  # rounds: NumPy's passes, then sparkgd's
@@ -332,16 +337,19 @@ def main(argv=None):
         return f"| {name} | {ours:.3f} s | {ref:.3f} s ({ref_name}) | {ratio:.2f}x |"
 
     lines = ["| measure | sparkgd | reference | ratio |", "| --- | --- | --- | --- |"]
-    names = {("files", "workers"): "one gradient pass (default: file store, serving tasks)",
-             ("files32", "workers"): "one gradient pass, float32 blocks (dtype=float32)",
+    names = {("served", "served"): "one gradient pass (default for dense data: served store)",
+             ("served32", "served"): "one gradient pass, served, float32 (dtype=float32)",
+             ("files", "workers"): "one gradient pass, file store, serving tasks",
+             ("files32", "workers"): "one gradient pass, file store, float32",
              ("files", "jobs"): "one gradient pass, file store, a Spark job per pass",
              ("memory", "jobs"): "one gradient pass, blocks in Spark's cache, a job per pass"}
     for (store, engine), name in names.items():
         lines.append(row(name, results[f"sparkgd_{store}_{engine}_pass_s"],
                          results["numpy_pass_s"], "NumPy"))
     if "spark_ml_fit_s" in results:
-        lines.append(row("blocks from Parquet", results["sparkgd_files_build_s"],
-                         results["spark_ml_build_s"], "Spark ML read+vectorize+cache"))
+        for store, what in (("served", "served store, the default"), ("files", "file store")):
+            lines.append(row(f"blocks from Parquet ({what})", results[f"sparkgd_{store}_build_s"],
+                             results["spark_ml_build_s"], "Spark ML read+vectorize+cache"))
         lines.append(row("lbfgs fit, tol 1e-8, each library's first fit (cold; sparkgd first)",
                          results["sparkgd_fit_cold_s"], results["spark_ml_fit_cold_s"],
                          "Spark ML LogisticRegression"))
@@ -388,7 +396,7 @@ def memory_only(spark, path, args, raw_bytes, tmp):
     theta = np.zeros(layout.size)
     with PeakRss(os.getppid()) as mem:
         t0 = time.perf_counter()
-        blocks = build_blocks(df, resolve_input(df.schema), dtype=args.dtype)
+        blocks = build_blocks(df, resolve_input(df.schema), store=args.store, dtype=args.dtype)
         build = time.perf_counter() - t0
         try:
             obj = DistributedObjective(blocks, kernels.make_loss("logistic"), layout,
@@ -397,7 +405,7 @@ def memory_only(spark, path, args, raw_bytes, tmp):
         finally:
             blocks.release()
     gib = 2.0 ** 30
-    print(f"\nsparkgd memory ({args.dtype} blocks): {int(args.rows)} x {d}, raw "
+    print(f"\nsparkgd memory ({blocks.store.kind} store, {args.dtype} blocks): {int(args.rows)} x {d}, raw "
           f"{raw_bytes / gib:.2f} GiB; build {build:.1f}s, pass {t:.3f}s; peak memory (PSS) of "
           f"the whole tree {mem.peak / gib:.2f} GiB ({mem.peak / raw_bytes:.2f}x raw), of which the JVM "
           f"{mem.peak_root / gib:.2f} GiB and Python {(mem.peak - mem.peak_root) / gib:.2f} GiB")

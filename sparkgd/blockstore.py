@@ -394,3 +394,70 @@ class FileBlocks:
                 lambda _it: _remove_fit_dir(fit_id)).collect()
         except Exception:  # pragma: no cover - cleanup is best effort; Spark removes the
             pass           # local dirs when executors exit
+
+
+def task_slots(sc):
+    """Tasks that can run at once: local[N] -> N; on a cluster the slots of the
+    executors registered now (what Spark's barrier mode checks against), or, before any
+    has registered, ``defaultParallelism`` over ``spark.task.cpus``."""
+    cores = local_cores(sc.master)
+    if cores is not None:
+        return cores
+    try:
+        jsc = sc._jsc.sc()
+        slots = int(jsc.maxNumConcurrentTasks(
+            jsc.resourceProfileManager().defaultResourceProfile()))
+    except Exception:  # an internal method: if a Spark version lacks it, estimate
+        slots = 0
+    if slots > 0:
+        return slots
+    cpus = int(sc.getConf().get("spark.task.cpus", "1") or 1)
+    return max(1, sc.defaultParallelism // max(1, cpus))
+
+
+#: How long the served store waits for all its tasks to run before using files instead.
+SERVED_WAIT_SECONDS = 30.0
+
+
+class ServedBlocks:
+    """Blocks built and served by the same tasks (:class:`sparkgd.workers.ServedJob`):
+    the fast path for dense data.
+
+    One task per task slot reads its share of the DataFrame (a ``coalesce``, no
+    shuffle) and keeps the Arrow batches in its Python worker's memory; the passes of
+    the fit go to those tasks over sockets. Nothing is written to disk, and there is
+    no second job to start. Every task must run at once, so the job uses at most one
+    task per slot; when that many cannot start, :meth:`materialize` raises
+    :class:`~sparkgd.workers.WorkersUnavailable` and the caller uses
+    :class:`FileBlocks`. A lost task cannot be recomputed behind the fit's back: the
+    fit is started over (see ``certified``).
+    """
+
+    kind = "served"
+
+    def __init__(self, frame, spec, dtype, num_partitions, wait_seconds=None):
+        self._frame, self._spec, self._dtype = frame, spec, dtype
+        self.num_partitions = num_partitions
+        self.wait_seconds = SERVED_WAIT_SECONDS if wait_seconds is None else wait_seconds
+        self.threads_per_task = 1
+        self.rebuilds = 0
+        self.job = None
+
+    @property
+    def num_tasks(self):
+        return self.job.num_tasks if self.job is not None else self.num_partitions
+
+    def materialize(self):
+        from .workers import ServedJob
+
+        self.job = ServedJob(self._frame, self._spec, self._dtype, self.wait_seconds)
+        return [f for f in self.job.facts if f]
+
+    @property
+    def certified(self):
+        """After release: every pass came from tasks that Spark then saw succeed."""
+        return self.job is not None and self.job.certified
+
+    def release(self):
+        if self.job is not None:
+            self.job.close()

@@ -493,7 +493,8 @@ class Blocks:
         self.num_rows = sum(i["n"] for i in infos)
         self.num_features = infos[0]["d"] if infos else 0
         self.num_partitions = store.num_partitions  # of the data, as read or repartitioned
-        self.num_tasks = store.rdd.getNumPartitions()  # per pass (the file store coalesces)
+        # per pass (the file store and the served store coalesce)
+        self.num_tasks = getattr(store, "num_tasks", None) or store.rdd.getNumPartitions()
         self.threads_per_task = getattr(store, "threads_per_task", 1)
         self._closers = []
 
@@ -508,6 +509,12 @@ class Blocks:
     def task_keys(self):
         """Per task of a pass: the keys of the blocks it must hold (sorted)."""
         return self.store.task_keys
+
+    @property
+    def certified(self):
+        """False when the passes cannot be vouched for and the fit must start over
+        (only the served store, after a lost task; see ``ServedBlocks``)."""
+        return getattr(self.store, "certified", True)
 
     def label_weights(self):
         """Weighted count of each class label 0, 1, ... (None if labels are not such)."""
@@ -565,22 +572,33 @@ def _decode_partition(part, rows):
 DTYPES = ("float64", "float32")
 
 
+#: Block stores build_blocks knows; ``auto`` is ``served`` for dense features, else ``files``.
+STORES = ("auto", "served", "files", "memory")
+
+
 def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="files",
-                 dtype="float64"):
+                 dtype="float64", wait_seconds=None):
     """Project, convert through Arrow and cache; check what executors found.
 
-    ``store``: ``files`` (memory-mapped block files on executors, the default)
-    or ``memory`` (pickled blocks in Spark's cache, float64 only). ``dtype``: how
-    the file store keeps dense features (see :data:`DTYPES`).
+    ``store``: ``files`` (memory-mapped block files on executors, the default),
+    ``served`` (dense features only: the blocks stay in the memory of the tasks that
+    serve the passes, see :class:`~sparkgd.blockstore.ServedBlocks`), ``auto``
+    (``served`` when the features are dense, else ``files``) or ``memory`` (pickled
+    blocks in Spark's cache, float64 only). ``dtype``: how dense features are
+    kept (see :data:`DTYPES`).
 
     Returns :class:`Blocks`. Raises SparkgdError (after releasing the cache)
     when a partition holds bad data or the input is empty.
     """
     import uuid
 
-    from .blockstore import FileBlocks, MemoryBlocks, write_arrow_partition
+    from .blockstore import FileBlocks, MemoryBlocks, ServedBlocks, task_slots, \
+        write_arrow_partition
+    from .workers import TaskLost, WorkersUnavailable
 
-    if dtype not in DTYPES or (store != "files" and dtype != "float64"):
+    if store not in STORES:
+        raise ValueError(f"unknown block store {store!r}; expected one of {STORES}")
+    if dtype not in DTYPES or (store == "memory" and dtype != "float64"):
         raise ValueError(f"dtype {dtype!r} is not available for the {store} store")
 
     try:
@@ -591,7 +609,16 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
                            f"{text.splitlines()[0] if text else type(e).__name__}") from None
     if num_partitions:
         proj = proj.repartition(int(num_partitions))
-    if store == "files":
+    if store == "auto":
+        store = "served" if spec.kind in ("array", "columns") else "files"
+    if store == "served":
+        if spec.kind not in ("array", "columns"):
+            raise ValueError(f"the served store needs dense features, not {spec.kind}")
+        parts = int(num_partitions or proj.rdd.getNumPartitions())
+        slots = task_slots(proj.sparkSession.sparkContext)
+        frame = proj.coalesce(slots) if parts > slots else proj
+        backend = ServedBlocks(frame, spec, dtype, parts, wait_seconds)
+    elif store == "files":
         fit_id = uuid.uuid4().hex[:16]
         rows = proj.mapInArrow(
             lambda it, _s=spec, _t=dtype: write_arrow_partition(it, _s, fit_id, _t),
@@ -600,11 +627,11 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
     elif store == "memory":
         encoded = proj.mapInArrow(lambda it, _s=spec: encode_partition(it, _s), ENCODED_SCHEMA)
         backend = MemoryBlocks(encoded.rdd.mapPartitionsWithIndex(_decode_partition))
-    else:
-        raise ValueError(f"unknown block store {store!r}; expected files or memory")
     try:
         try:
             infos = backend.materialize()
+        except (TaskLost, WorkersUnavailable):  # the caller starts over / uses files
+            raise
         except Exception as e:  # e.g. a corrupt file, or a cast Spark cannot make
             text = str(e).strip()
             first = text.splitlines()[0] if text else type(e).__name__

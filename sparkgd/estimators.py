@@ -7,6 +7,8 @@ estimators sit in a ``Pipeline``.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from pyspark import keyword_only
 from pyspark.ml import Estimator, Model
@@ -36,6 +38,12 @@ from .errors import SparkgdError
 from .modes import sync
 from .penalties import Penalty
 from .summary import TrainingSummary
+from .workers import TaskLost, WorkersUnavailable
+
+log = logging.getLogger("sparkgd")
+
+#: Fits on the served store started over after lost tasks before the file store is used.
+MAX_SERVED_ATTEMPTS = 3
 
 # ----------------------------------------------------------------------------
 # Params
@@ -196,10 +204,44 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         weight_col = self.getWeightCol() if self.isSet(self.weightCol) else None
         spec = data.resolve_input(dataset.schema, self.getFeaturesCol(), self.getFeatureCols(),
                                   self.getLabelCol(), weight_col or None, source=source)
+        store = "auto"
+        for attempt in range(1, MAX_SERVED_ATTEMPTS + 2):
+            try:
+                out = self._fit_blocks(dataset, spec, source, store)
+                break
+            except WorkersUnavailable as e:
+                log.warning("sparkgd: %s; building block files instead", e)
+                store = "files"
+            except TaskLost as e:
+                # A task holding blocks was lost mid-fit: its passes are not vouched
+                # for. Start over (a fit is a function of the data, so the model is the
+                # one an undisturbed fit gives); after repeated losses, use the file
+                # store, which recovers lost blocks through lineage instead.
+                log.warning("sparkgd: %s; starting the fit over (attempt %d)",
+                            str(e).splitlines()[0], attempt + 1)
+                if attempt >= MAX_SERVED_ATTEMPTS:
+                    store = "files"
+        result, layout, loss_name, loss, num_classes, num_rows, num_partitions = out
+        coef, intercept = layout.split(result.theta)
+        coef, intercept = self._identify(coef.copy(), intercept.copy())
+        summary = TrainingSummary(
+            objectiveHistory=result.objective_history, totalIterations=result.iterations,
+            trainingSeconds=result.seconds, bytesCommunicated=result.bytes_communicated,
+            numEvaluations=result.evaluations, converged=result.converged,
+            message=result.message, numRows=num_rows,
+            numPartitions=num_partitions)
+        model = self._model_class._from_fit(coef, intercept, loss_name, num_classes, summary,
+                                            loss.params())
+        model._est_params = self._param_values()
+        return self._copyValues(model)
+
+    def _fit_blocks(self, dataset, spec, source, store):
+        """One fit on blocks built with ``store``; raises TaskLost when the served
+        store's passes cannot be vouched for."""
         optimizer = self.getOptimizer()
         step = self.getStepSize() if self.isSet(self.stepSize) else None
         standardize = self.getStandardization()
-        with data.build_blocks(dataset, spec, source=source,
+        with data.build_blocks(dataset, spec, source=source, store=store,
                                dtype=self.getDtype()) as blocks:
             num_classes = self._num_classes(blocks)
             loss_name, loss = self._loss(num_classes)
@@ -226,18 +268,10 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                               tol=self.getTol(), step_size=step, precondition=pre,
                               mini_batch_fraction=self.getMiniBatchFraction(),
                               seed=self.getSeed())
-        coef, intercept = layout.split(result.theta)
-        coef, intercept = self._identify(coef.copy(), intercept.copy())
-        summary = TrainingSummary(
-            objectiveHistory=result.objective_history, totalIterations=result.iterations,
-            trainingSeconds=result.seconds, bytesCommunicated=result.bytes_communicated,
-            numEvaluations=result.evaluations, converged=result.converged,
-            message=result.message, numRows=blocks.num_rows,
-            numPartitions=blocks.num_partitions)
-        model = self._model_class._from_fit(coef, intercept, loss_name, num_classes, summary,
-                                            loss.params())
-        model._est_params = self._param_values()
-        return self._copyValues(model)
+        if not blocks.certified:
+            raise TaskLost("the serving job did not end cleanly")
+        return (result, layout, loss_name, loss, num_classes, blocks.num_rows,
+                blocks.num_partitions)
 
     def _start(self, x0, layout, blocks, loss_name):
         """The starting point of a fit from scratch (zeros unless a subclass knows better)."""

@@ -33,6 +33,7 @@ Faults, all handled by Spark plus a reconnect:
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
 import selectors
@@ -47,14 +48,16 @@ import numpy as np
 log = logging.getLogger("sparkgd")
 
 MAGIC = b"SGDW"
-_HELLO = struct.Struct("<4s32siiQ")      # magic, secret, task index, attempt, blocks
-# then (partition, position, rows) as 3 int64 per block; the driver answers one byte
+_HELLO = struct.Struct("<4s32siiQQ")     # magic, secret, task index, attempt, blocks, facts
+# then (partition, position, rows) as 3 int64 per block, then the facts (JSON bytes);
+# the driver answers one byte
 ACCEPT, REJECT = b"\x01", b"\x00"
 _REQUEST = struct.Struct("<BqdqQ")       # op, iteration, fraction, seed, len(theta)
 _REPLY = struct.Struct("<Q")             # len(sums)
-OP_STOP, OP_SUMS = 0, 1
+OP_STOP, OP_SUMS, OP_CONFIG = 0, 1, 2    # OP_CONFIG: len = bytes of JSON, no reply
 #: refuse absurd lengths before allocating (2**31 float64 = 16 GiB)
 _MAX_FLOATS = 1 << 31
+_MAX_JSON = 1 << 26
 
 
 class WorkersUnavailable(RuntimeError):
@@ -63,6 +66,11 @@ class WorkersUnavailable(RuntimeError):
 
 class WorkersFailed(RuntimeError):
     """The serving job ended with an error (its message is the job's)."""
+
+
+class TaskLost(RuntimeError):
+    """A serving task that holds its own blocks went away (or a new attempt of it
+    appeared) during the fit: what it contributed can no longer be vouched for."""
 
 
 # ----------------------------------------------------------------- wire format
@@ -80,20 +88,23 @@ def recv_exact(sock, n):
     return buf
 
 
-def pack_hello(secret, index, attempt, keys=()):
+def pack_hello(secret, index, attempt, keys=(), facts=b""):
     keys = np.asarray(list(keys), dtype="<i8").reshape(-1, 3)
-    return _HELLO.pack(MAGIC, secret, int(index), int(attempt), keys.shape[0]) + keys.tobytes()
+    return _HELLO.pack(MAGIC, secret, int(index), int(attempt), keys.shape[0], len(facts)) \
+        + keys.tobytes() + facts
 
 
 def read_hello(sock, secret):
-    """-> (index, attempt, sorted block keys); ValueError unless magic and secret match."""
-    magic, got, index, attempt, count = _HELLO.unpack(recv_exact(sock, _HELLO.size))
+    """-> (index, attempt, sorted block keys, facts bytes); ValueError unless magic and
+    secret match."""
+    magic, got, index, attempt, count, nfacts = _HELLO.unpack(recv_exact(sock, _HELLO.size))
     if magic != MAGIC or not hmac.compare_digest(got, secret):
         raise ValueError("not a sparkgd task of this session")
-    if count > _MAX_FLOATS // 3:
-        raise ValueError(f"hello with {count} blocks")
+    if count > _MAX_FLOATS // 3 or nfacts > _MAX_JSON:
+        raise ValueError(f"hello with {count} blocks and {nfacts} bytes of facts")
     keys = np.frombuffer(recv_exact(sock, 24 * count), dtype="<i8").reshape(-1, 3)
-    return index, attempt, sorted(tuple(int(v) for v in k) for k in keys)
+    facts = bytes(recv_exact(sock, nfacts)) if nfacts else b""
+    return index, attempt, sorted(tuple(int(v) for v in k) for k in keys), facts
 
 
 def pack_request(op, theta=None, sample=None):
@@ -104,9 +115,17 @@ def pack_request(op, theta=None, sample=None):
         + theta.tobytes()
 
 
+def pack_config(config):
+    """What a serving task that built its own blocks computes: loss and layout (JSON)."""
+    body = json.dumps(config).encode()
+    return _REQUEST.pack(OP_CONFIG, 0, 1.0, 0, len(body)) + body
+
+
 def read_request(sock):
-    """-> (op, theta, sample or None)."""
+    """-> (op, theta, sample or None); for OP_CONFIG, (op, config dict, None)."""
     op, iteration, fraction, seed, size = _REQUEST.unpack(recv_exact(sock, _REQUEST.size))
+    if op == OP_CONFIG and size <= _MAX_JSON:
+        return op, json.loads(bytes(recv_exact(sock, size))), None
     if op not in (OP_STOP, OP_SUMS) or size > _MAX_FLOATS:
         raise ValueError(f"bad request header (op {op}, {size} values)")
     theta = np.frombuffer(recv_exact(sock, 8 * size), dtype="<f8") if size else np.zeros(0)
@@ -145,8 +164,6 @@ def serve_partition(index, items, address, secret, loss, layout, threads):
     and retries it."""
     from pyspark import TaskContext
 
-    from . import kernels
-
     pairs = list(items)           # blocks memory-mapped with the file store
     keys = [k for k, _ in pairs]
     blocks = [b for _, b in pairs]
@@ -161,21 +178,95 @@ def serve_partition(index, items, address, secret, loss, layout, threads):
                 f"sparkgd: serving task {index} (attempt {attempt}) got {len(keys)} "
                 f"block(s), not the ones it must hold: its input ended early")
         sock.settimeout(None)
-        while True:
-            try:
-                op, theta, sample = read_request(sock)
-            except EOFError:      # the driver ended the session (or died)
-                break
-            if op == OP_STOP:
-                break
-            if sample is not None:
-                sample = sample + (index,)
-            sums = kernels.partition_sums(blocks, theta, loss, layout, sample=sample,
-                                          threads=threads)
-            sock.sendall(pack_reply(sums))
+        _serve(sock, blocks, index, loss, layout, threads)
     finally:
         sock.close()
     yield index
+
+
+def _serve(sock, blocks, index, loss, layout, threads):
+    """Answer the driver until it says stop (or goes away)."""
+    from . import kernels
+
+    while True:
+        try:
+            op, theta, sample = read_request(sock)
+        except EOFError:      # the driver ended the session (or died)
+            return
+        if op == OP_STOP:
+            return
+        if op == OP_CONFIG:
+            loss = kernels.make_loss(theta["loss"], **theta["params"])
+            layout = kernels.Layout(*theta["layout"])
+            continue
+        if sample is not None:
+            sample = sample + (index,)
+        sums = kernels.partition_sums(blocks, theta, loss, layout, sample=sample,
+                                      threads=threads)
+        sock.sendall(pack_reply(sums))
+
+
+def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
+    """mapInArrow body of a task that builds its blocks and then serves them.
+
+    The blocks are the Arrow batches themselves, viewed as NumPy arrays (no copy; a
+    float32 ``dtype`` keeps a rounded copy instead) and held in this worker's memory
+    for the whole fit: no files, no second job. Their facts (those of
+    :func:`sparkgd.data.block_info`, merged, always with the feature moments) go to
+    the driver in the hello, or ``{"error": ...}`` for bad input. The task then
+    answers requests until the driver says stop, and only then ends -- so Spark
+    marks it successful (which also vouches that its input was complete) only at the
+    end of the fit; see :class:`ServedJob`. Captures plain values only."""
+    import pyarrow as pa
+    import scipy.sparse as sp
+    from pyspark import TaskContext
+
+    from .blockstore import merge_infos
+    from .data import BadInput, arrow_to_xyw, block_info
+    from .stats import block_moments
+
+    ctx = TaskContext.get()
+    index = ctx.partitionId() if ctx is not None else 0
+    attempt = ctx.attemptNumber() if ctx is not None else 0
+    blocks, info, rows = [], None, 0
+    try:
+        for batch in batches:
+            if not batch.num_rows:
+                continue
+            X, y, w = arrow_to_xyw(batch, spec)
+            if sp.issparse(X):
+                raise BadInput(f"{spec.feature_desc} holds sparse rows")
+            if dtype != "float64":
+                X = X.astype(dtype)
+                if not np.isfinite(X).all():
+                    raise BadInput(f"{spec.feature_desc} holds values beyond {dtype}'s "
+                                   f"range (|x| > {np.finfo(dtype).max:.3g}); use "
+                                   "dtype float64")
+            part = block_info(X, y, w)
+            if part["moments"] is None:
+                part["moments"] = block_moments(X, w, X.shape[1]).tolist()
+            if info is not None and part["d"] != info["d"]:
+                raise BadInput(f"{spec.feature_desc}: rows have different lengths "
+                               f"({info['d']}, {part['d']})")
+            info = part if info is None else merge_infos(info, part)
+            blocks.append((X, y, w))
+            rows += part["n"]
+        facts = {} if info is None else dict(info, part=index, seq=0, pid=os.getpid())
+    except BadInput as e:
+        blocks, facts = [], {"error": str(e)}
+    keys = [(index, j, b[1].shape[0]) for j, b in enumerate(blocks)]
+    sock = socket.create_connection(tuple(address), timeout=60)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(pack_hello(secret, index, attempt, keys, json.dumps(facts).encode()))
+        if recv_exact(sock, 1) != ACCEPT:
+            raise TaskLost(f"sparkgd: serving task {index} (attempt {attempt}) was refused")
+        sock.settimeout(None)
+        if "error" not in facts:
+            _serve(sock, blocks, index, None, None, threads)
+    finally:
+        sock.close()
+    yield pa.RecordBatch.from_pydict({"rows": [rows]})
 
 
 # ----------------------------------------------------------------- driver side
@@ -194,8 +285,12 @@ class Hub:
     """
 
     def __init__(self, num_tasks, size, bind, ended, running, wait_seconds=30.0,
-                 expected=None):
+                 expected=None, strict=False):
         self.num_tasks, self.size = int(num_tasks), int(size)
+        #: strict: a lost task or a second attempt of one raises TaskLost instead of
+        #: being waited for (tasks that built their own blocks: see ServedJob)
+        self.strict = strict
+        self.facts = {}               # task index -> the facts bytes of its hello
         #: per task index, the sorted block keys it must report (None: not checked)
         self.expected = expected
         self.refused = 0
@@ -230,6 +325,18 @@ class Hub:
             self._conns[i].sendall(request)
         except OSError:
             self._drop(i)
+            self._lost(i)
+
+    def _lost(self, i, attempt=None):
+        if self.strict and self._listener is not None:
+            again = "" if attempt is None else f" (a new attempt, {attempt}, connected)"
+            raise TaskLost(f"serving task {i} was lost{again}")
+
+    def configure(self, config):
+        """Send every task the loss and layout to compute with (OP_CONFIG)."""
+        request = pack_config(config)
+        for i in sorted(self._conns):
+            self._send(i, request)
 
     def _drop(self, i):
         conn = self._conns.pop(i, None)
@@ -251,6 +358,7 @@ class Hub:
                     reply = read_reply(key.fileobj, self.size)
                 except (OSError, EOFError, ValueError):
                     self._drop(i)   # its task is gone; a new attempt will connect
+                    self._lost(i)
                     continue
                 if replies is not None and i in pending:
                     replies[i] = reply
@@ -278,9 +386,13 @@ class Hub:
         try:
             conn.setblocking(True)
             conn.settimeout(30)
-            index, attempt, keys = read_hello(conn, self.secret)
+            index, attempt, keys, facts = read_hello(conn, self.secret)
             if not 0 <= index < self.num_tasks:
                 raise ValueError(f"task index {index} out of range")
+            if self.strict and index in self._seen:
+                conn.sendall(REJECT)
+                conn.close()
+                self._lost(index, attempt)
             if self.expected is not None and keys != self.expected[index]:
                 self.refused += 1
                 log.info("serving task %d (attempt %d) refused: %d of %d blocks as expected",
@@ -300,6 +412,7 @@ class Hub:
             self.reconnects += 1
             log.info("serving task %d reconnected (attempt %d)", index, attempt)
         self._seen.add(index)
+        self.facts[index] = facts
         self._conns[index] = conn
         self._sel.register(conn, selectors.EVENT_READ, index)
         if request is not None and index in pending:
@@ -308,40 +421,33 @@ class Hub:
     def close(self):
         """Tell every connected task to stop; close the sockets."""
         stop = pack_request(OP_STOP)
+        listener, self._listener = self._listener, None   # no TaskLost while stopping
+        if listener is None:
+            return
         for i in list(self._conns):
             self._send(i, stop)
             self._drop(i)
         self._sel.close()
-        self._listener.close()
+        listener.close()
 
 
-class WorkerSession:
-    """One serving job over ``rdd`` (one long-lived task per partition).
+class _ServingJob:
+    """A Spark job that runs in a driver thread for the length of a fit, under its own
+    job group, while :class:`Hub` talks to its tasks."""
 
-    ``evaluate(theta, sample)`` -> the per-task sums, in task order.
-    ``close()`` stops the tasks and waits for the job; always call it.
-    """
-
-    def __init__(self, rdd, loss, layout, threads=1, wait_seconds=30.0, expected=None):
-        self.rdd = rdd
-        self.num_tasks = rdd.getNumPartitions()
-        self._sc = sc = rdd.context
-        self._group = f"sparkgd-workers-{uuid.uuid4().hex[:12]}"
+    def __init__(self, sc, kind):
+        self._sc = sc
+        self._group = f"sparkgd-{kind}-{uuid.uuid4().hex[:12]}"
         self._error = None
         self._done = threading.Event()
-        bind, host = _driver_address(sc)
-        self.hub = hub = Hub(self.num_tasks, 2 + layout.size, bind, self._raise_if_ended,
-                             self._running_tasks, wait_seconds, expected)
-        address, secret = (host, hub.port), hub.secret
+        self._thread = None
+        self.hub = None
 
-        def body(i, it):
-            return serve_partition(i, it, address, secret, loss, layout, threads)
-
+    def _start(self, action, description):
         def run():
             try:
-                sc.setJobGroup(self._group, "sparkgd: serving gradient passes",
-                               interruptOnCancel=True)
-                rdd.mapPartitionsWithIndex(body).collect()
+                self._sc.setJobGroup(self._group, description, interruptOnCancel=True)
+                action()
             except BaseException as e:  # reported by the hub's next wait
                 self._error = e
             finally:
@@ -349,14 +455,6 @@ class WorkerSession:
 
         self._thread = threading.Thread(target=run, name=self._group, daemon=True)
         self._thread.start()
-        try:
-            hub.wait_for_tasks()
-        except BaseException:
-            self.close()
-            raise
-
-    def evaluate(self, theta, sample=None):
-        return self.hub.evaluate(theta, sample)
 
     def _running_tasks(self):
         st = self._sc.statusTracker()
@@ -376,11 +474,105 @@ class WorkerSession:
             raise WorkersFailed("the serving tasks ended before the fit did")
         raise WorkersFailed(str(e).strip() or type(e).__name__) from None
 
+    def evaluate(self, theta, sample=None):
+        """Every task's sums for ``theta``, in task order."""
+        return self.hub.evaluate(theta, sample)
+
     def close(self):
         """Stop every task, wait for the job (cancel it if it does not end)."""
-        self.hub.close()
-        if not self.hub.short:
+        if self.hub is not None:
+            self.hub.close()
+        if self._thread is None:
+            return
+        if self.hub is None or not self.hub.short:
             self._thread.join(timeout=30)
         if self._thread.is_alive():   # tasks that never got a slot, or hung ones
             self._sc.cancelJobGroup(self._group)
             self._thread.join(timeout=30)
+
+
+class WorkerSession(_ServingJob):
+    """One serving job over ``rdd`` (one long-lived task per partition).
+
+    ``evaluate(theta, sample)`` -> the per-task sums, in task order.
+    ``close()`` stops the tasks and waits for the job; always call it.
+    """
+
+    def __init__(self, rdd, loss, layout, threads=1, wait_seconds=30.0, expected=None):
+        super().__init__(rdd.context, "workers")
+        self.rdd = rdd
+        self.num_tasks = rdd.getNumPartitions()
+        bind, host = _driver_address(self._sc)
+        self.hub = hub = Hub(self.num_tasks, 2 + layout.size, bind, self._raise_if_ended,
+                             self._running_tasks, wait_seconds, expected)
+        address, secret = (host, hub.port), hub.secret
+
+        def body(i, it):
+            return serve_partition(i, it, address, secret, loss, layout, threads)
+
+        self._start(lambda: rdd.mapPartitionsWithIndex(body).collect(),
+                    "sparkgd: serving gradient passes")
+        try:
+            hub.wait_for_tasks()
+        except BaseException:
+            self.close()
+            raise
+
+
+class ServedJob(_ServingJob):
+    """One Spark job whose tasks build their blocks from ``frame`` (one task per
+    partition of it; :func:`serve_arrow_partition`) and then serve passes over them.
+
+    ``facts``: per task, the merged facts of its blocks (or ``{"error": ...}``).
+    ``configure(loss, layout)`` once, then ``evaluate(theta, sample)``; ``close()``
+    stops the tasks and waits for the job.
+
+    Only Spark's verdict on a finished task says its input was complete (an input
+    that fails upstream just ends early on the Python side). So the passes are
+    vouched for by :attr:`certified`, known after ``close()``: the job succeeded and
+    no task was lost or replaced on the way. Anything else raises :class:`TaskLost`
+    (during the fit) or leaves ``certified`` False, and the caller starts over.
+    """
+
+    def __init__(self, frame, spec, dtype="float64", wait_seconds=30.0):
+        sc = frame.sparkSession.sparkContext
+        super().__init__(sc, "served")
+        self.num_tasks = frame.rdd.getNumPartitions()
+        self.certified = False
+        self.lost = False
+        bind, host = _driver_address(sc)
+        self.hub = hub = Hub(self.num_tasks, 0, bind, self._raise_if_ended,
+                             self._running_tasks, wait_seconds, strict=True)
+        address, secret = (host, hub.port), hub.secret
+
+        def body(it, _spec=spec, _dtype=dtype):
+            return serve_arrow_partition(it, _spec, _dtype, address, secret)
+
+        self._start(lambda: frame.mapInArrow(body, "rows long").collect(),
+                    "sparkgd: blocks built and served by the same tasks")
+        try:
+            hub.wait_for_tasks()
+        except BaseException:
+            self.close()
+            raise
+        self.facts = [json.loads(hub.facts[i] or b"{}") for i in range(self.num_tasks)]
+
+    def configure(self, loss, layout):
+        self.hub.size = 2 + layout.size
+        self.hub.configure({"loss": loss.name, "params": loss.params(),
+                            "layout": [layout.d, layout.k, layout.fit_intercept]})
+
+    def evaluate(self, theta, sample=None):
+        try:
+            return self.hub.evaluate(theta, sample)
+        except TaskLost:
+            self.lost = True
+            raise
+        except WorkersFailed as e:  # the job ended under the fit: its blocks are gone
+            self.lost = True
+            raise TaskLost(f"the serving job failed: {str(e).splitlines()[0]}") from None
+
+    def close(self):
+        super().close()
+        self.certified = (not self.lost and self._done.is_set() and self._error is None
+                          and self.hub.reconnects == 0)

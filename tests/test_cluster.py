@@ -658,10 +658,11 @@ def test_missing_data_on_the_cluster_is_one_line_exit_2(cluster, watch, tmp_path
 @pytest.mark.parametrize("phase", ["iteration", "build"])
 def test_fit_survives_a_lost_executor(phase, local_gd_reference, cluster, watch, tmp_path):
     """SIGKILL the job's executor JVM half-way through the fit (``iteration``: once the
-    progress line of iteration 10 is out; ``build``: while the blocks are being written).
-    The worker launches a replacement executor; Spark recomputes the lost block handles
-    (and the repartition's lost shuffle output) through lineage, and the fit must end as
-    if nothing happened: exit 0, all GD_ITERS iterations, the local run's model to 1e-9."""
+    progress line of iteration 10 is out; ``build``: while the blocks are being built).
+    The worker launches a replacement executor. The tasks that held the blocks are gone,
+    so the fit starts over on blocks Spark rebuilds through lineage (re-reading the
+    input and redoing the repartition's lost shuffle output); it must end as if nothing
+    happened: exit 0, all GD_ITERS iterations, the local run's model to 1e-9."""
     import numpy as np
 
     ref_job, ref_dir = local_gd_reference
@@ -686,9 +687,14 @@ def test_fit_survives_a_lost_executor(phase, local_gd_reference, cluster, watch,
     # The fit completed, all of it, after the kill.
     assert job.proc.returncode == 0, info
     assert f"sparkgd: done: {GD_ITERS} iterations" in job.stdout, info
-    assert _iterations(job.out_path) == list(range(1, GD_ITERS + 1)), info
+    # The log holds the iterations of the interrupted try (1..m), then all of them.
+    iters = _iterations(job.out_path)
+    first = len(iters) - GD_ITERS
+    assert first >= 0 and iters[first:] == list(range(1, GD_ITERS + 1)), info
+    assert iters[:first] == list(range(1, first + 1)), info
     if phase == "iteration":
         assert KILL_AT_ITER <= killed["iteration"] < GD_ITERS, (killed, info)
+        assert "starting the fit over" in job.stdout and first >= killed["iteration"], info
     else:
         assert killed["iteration"] == 0, (killed, info)
     coef, intercept, meta = _load_model(str(out_dir))

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+import sparkgd
 from sparkgd import kernels, workers
 from sparkgd.data import build_blocks, resolve_input
 from sparkgd.modes import sync
@@ -53,10 +54,25 @@ def test_bad_messages_are_refused():
     a, b = socket.socketpair()
     with a, b:
         a.sendall(workers.pack_hello(b"a" * 32, 3, 1, [(4, 1, 20), (2, 0, 7)]))
-        assert workers.read_hello(b, b"a" * 32) == (3, 1, [(2, 0, 7), (4, 1, 20)])
+        assert workers.read_hello(b, b"a" * 32) == (3, 1, [(2, 0, 7), (4, 1, 20)], b"")
+        a.sendall(workers.pack_hello(b"a" * 32, 2, 0, [], b'{"n": 5}'))
+        assert workers.read_hello(b, b"a" * 32) == (2, 0, [], b'{"n": 5}')
         a.sendall(workers.pack_hello(b"a" * 32, 3, 1))
         with pytest.raises(ValueError, match="not a sparkgd task"):
             workers.read_hello(b, b"b" * 32)
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(workers._HELLO.pack(workers.MAGIC, b"a" * 32, 0, 0, 0, 1 << 40))
+        with pytest.raises(ValueError, match="bytes of facts"):
+            workers.read_hello(b, b"a" * 32)
+
+
+def test_config_roundtrip():
+    a, b = socket.socketpair()
+    with a, b:
+        config = {"loss": "huber", "params": {"epsilon": 2.0}, "layout": [3, 1, True]}
+        a.sendall(workers.pack_config(config))
+        assert workers.read_request(b) == (workers.OP_CONFIG, config, None)
 
 
 def test_recv_exact_reports_a_closed_peer():
@@ -212,6 +228,37 @@ def test_hub_reports_the_job_ending():
         hub.close()
 
 
+def test_strict_hub_reports_a_lost_task_instead_of_waiting():
+    """Tasks that hold their own blocks (the served store): a task that dies mid-pass,
+    or a second attempt of one, ends the fit's use of them (TaskLost), at once."""
+    hub = workers.Hub(2, 4, "127.0.0.1", lambda: None, lambda: 2, 5.0, strict=True)
+    tasks = [FakeTask(hub, 0), FakeTask(hub, 1, vanish=True)]
+    for t in tasks:
+        t.start()
+    try:
+        hub.wait_for_tasks()
+        t0 = time.monotonic()
+        with pytest.raises(workers.TaskLost, match="serving task 1 was lost"):
+            hub.evaluate(np.array([1.0]))
+        assert time.monotonic() - t0 < 5
+    finally:
+        hub.close()
+    hub = workers.Hub(1, 4, "127.0.0.1", lambda: None, lambda: 1, 5.0, strict=True)
+    FakeTask(hub, 0).start()
+    try:
+        hub.wait_for_tasks()
+        again = FakeTask(hub, 0, attempt=1)
+        again.start()
+        with pytest.raises(workers.TaskLost, match=r"new attempt, 1"):
+            for _ in range(50):
+                hub.evaluate(np.array([1.0]))
+                time.sleep(0.05)
+        again.join(5)
+        assert again.verdict == workers.REJECT and again.requests == 0
+    finally:
+        hub.close()
+
+
 # -------------------------------------------------------------- on Spark (local[2])
 
 @pytest.fixture(scope="module")
@@ -279,3 +326,137 @@ def test_blas_threads_are_restored():
     with kernels.blas_threads(before[0] + 1):
         assert [get() for _, get in setters] == [before[0] + 1] * len(setters)
     assert [get() for _, get in setters] == before
+
+
+# ------------------------------------------------ the served store (tasks build and serve)
+
+def served_blocks(df, spec, **kw):
+    blocks = build_blocks(df, spec, store="served", **kw)
+    assert blocks.store.kind == "served"
+    return blocks
+
+
+def test_served_store_matches_numpy_and_the_file_store(spark, data):
+    """3 data partitions on 2 slots: two tasks (a coalesce), each holding its Arrow
+    batches. Facts, full passes and mini-batches; float64 and float32 storage."""
+    from test_distributed import numpy_objective
+
+    X, y, w = logistic_data(n=500, d=5, seed=21, weights=True)
+    spec = resolve_input(data.schema, weight_col="weight")
+    rng = np.random.default_rng(4)
+    thetas = [rng.normal(size=6) for _ in range(3)]
+    with served_blocks(data, spec) as blocks:
+        assert blocks.num_tasks == 2 and blocks.num_partitions == 3
+        assert blocks.num_rows == 500 and len(blocks.infos) == 2
+        assert abs(sum(i["wsum"] for i in blocks.infos) - w.sum()) <= 1e-12 * w.sum()
+        mean, std = sparkgd_moments(blocks)
+        np.testing.assert_allclose(mean, np.average(X, axis=0, weights=w), rtol=1e-12)
+        obj = objective(blocks, "workers")
+        assert obj.engine == "served"
+        for theta in thetas:
+            f, g = obj(theta)
+            f_ref, g_ref = numpy_objective(theta, X, y, w, "logistic", True, 0.1)
+            assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
+            np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
+            fs, gs = obj.smooth(theta, (0.4, 5, 2))
+            assert (fs, list(gs)) == tuple(x if i == 0 else list(x) for i, x in
+                                           enumerate(obj.smooth(theta, (0.4, 5, 2))))
+            assert fs != f
+        assert obj.aggregator.bytes_communicated == 2 * 9 * 8 * (2 + 6)  # 9 passes, 2 tasks
+    assert blocks.certified and not active_jobs(spark)
+    with build_blocks(data, spec, store="files") as blocks:
+        files = objective(blocks, "workers")(thetas[0])
+    assert abs(files[0] - numpy_objective(thetas[0], X, y, w, "logistic", True, 0.1)[0]) \
+        <= 1e-12 * abs(files[0])
+    X32 = X.astype(np.float32).astype(np.float64)
+    with served_blocks(data, spec, dtype="float32") as blocks:
+        f, g = objective(blocks, "workers")(thetas[1])
+    f_ref, g_ref = numpy_objective(thetas[1], X32, y, w, "logistic", True, 0.1)
+    assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
+
+
+def sparkgd_moments(blocks):
+    from sparkgd import stats
+    from sparkgd.comm import Aggregator
+
+    return stats.feature_moments(blocks, blocks.num_features, Aggregator())
+
+
+def test_served_store_needs_every_task_running_else_files(spark, data, monkeypatch):
+    """As on a busy cluster: more served tasks than free slots. build_blocks gives up
+    after the wait (and cancels its job); a fit then uses the file store, same model."""
+    from sparkgd import blockstore
+
+    spec = resolve_input(data.schema, weight_col="weight")
+    reference = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight").fit(data)
+    monkeypatch.setattr(blockstore, "task_slots", lambda sc: 3)
+    monkeypatch.setattr(blockstore, "SERVED_WAIT_SECONDS", 1.0)
+    with pytest.raises(workers.WorkersUnavailable, match=r"only \d of 3 serving tasks"):
+        build_blocks(data, spec, store="served")
+    kinds = []
+    real = blockstore.FileBlocks.materialize
+
+    def spy(self):
+        kinds.append(self.kind)
+        return real(self)
+
+    monkeypatch.setattr(blockstore.FileBlocks, "materialize", spy)
+    model = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight").fit(data)
+    assert kinds == ["files"]
+    np.testing.assert_allclose(model.coefficients, reference.coefficients, rtol=1e-9)
+    assert wait_idle(spark)
+
+
+def wait_idle(spark, seconds=20):
+    deadline = time.monotonic() + seconds
+    while active_jobs(spark) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not active_jobs(spark)
+
+
+def test_a_lost_serving_task_starts_the_fit_over(spark, data, monkeypatch, caplog):
+    """SIGKILL the Python worker of served task 0 at the third pass: Spark fails its task
+    (no retries in these tests), the fit starts over on blocks built anew, and the
+    model is exactly the undisturbed fit's. A job that ends without Spark vouching for
+    every task (certified False) is started over too."""
+    import logging
+    import os
+    import signal
+
+    est = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight", tol=1e-10)
+    reference = est.fit(data)
+    jobs, real_eval = [], workers.ServedJob.evaluate
+
+    def killing_eval(self, theta, sample=None):
+        if self not in jobs:
+            jobs.append(self)
+            self.calls = 0
+        self.calls += 1
+        if len(jobs) == 1 and self.calls == 3:
+            os.kill(self.facts[0]["pid"], signal.SIGKILL)
+        return real_eval(self, theta, sample)
+
+    monkeypatch.setattr(workers.ServedJob, "evaluate", killing_eval)
+    with caplog.at_level(logging.WARNING, logger="sparkgd"):
+        model = est.fit(data)
+    assert len(jobs) == 2 and jobs[0].lost and not jobs[0].certified and jobs[1].certified
+    assert "starting the fit over" in caplog.text
+    np.testing.assert_array_equal(model.coefficients, reference.coefficients)
+    assert model.intercept == reference.intercept
+    assert model.summary.objectiveHistory == reference.summary.objectiveHistory
+    assert wait_idle(spark)
+
+    closes, real_close = [], workers.ServedJob.close
+
+    def uncertified_once(self):
+        real_close(self)
+        closes.append(self)
+        if len(closes) == 1:
+            self.certified = False
+
+    monkeypatch.setattr(workers.ServedJob, "evaluate", real_eval)
+    monkeypatch.setattr(workers.ServedJob, "close", uncertified_once)
+    model = est.fit(data)
+    assert len(closes) == 2
+    np.testing.assert_array_equal(model.coefficients, reference.coefficients)

@@ -15,6 +15,10 @@ Two engines carry theta out and the sums back:
   ``treeAggregate`` (:class:`~sparkgd.comm.Aggregator`), destroy the broadcast.
   Used when the cluster cannot run every serving task at once.
 
+Blocks of the ``served`` store (:class:`~sparkgd.blockstore.ServedBlocks`) are
+held by the tasks that built them, which serve the passes the same way as
+``workers``; the objective just talks to them.
+
 The optimizer (``sparkgd.optim``) decides where to evaluate next; this module
 turns cached blocks into ``fun(theta) -> (F, grad)`` (and its mini-batch
 estimate for ``sgd``), and maps the optimizer's variables to ``theta``.
@@ -32,7 +36,7 @@ from ..blockstore import local_cores
 from ..comm import Aggregator
 from ..workers import WorkersFailed, WorkerSession, WorkersUnavailable
 
-ENGINES = ("workers", "jobs")
+ENGINES = ("workers", "jobs")  # (blocks of the served store bring their own: "served")
 
 log = logging.getLogger("sparkgd")
 
@@ -69,6 +73,11 @@ class DistributedObjective:
         self.wait_seconds = wait_seconds
         self.evaluations = 0
         self._session = None
+        if blocks.store.kind == "served":
+            # the tasks that built the blocks serve them; tell them what to compute
+            self.engine = "served"
+            blocks.store.job.configure(loss, layout)
+            return
         slots = local_cores(blocks.rdd.context.master)
         if engine == "workers" and slots is not None and blocks.num_tasks > slots:
             # every serving task needs a slot at once; local mode says up front it has not
@@ -79,7 +88,9 @@ class DistributedObjective:
         """``sample = (fraction, seed, iteration)``: a mini-batch estimate instead."""
         theta = np.asarray(theta, dtype=np.float64)
         total = None
-        if self.engine == "workers":
+        if self.engine == "served":
+            total = self.aggregator.sum_parts(self.blocks.store.job.evaluate(theta, sample))
+        elif self.engine == "workers":
             try:
                 total = self.blocks.run(lambda rdd: self._served(rdd, theta, sample),
                                         serving=True)
