@@ -1,8 +1,19 @@
-"""Where cached blocks live between iterations: memory-mapped files on executors.
+"""Where cached blocks live between iterations.
+
+Three stores:
+
+* :class:`ServedBlocks` (dense features, the default): the tasks that read the
+  DataFrame keep its Arrow batches in their Python workers' memory and serve
+  the fit's passes themselves; nothing is written, no second job runs. A lost
+  task means the fit starts over (see :mod:`sparkgd.workers`);
+* :class:`FileBlocks` (sparse features, or when the served store cannot get a
+  slot per task): memory-mapped files on executors, described below;
+* :class:`MemoryBlocks`: pickled blocks in Spark's cache, the plain path, kept
+  for comparison.
 
 Caching NumPy blocks in Spark's cache means the JVM streams every cached byte
 to the Python worker again each iteration; that copy costs more than the
-arithmetic. Instead each block is written once, as raw binary files, into the
+arithmetic. The file store writes each block once, as raw binary files, into the
 executor's own Spark local directory (``SPARK_LOCAL_DIRS``, which Spark deletes
 when the executor exits), and the cached RDD holds only small *handles*. A task
 maps its files (``np.memmap``): the OS page cache serves them, no
@@ -396,6 +407,23 @@ class FileBlocks:
             pass           # local dirs when executors exit
 
 
+def coalesced_input_partitions(rdd):
+    """Partitions of the data under the ``coalesce`` in ``rdd``'s lineage (None if
+    there is none, or Spark's internals do not say)."""
+    try:
+        todo, seen = [rdd._jrdd.rdd()], 0
+        while todo and seen < 100:
+            r = todo.pop()
+            seen += 1
+            if r.getClass().getSimpleName() == "CoalescedRDD":
+                return int(r.prev().getNumPartitions())
+            deps = r.dependencies()
+            todo.extend(deps.apply(j).rdd() for j in range(deps.size()))
+    except Exception:  # pragma: no cover - internals of another Spark version
+        pass
+    return None
+
+
 def task_slots(sc):
     """Tasks that can run at once: local[N] -> N; on a cluster the slots of the
     executors registered now (what Spark's barrier mode checks against), or, before any
@@ -445,12 +473,20 @@ class ServedBlocks:
 
     @property
     def num_tasks(self):
-        return self.job.num_tasks if self.job is not None else self.num_partitions
+        return self.job.num_tasks if self.job is not None else None
 
     def materialize(self):
-        from .workers import ServedJob
+        from .workers import ServedJob, WorkersFailed, WorkersUnavailable
 
-        self.job = ServedJob(self._frame, self._spec, self._dtype, self.wait_seconds)
+        try:
+            self.job = ServedJob(self._frame, self._spec, self._dtype, self.wait_seconds)
+        except WorkersFailed as e:
+            # e.g. a Python worker out of memory: the file store may well manage (and
+            # reports the input's own errors as well as this store would)
+            raise WorkersUnavailable(f"the served build failed ({str(e).splitlines()[0]})") \
+                from None
+        if self.num_partitions is None:
+            self.num_partitions = coalesced_input_partitions(self.job.rdd) or self.num_tasks
         return [f for f in self.job.facts if f]
 
     @property

@@ -482,7 +482,9 @@ class Blocks:
 
     ``run(job)`` runs ``job(rdd)`` where ``rdd`` yields (X, y, w) blocks; the
     store behind it (:mod:`sparkgd.blockstore`) decides where they live and
-    recovers them if they are lost. Use as a context manager (or call
+    recovers them if they are lost. (The served store has no RDD of blocks: its
+    tasks hold them and :class:`~sparkgd.modes.sync.DistributedObjective` talks to
+    them; its facts carry everything else a fit needs.) Use as a context manager (or call
     :meth:`release`) so everything is freed when the fit ends, whatever the outcome.
     """
 
@@ -609,15 +611,16 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
                            f"{text.splitlines()[0] if text else type(e).__name__}") from None
     if num_partitions:
         proj = proj.repartition(int(num_partitions))
+    sc = proj.sparkSession.sparkContext
     if store == "auto":
-        store = "served" if spec.kind in ("array", "columns") else "files"
+        # served needs every task running at once: not with executors coming and going
+        dynamic = sc.getConf().get("spark.dynamicAllocation.enabled", "false") == "true"
+        store = "served" if spec.kind in ("array", "columns") and not dynamic else "files"
     if store == "served":
         if spec.kind not in ("array", "columns"):
             raise ValueError(f"the served store needs dense features, not {spec.kind}")
-        parts = int(num_partitions or proj.rdd.getNumPartitions())
-        slots = task_slots(proj.sparkSession.sparkContext)
-        frame = proj.coalesce(slots) if parts > slots else proj
-        backend = ServedBlocks(frame, spec, dtype, parts, wait_seconds)
+        frame = proj.coalesce(task_slots(sc))   # no-op with fewer partitions than slots
+        backend = ServedBlocks(frame, spec, dtype, num_partitions, wait_seconds)
     elif store == "files":
         fit_id = uuid.uuid4().hex[:16]
         rows = proj.mapInArrow(

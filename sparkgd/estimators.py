@@ -214,13 +214,16 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                 store = "files"
             except TaskLost as e:
                 # A task holding blocks was lost mid-fit: its passes are not vouched
-                # for. Start over (a fit is a function of the data, so the model is the
-                # one an undisturbed fit gives); after repeated losses, use the file
-                # store, which recovers lost blocks through lineage instead.
+                # for. Start over on blocks built anew: the same objective, so lbfgs and
+                # gd reach the same model up to rounding (sgd's mini-batches follow the
+                # blocks and may differ if the slots changed). After repeated losses use
+                # the file store, which recovers lost blocks through lineage instead.
                 log.warning("sparkgd: %s; starting the fit over (attempt %d)",
                             str(e).splitlines()[0], attempt + 1)
                 if attempt >= MAX_SERVED_ATTEMPTS:
                     store = "files"
+        else:  # pragma: no cover - the file store never raises TaskLost
+            raise SparkgdError("the fit could not complete")
         result, layout, loss_name, loss, num_classes, num_rows, num_partitions = out
         coef, intercept = layout.split(result.theta)
         coef, intercept = self._identify(coef.copy(), intercept.copy())

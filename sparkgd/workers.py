@@ -2,33 +2,47 @@
 
 A Spark job costs a fixed ~0.07-0.1 s from PySpark (scheduling, closure and
 broadcast shipping, result collection) however little it computes; on warm
-memory-mapped blocks that is more than the arithmetic of a whole pass. So for
-the passes of one fit, one Spark job starts one long-lived task per partition
-of the block RDD (one per executor with the file store). Each task keeps its
-blocks open and connects back to the driver over TCP; per evaluation the
-driver sends theta to every task, each task returns its partition sums, and the
-driver adds them in task order::
+blocks that is more than the arithmetic of a whole pass. So for the passes of
+one fit, one Spark job runs long-lived tasks that hold blocks and connect back
+to the driver over TCP; per evaluation the driver sends theta to every task,
+each task returns its partition sums, and the driver adds them in task order::
 
     driver --theta--> task i: kernels.partition_sums(blocks_i, theta) --sums--> driver
 
-Wire format: fixed ``struct`` headers followed by raw little-endian float64;
-nothing received is unpickled. A task proves it belongs to this fit with a
-random per-session secret it got in its closure.
+Two kinds of job (:class:`Hub` is the driver's end of both):
 
-Faults, all handled by Spark plus a reconnect:
+* :class:`ServedJob` (dense data, the default): the tasks build their blocks
+  from the DataFrame's Arrow batches and keep them in memory
+  (:func:`serve_arrow_partition`), one task per slot; the facts of the blocks
+  come in the task's hello (JSON), the loss and layout go out in OP_CONFIG;
+* :class:`WorkerSession` (the file store): one task per executor over the
+  cached block handles, mapping the block files (:func:`serve_partition`).
 
-* a task whose executor is lost: its socket closes; Spark reruns the task
-  elsewhere (recomputing the cached block handles through lineage, which
-  rewrites the block files); the new attempt connects under the same task index
-  and the driver sends it the evaluation in progress. Each task's sums do not
-  depend on where it ran, so the fit is the same;
+Wire format: fixed ``struct`` headers followed by raw little-endian float64 or
+JSON, both length-checked; nothing received is unpickled or eval'd. A task
+proves it belongs to this fit with a random per-session secret it got in its
+closure.
+
+Faults. When a task's input fails upstream (say a shuffle fetch after a lost
+executor), Spark 4 fails the task at once, but its Python side only sees the
+input end, and carries on as a zombie with what it got. Hence:
+
+* file store: the driver knows the blocks each task index must hold (from the
+  build job, which Spark completed) and refuses a task that reports others. A
+  task whose executor is lost is rerun by Spark (the handles are recomputed
+  through lineage, which rewrites the files) and the new attempt reconnects and
+  gets the evaluation in progress; each task's sums do not depend on where it
+  ran, so the fit is the same;
+* served store: nothing vouches for a task's blocks until Spark sees the task
+  succeed, at the end of the fit. So a lost task, or a second attempt of one,
+  raises :class:`TaskLost`, and a fit whose job did not end cleanly is not
+  certified; the estimator starts the fit over;
 * the job failing (``spark.task.maxFailures`` reached, or a task found its
-  block files gone): :meth:`WorkerSession.evaluate` raises the job's error, so
-  the block store can rebuild and the caller retry;
+  block files gone): :class:`WorkersFailed` with the job's error;
 * not enough free task slots to run every task at once (a busy cluster): after
-  ``wait_seconds`` with fewer tasks running than needed the session gives up
-  with :class:`WorkersUnavailable` and the caller falls back to one Spark job
-  per pass, which never needs all tasks at once.
+  ``wait_seconds`` with fewer tasks running than needed the hub gives up with
+  :class:`WorkersUnavailable`; the caller falls back to the file store / to
+  one Spark job per pass, which never needs all tasks at once.
 """
 from __future__ import annotations
 
@@ -158,10 +172,9 @@ def serve_partition(index, items, address, secret, loss, layout, threads):
     ``items``: (key, (X, y, w)) pairs. The task tells the driver which blocks it
     got; the driver refuses it unless they are exactly the blocks this task index
     must hold. That matters: when a task's input fails upstream (e.g. a shuffle
-    fetch after a lost executor), PySpark ends the Python side's input early and
-    reports the failure only once the task produces output -- which a serving task
-    does only when it ends. A refused task raises, so Spark sees the real failure
-    and retries it."""
+    fetch after a lost executor), Spark fails the task, but its Python side only
+    sees the input end early and would serve what it got. A refused task raises
+    (and ends)."""
     from pyspark import TaskContext
 
     pairs = list(items)           # blocks memory-mapped with the file store
@@ -209,8 +222,8 @@ def _serve(sock, blocks, index, loss, layout, threads):
 def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
     """mapInArrow body of a task that builds its blocks and then serves them.
 
-    The blocks are the Arrow batches themselves, viewed as NumPy arrays (no copy; a
-    float32 ``dtype`` keeps a rounded copy instead) and held in this worker's memory
+    X of each Arrow batch is kept as a NumPy view of the batch (a float32 ``dtype``
+    keeps a rounded copy instead; labels and weights are copied) in this worker's memory
     for the whole fit: no files, no second job. Their facts (those of
     :func:`sparkgd.data.block_info`, merged, always with the feature moments) go to
     the driver in the hello, or ``{"error": ...}`` for bad input. The task then
@@ -242,6 +255,9 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
                     raise BadInput(f"{spec.feature_desc} holds values beyond {dtype}'s "
                                    f"range (|x| > {np.finfo(dtype).max:.3g}); use "
                                    "dtype float64")
+            # y and w are views of the batch's one Arrow body: kept as views they would
+            # keep the whole float64 body alive next to a float32 (or stacked) copy of X
+            y, w = y.copy(), None if w is None else w.copy()
             part = block_info(X, y, w)
             if part["moments"] is None:
                 part["moments"] = block_moments(X, w, X.shape[1]).tolist()
@@ -262,8 +278,9 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
         if recv_exact(sock, 1) != ACCEPT:
             raise TaskLost(f"sparkgd: serving task {index} (attempt {attempt}) was refused")
         sock.settimeout(None)
-        if "error" not in facts:
-            _serve(sock, blocks, index, None, None, threads)
+        # with bad input too: stay until the driver has everyone's facts and says stop
+        # (leaving early would look like a lost task)
+        _serve(sock, blocks, index, None, None, threads)
     finally:
         sock.close()
     yield pa.RecordBatch.from_pydict({"rows": [rows]})
@@ -366,7 +383,9 @@ class Hub:
             if not waiting():
                 break
             self._ended()
-            if len(self._conns) < self.num_tasks:
+            # strict (served) jobs compute their input first: upstream stages count as
+            # running tasks too, so judge the slots only once the serving stage is up
+            if len(self._conns) < self.num_tasks and not (self.strict and not self._seen):
                 running = self._running()
                 if running >= self.num_tasks:
                     short_since = None
@@ -524,43 +543,59 @@ class ServedJob(_ServingJob):
     partition of it; :func:`serve_arrow_partition`) and then serve passes over them.
 
     ``facts``: per task, the merged facts of its blocks (or ``{"error": ...}``).
-    ``configure(loss, layout)`` once, then ``evaluate(theta, sample)``; ``close()``
-    stops the tasks and waits for the job.
+    ``configure(loss, layout)``, then ``evaluate(theta, sample)``; ``close()`` stops
+    the tasks and waits for the job.
 
-    Only Spark's verdict on a finished task says its input was complete (an input
-    that fails upstream just ends early on the Python side). So the passes are
-    vouched for by :attr:`certified`, known after ``close()``: the job succeeded and
-    no task was lost or replaced on the way. Anything else raises :class:`TaskLost`
-    (during the fit) or leaves ``certified`` False, and the caller starts over.
+    Only Spark's verdict on a finished task says its input was complete. When a task's
+    input fails upstream (say a shuffle fetch after a lost executor), Spark fails the
+    task at once, but its Python side just sees the input end and carries on -- it
+    would connect and serve what it got. So the hub is strict (a lost task, or a
+    second attempt of one, raises :class:`TaskLost`: the first was a zombie or is
+    gone), and the passes are vouched for by :attr:`certified`, known after
+    ``close()``: the job succeeded, i.e. every task that served ended successfully,
+    and none was lost on the way. Otherwise the caller starts over.
     """
 
     def __init__(self, frame, spec, dtype="float64", wait_seconds=30.0):
         sc = frame.sparkSession.sparkContext
         super().__init__(sc, "served")
-        self.num_tasks = frame.rdd.getNumPartitions()
         self.certified = False
         self.lost = False
+        self.config = None
         bind, host = _driver_address(sc)
-        self.hub = hub = Hub(self.num_tasks, 0, bind, self._raise_if_ended,
-                             self._running_tasks, wait_seconds, strict=True)
+        self.hub = hub = Hub(0, 0, bind, self._raise_if_ended, self._running_tasks,
+                             wait_seconds, strict=True)
         address, secret = (host, hub.port), hub.secret
 
         def body(it, _spec=spec, _dtype=dtype):
             return serve_arrow_partition(it, _spec, _dtype, address, secret)
 
-        self._start(lambda: frame.mapInArrow(body, "rows long").collect(),
-                    "sparkgd: blocks built and served by the same tasks")
         try:
+            # One RDD, counted and run: with adaptive execution, planning the query
+            # (``.rdd``) runs its upstream stages, so a second query would run them again.
+            self.rdd = frame.mapInArrow(body, "rows long").rdd
+            self.num_tasks = hub.num_tasks = self.rdd.getNumPartitions()
+            self._start(self.rdd.collect, "sparkgd: blocks built and served by the same tasks")
             hub.wait_for_tasks()
         except BaseException:
+            self.lost = True
             self.close()
             raise
         self.facts = [json.loads(hub.facts[i] or b"{}") for i in range(self.num_tasks)]
 
     def configure(self, loss, layout):
+        """Tell the tasks what to compute (again only when it changed)."""
+        config = {"loss": loss.name, "params": loss.params(),
+                  "layout": [layout.d, layout.k, layout.fit_intercept]}
+        if config == self.config:
+            return
         self.hub.size = 2 + layout.size
-        self.hub.configure({"loss": loss.name, "params": loss.params(),
-                            "layout": [layout.d, layout.k, layout.fit_intercept]})
+        try:
+            self.hub.configure(config)
+        except TaskLost:
+            self.lost = True
+            raise
+        self.config = config
 
     def evaluate(self, theta, sample=None):
         try:
@@ -570,9 +605,13 @@ class ServedJob(_ServingJob):
             raise
         except WorkersFailed as e:  # the job ended under the fit: its blocks are gone
             self.lost = True
+            log.info("sparkgd: the serving job failed: %s", e)
             raise TaskLost(f"the serving job failed: {str(e).splitlines()[0]}") from None
 
     def close(self):
+        if self.lost and self._thread is not None and self._thread.is_alive():
+            # its passes are void: do not wait for Spark's retries of a lost task
+            self.hub.close()
+            self._sc.cancelJobGroup(self._group)
         super().close()
-        self.certified = (not self.lost and self._done.is_set() and self._error is None
-                          and self.hub.reconnects == 0)
+        self.certified = not self.lost and self._done.is_set() and self._error is None

@@ -460,3 +460,92 @@ def test_a_lost_serving_task_starts_the_fit_over(spark, data, monkeypatch, caplo
     model = est.fit(data)
     assert len(closes) == 2
     np.testing.assert_array_equal(model.coefficients, reference.coefficients)
+
+
+def test_repeated_losses_end_on_the_file_store(spark, data, monkeypatch):
+    from sparkgd import blockstore, estimators
+
+    real_close, closes, kinds = workers.ServedJob.close, [], []
+
+    def never_certified(self):
+        real_close(self)
+        closes.append(self)
+        self.certified = False
+
+    real = blockstore.FileBlocks.materialize
+
+    def spy(self):
+        kinds.append(self.kind)
+        return real(self)
+
+    monkeypatch.setattr(workers.ServedJob, "close", never_certified)
+    monkeypatch.setattr(blockstore.FileBlocks, "materialize", spy)
+    est = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight", tol=1e-10)
+    model = est.fit(data)
+    assert len(closes) == estimators.MAX_SERVED_ATTEMPTS and kinds == ["files"]
+    monkeypatch.undo()
+    reference = est.fit(data)
+    np.testing.assert_allclose(model.coefficients, reference.coefficients, rtol=1e-9)
+
+
+def test_served_bad_input_is_one_error_without_restarts(spark, caplog):
+    """Bad rows in one of two served tasks: the error task waits for the others, the
+    fit fails once with the row's problem (no task counted as lost, no restart)."""
+    import logging
+
+    from sparkgd.errors import SparkgdError
+
+    X, y, _ = logistic_data(n=400, d=3, seed=5)
+    y[390] = np.nan
+    df = to_df(spark, X, y, partitions=4)
+    with caplog.at_level(logging.WARNING, logger="sparkgd"):
+        with pytest.raises(SparkgdError, match="label column 'label' has 1 null"):
+            sparkgd.LogisticRegression().fit(df)
+    assert "lost" not in caplog.text and "over" not in caplog.text
+    assert wait_idle(spark)
+
+
+def test_input_that_fails_upstream_never_becomes_a_model(spark):
+    """Spark fails the task whose input throws mid-partition, while its Python side
+    only sees the input end. The served build gives up (never serving those rows);
+    the fit reports the input's error."""
+    from pyspark.sql import functions as F
+
+    from sparkgd.errors import SparkgdError
+
+    X, y, _ = logistic_data(n=3000, d=3, seed=6)
+    df = to_df(spark, X, y, partitions=2).withColumn(
+        "label", F.when(F.col("features")[0] == float(X[1500, 0]), F.raise_error(F.lit("boom")))
+        .otherwise(F.col("label")))
+    spec = resolve_input(df.schema)
+    with pytest.raises(workers.WorkersUnavailable, match="served build failed.*boom"):
+        build_blocks(df, spec, store="served")
+    with pytest.raises(SparkgdError, match="boom"):
+        sparkgd.LogisticRegression().fit(df)
+    assert wait_idle(spark)
+
+
+def test_objectives_sharing_served_blocks_and_an_empty_task(spark):
+    """Two objectives (different losses) on one served store take turns: each pass is
+    computed with its own loss. One of the two tasks holds no rows."""
+    from test_distributed import numpy_objective
+
+    X, y, _ = logistic_data(n=1, d=4, seed=8)
+    df = to_df(spark, X, y, partitions=2)    # one row in two partitions: one is empty
+    layout = kernels.Layout(4, 1, True)
+    theta = np.linspace(-0.5, 0.5, 5)
+    with served_blocks(df, resolve_input(df.schema)) as blocks:
+        assert blocks.num_rows == 1 and blocks.num_tasks == 2 and len(blocks.infos) == 1
+        logistic = objective_for(blocks, layout, "logistic")
+        squared = objective_for(blocks, layout, "squared")
+        for _ in range(2):
+            for obj, name in ((logistic, "logistic"), (squared, "squared")):
+                f, g = obj(theta)
+                f_ref, g_ref = numpy_objective(theta, X, y, None, name, True, 0.1)
+                assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
+                np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
+    assert blocks.certified
+
+
+def objective_for(blocks, layout, loss):
+    return DistributedObjective(blocks, kernels.make_loss(loss), layout, Penalty(layout, 0.1))

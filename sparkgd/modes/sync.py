@@ -89,7 +89,9 @@ class DistributedObjective:
         theta = np.asarray(theta, dtype=np.float64)
         total = None
         if self.engine == "served":
-            total = self.aggregator.sum_parts(self.blocks.store.job.evaluate(theta, sample))
+            job = self.blocks.store.job
+            job.configure(self.loss, self.layout)   # a no-op unless another objective
+            total = self.aggregator.sum_parts(job.evaluate(theta, sample))  # changed it
         elif self.engine == "workers":
             try:
                 total = self.blocks.run(lambda rdd: self._served(rdd, theta, sample),
