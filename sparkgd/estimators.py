@@ -7,7 +7,9 @@ estimators sit in a ``Pipeline``.
 """
 from __future__ import annotations
 
+import importlib
 import logging
+import threading
 
 import numpy as np
 from pyspark import keyword_only
@@ -162,6 +164,13 @@ def _initial_theta(initial, layout, num_classes, loss_name):
     return layout.join(coef, icpt)
 
 
+def _import_quietly(name):
+    try:
+        importlib.import_module(name)
+    except Exception:  # pragma: no cover - the fit's own import reports it
+        pass
+
+
 # ----------------------------------------------------------------------------
 # Estimators
 # ----------------------------------------------------------------------------
@@ -204,6 +213,10 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         weight_col = self.getWeightCol() if self.isSet(self.weightCol) else None
         spec = data.resolve_input(dataset.schema, self.getFeaturesCol(), self.getFeatureCols(),
                                   self.getLabelCol(), weight_col or None, source=source)
+        if self.getOptimizer() == "lbfgs":
+            # SciPy's optimizers take 0.3 s to import: let that overlap the block build
+            threading.Thread(target=_import_quietly, args=("sparkgd.optim.lbfgs",),
+                             daemon=True).start()
         store = "auto"
         for attempt in range(1, MAX_SERVED_ATTEMPTS + 2):
             try:
