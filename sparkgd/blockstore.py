@@ -425,12 +425,10 @@ def coalesced_input_partitions(rdd):
 
 
 def task_slots(sc):
-    """Tasks that can run at once: local[N] -> N; on a cluster the slots of the
-    executors registered now (what Spark's barrier mode checks against), or, before any
-    has registered, ``defaultParallelism`` over ``spark.task.cpus``."""
-    cores = local_cores(sc.master)
-    if cores is not None:
-        return cores
+    """Tasks that can run at once: the slots of the executors registered now (what
+    Spark's barrier mode checks against; in local mode the cores Spark itself counted,
+    which respects a container's CPU limit), else the master's ``local[N]``, else
+    ``defaultParallelism`` over ``spark.task.cpus``."""
     try:
         jsc = sc._jsc.sc()
         slots = int(jsc.maxNumConcurrentTasks(
@@ -439,6 +437,9 @@ def task_slots(sc):
         slots = 0
     if slots > 0:
         return slots
+    cores = local_cores(sc.master)
+    if cores is not None:
+        return cores
     cpus = int(sc.getConf().get("spark.task.cpus", "1") or 1)
     return max(1, sc.defaultParallelism // max(1, cpus))
 
@@ -463,11 +464,11 @@ class ServedBlocks:
 
     kind = "served"
 
-    def __init__(self, frame, spec, dtype, num_partitions, wait_seconds=None):
+    def __init__(self, frame, spec, dtype, num_partitions, wait_seconds=None, threads=1):
         self._frame, self._spec, self._dtype = frame, spec, dtype
         self.num_partitions = num_partitions
         self.wait_seconds = SERVED_WAIT_SECONDS if wait_seconds is None else wait_seconds
-        self.threads_per_task = 1
+        self.threads_per_task = max(1, int(threads))   # spark.task.cpus
         self.rebuilds = 0
         self.job = None
 
@@ -479,7 +480,8 @@ class ServedBlocks:
         from .workers import ServedJob, WorkersFailed, WorkersUnavailable
 
         try:
-            self.job = ServedJob(self._frame, self._spec, self._dtype, self.wait_seconds)
+            self.job = ServedJob(self._frame, self._spec, self._dtype, self.wait_seconds,
+                                 self.threads_per_task)
         except WorkersFailed as e:
             # e.g. a Python worker out of memory: the file store may well manage (and
             # reports the input's own errors as well as this store would)

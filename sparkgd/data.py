@@ -620,7 +620,8 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
         if spec.kind not in ("array", "columns"):
             raise ValueError(f"the served store needs dense features, not {spec.kind}")
         frame = proj.coalesce(task_slots(sc))   # no-op with fewer partitions than slots
-        backend = ServedBlocks(frame, spec, dtype, num_partitions, wait_seconds)
+        cpus = int(sc.getConf().get("spark.task.cpus", "1") or 1)
+        backend = ServedBlocks(frame, spec, dtype, num_partitions, wait_seconds, threads=cpus)
     elif store == "files":
         fit_id = uuid.uuid4().hex[:16]
         rows = proj.mapInArrow(

@@ -556,7 +556,7 @@ class ServedJob(_ServingJob):
     and none was lost on the way. Otherwise the caller starts over.
     """
 
-    def __init__(self, frame, spec, dtype="float64", wait_seconds=30.0):
+    def __init__(self, frame, spec, dtype="float64", wait_seconds=30.0, threads=1):
         sc = frame.sparkSession.sparkContext
         super().__init__(sc, "served")
         self.certified = False
@@ -567,8 +567,8 @@ class ServedJob(_ServingJob):
                              wait_seconds, strict=True)
         address, secret = (host, hub.port), hub.secret
 
-        def body(it, _spec=spec, _dtype=dtype):
-            return serve_arrow_partition(it, _spec, _dtype, address, secret)
+        def body(it, _spec=spec, _dtype=dtype, _threads=threads):
+            return serve_arrow_partition(it, _spec, _dtype, address, secret, _threads)
 
         try:
             # One RDD, counted and run: with adaptive execution, planning the query
