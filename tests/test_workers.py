@@ -415,7 +415,8 @@ def wait_idle(spark, seconds=20):
     return not active_jobs(spark)
 
 
-def test_a_lost_serving_task_starts_the_fit_over(spark, data, monkeypatch, caplog):
+@pytest.mark.parametrize("optimizer", ["lbfgs", "sgd"])
+def test_a_lost_serving_task_starts_the_fit_over(spark, data, monkeypatch, caplog, optimizer):
     """SIGKILL the Python worker of served task 0 at the third pass: Spark fails its task
     (no retries in these tests), the fit starts over on blocks built anew, and the
     model is exactly the undisturbed fit's. A job that ends without Spark vouching for
@@ -425,6 +426,10 @@ def test_a_lost_serving_task_starts_the_fit_over(spark, data, monkeypatch, caplo
     import signal
 
     est = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight", tol=1e-10)
+    if optimizer == "sgd":   # mini-batches drawn from the same blocks after the restart
+        est = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight", optimizer="sgd",
+                                         miniBatchFraction=0.5, stepSize=0.5, maxIter=8,
+                                         seed=3)
     reference = est.fit(data)
     jobs, real_eval = [], workers.ServedJob.evaluate
 
@@ -455,6 +460,8 @@ def test_a_lost_serving_task_starts_the_fit_over(spark, data, monkeypatch, caplo
         if len(closes) == 1:
             self.certified = False
 
+    if optimizer == "sgd":
+        return
     monkeypatch.setattr(workers.ServedJob, "evaluate", real_eval)
     monkeypatch.setattr(workers.ServedJob, "close", uncertified_once)
     model = est.fit(data)
