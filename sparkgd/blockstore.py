@@ -440,8 +440,12 @@ def task_slots(sc):
     cores = local_cores(sc.master)
     if cores is not None:
         return cores
-    cpus = int(sc.getConf().get("spark.task.cpus", "1") or 1)
-    return max(1, sc.defaultParallelism // max(1, cpus))
+    conf = sc.getConf()
+    cpus = max(1, int(conf.get("spark.task.cpus", "1") or 1))
+    instances, per = conf.get("spark.executor.instances", None), conf.get("spark.executor.cores", None)
+    if instances and per:   # no executor has registered yet: what was asked for
+        return max(1, int(instances) * int(per) // cpus)
+    return max(1, sc.defaultParallelism // cpus)
 
 
 #: How long the served store waits for all its tasks to run before using files instead.

@@ -614,7 +614,8 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
     sc = proj.sparkSession.sparkContext
     if store == "auto":
         # served needs every task running at once: not with executors coming and going
-        dynamic = sc.getConf().get("spark.dynamicAllocation.enabled", "false") == "true"
+        dynamic = sc.getConf().get("spark.dynamicAllocation.enabled",
+                                   "false").strip().lower() == "true"
         store = "served" if spec.kind in ("array", "columns") and not dynamic else "files"
     if store == "served":
         if spec.kind not in ("array", "columns"):

@@ -302,11 +302,12 @@ class Hub:
     """
 
     def __init__(self, num_tasks, size, bind, ended, running, wait_seconds=30.0,
-                 expected=None, strict=False):
+                 expected=None, strict=False, failed=None):
         self.num_tasks, self.size = int(num_tasks), int(size)
         #: strict: a lost task or a second attempt of one raises TaskLost instead of
         #: being waited for (tasks that built their own blocks: see ServedJob)
         self.strict = strict
+        self._failed = failed         # -> number of failed task attempts so far
         self.facts = {}               # task index -> the facts bytes of its hello
         #: per task index, the sorted block keys it must report (None: not checked)
         self.expected = expected
@@ -316,7 +317,7 @@ class Hub:
         self.reconnects = 0
         self.short = False            # gave up waiting for task slots
         self._ended, self._running = ended, running
-        self._listener = socket.create_server((bind, 0), backlog=max(16, 2 * self.num_tasks))
+        self._listener = socket.create_server((bind, 0), backlog=socket.SOMAXCONN)
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
         self._sel = selectors.DefaultSelector()
@@ -326,6 +327,12 @@ class Hub:
 
     def wait_for_tasks(self):
         self._wait(lambda: len(self._conns) < self.num_tasks, None, set())
+        if self.strict:
+            # a task Spark failed (its input broke upstream) may still have connected,
+            # its Python side unaware: if the driver already knows, stop here
+            self._ended()
+            if self._failed is not None and self._failed() > 0:
+                raise WorkersFailed("a task failed while the blocks were built")
 
     def evaluate(self, theta, sample=None):
         """Every task's sums for ``theta``, in task order."""
@@ -383,11 +390,14 @@ class Hub:
             if not waiting():
                 break
             self._ended()
-            # strict (served) jobs compute their input first: upstream stages count as
-            # running tasks too, so judge the slots only once the serving stage is up
-            if len(self._conns) < self.num_tasks and not (self.strict and not self._seen):
+            if len(self._conns) < self.num_tasks:
                 running = self._running()
-                if running >= self.num_tasks:
+                # strict (served) jobs compute their input first, and upstream stages
+                # count as running tasks too: until a served task connects, only a job
+                # with nothing running at all is short of slots
+                enough = running > 0 if self.strict and not self._seen else \
+                    running >= self.num_tasks
+                if enough:
                     short_since = None
                 elif short_since is None:
                     short_since = time.monotonic()
@@ -475,15 +485,21 @@ class _ServingJob:
         self._thread = threading.Thread(target=run, name=self._group, daemon=True)
         self._thread.start()
 
-    def _running_tasks(self):
+    def _stage_sum(self, field):
         st = self._sc.statusTracker()
-        running = 0
+        total = 0
         for job_id in st.getJobIdsForGroup(self._group):
             job = st.getJobInfo(job_id)
             for stage_id in (job.stageIds if job else []):
                 stage = st.getStageInfo(stage_id)
-                running += stage.numActiveTasks if stage else 0
-        return running
+                total += getattr(stage, field) if stage else 0
+        return total
+
+    def _running_tasks(self):
+        return self._stage_sum("numActiveTasks")
+
+    def _failed_tasks(self):
+        return self._stage_sum("numFailedTasks")
 
     def _raise_if_ended(self):
         if not self._done.is_set():
@@ -564,7 +580,7 @@ class ServedJob(_ServingJob):
         self.config = None
         bind, host = _driver_address(sc)
         self.hub = hub = Hub(0, 0, bind, self._raise_if_ended, self._running_tasks,
-                             wait_seconds, strict=True)
+                             wait_seconds, strict=True, failed=self._failed_tasks)
         address, secret = (host, hub.port), hub.secret
 
         def body(it, _spec=spec, _dtype=dtype, _threads=threads):
@@ -575,6 +591,7 @@ class ServedJob(_ServingJob):
             # (``.rdd``) runs its upstream stages, so a second query would run them again.
             self.rdd = frame.mapInArrow(body, "rows long").rdd
             self.num_tasks = hub.num_tasks = self.rdd.getNumPartitions()
+            log.info("sparkgd: %d task(s) build and serve the blocks", self.num_tasks)
             self._start(self.rdd.collect, "sparkgd: blocks built and served by the same tasks")
             hub.wait_for_tasks()
         except BaseException:
