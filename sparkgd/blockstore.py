@@ -151,7 +151,7 @@ def write_arrow_partition(batches, spec, fit_id, dtype="float64"):
 
     import pyarrow as pa
 
-    from .data import BadInput, arrow_to_xyw, block_info
+    from .data import BadInput, arrow_to_xyw, block_info, stored_dense
 
     def row(info, handle):
         return pa.RecordBatch.from_pydict({"info": [json.dumps(info)],
@@ -165,12 +165,8 @@ def write_arrow_partition(batches, spec, fit_id, dtype="float64"):
                 continue
             X, y, w = arrow_to_xyw(batch, spec)
             fmt = "csr" if sp.issparse(X) else "dense"
-            if fmt == "dense" and dtype != "float64":
-                X = X.astype(dtype)  # the facts below then describe the stored values
-                if not np.isfinite(X).all():
-                    raise BadInput(f"{spec.feature_desc} holds values beyond {dtype}'s "
-                                   f"range (|x| > {np.finfo(dtype).max:.3g}); use "
-                                   "dtype float64")
+            if fmt == "dense":  # the facts below then describe the stored values
+                X = stored_dense(X, spec, dtype)
             if current is not None and (current.fmt != fmt or current.d != X.shape[1]):
                 yield row(*current.close())
                 current = None
@@ -424,6 +420,11 @@ def coalesced_input_partitions(rdd):
     return None
 
 
+def task_cpus(sc):
+    """``spark.task.cpus``: the cores each task gets."""
+    return max(1, int(sc.getConf().get("spark.task.cpus", "1") or 1))
+
+
 def task_slots(sc):
     """Tasks that can run at once: the slots of the executors registered now (what
     Spark's barrier mode checks against; in local mode the cores Spark itself counted,
@@ -440,9 +441,9 @@ def task_slots(sc):
     cores = local_cores(sc.master)
     if cores is not None:
         return cores
-    conf = sc.getConf()
-    cpus = max(1, int(conf.get("spark.task.cpus", "1") or 1))
-    instances, per = conf.get("spark.executor.instances", None), conf.get("spark.executor.cores", None)
+    conf, cpus = sc.getConf(), task_cpus(sc)
+    instances = conf.get("spark.executor.instances", None)
+    per = conf.get("spark.executor.cores", None)
     if instances and per:   # no executor has registered yet: what was asked for
         return max(1, int(instances) * int(per) // cpus)
     return max(1, sc.defaultParallelism // cpus)

@@ -313,6 +313,18 @@ def arrow_to_xyw(batch, spec):
     return X, y, w
 
 
+def stored_dense(X, spec, dtype):
+    """Dense X as a block keeps it: ``dtype`` float64 as is, float32 rounded (a value
+    beyond float32's range is bad input)."""
+    if dtype == "float64":
+        return X
+    X = X.astype(dtype)
+    if not np.isfinite(X).all():
+        raise BadInput(f"{spec.feature_desc} holds values beyond {dtype}'s range "
+                       f"(|x| > {np.finfo(dtype).max:.3g}); use dtype float64")
+    return X
+
+
 def concat_xyw(parts):
     """Stack several (X, y, w) of one partition into one block."""
     if len(parts) == 1:
@@ -594,7 +606,7 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
     """
     import uuid
 
-    from .blockstore import FileBlocks, MemoryBlocks, ServedBlocks, task_slots, \
+    from .blockstore import FileBlocks, MemoryBlocks, ServedBlocks, task_cpus, task_slots, \
         write_arrow_partition
     from .workers import TaskLost, WorkersUnavailable
 
@@ -621,8 +633,8 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
         if spec.kind not in ("array", "columns"):
             raise ValueError(f"the served store needs dense features, not {spec.kind}")
         frame = proj.coalesce(task_slots(sc))   # no-op with fewer partitions than slots
-        cpus = int(sc.getConf().get("spark.task.cpus", "1") or 1)
-        backend = ServedBlocks(frame, spec, dtype, num_partitions, wait_seconds, threads=cpus)
+        backend = ServedBlocks(frame, spec, dtype, num_partitions, wait_seconds,
+                               threads=task_cpus(sc))
     elif store == "files":
         fit_id = uuid.uuid4().hex[:16]
         rows = proj.mapInArrow(

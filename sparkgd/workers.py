@@ -235,13 +235,13 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
     from pyspark import TaskContext
 
     from .blockstore import merge_infos
-    from .data import BadInput, arrow_to_xyw, block_info
+    from .data import BadInput, arrow_to_xyw, block_info, stored_dense
     from .stats import block_moments
 
     ctx = TaskContext.get()
     index = ctx.partitionId() if ctx is not None else 0
     attempt = ctx.attemptNumber() if ctx is not None else 0
-    blocks, info, rows = [], None, 0
+    blocks, info = [], None
     try:
         for batch in batches:
             if not batch.num_rows:
@@ -249,12 +249,7 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
             X, y, w = arrow_to_xyw(batch, spec)
             if sp.issparse(X):
                 raise BadInput(f"{spec.feature_desc} holds sparse rows")
-            if dtype != "float64":
-                X = X.astype(dtype)
-                if not np.isfinite(X).all():
-                    raise BadInput(f"{spec.feature_desc} holds values beyond {dtype}'s "
-                                   f"range (|x| > {np.finfo(dtype).max:.3g}); use "
-                                   "dtype float64")
+            X = stored_dense(X, spec, dtype)
             # y and w are views of the batch's one Arrow body: kept as views they would
             # keep the whole float64 body alive next to a float32 (or stacked) copy of X
             y, w = y.copy(), None if w is None else w.copy()
@@ -266,15 +261,13 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
                                f"({info['d']}, {part['d']})")
             info = part if info is None else merge_infos(info, part)
             blocks.append((X, y, w))
-            rows += part["n"]
         facts = {} if info is None else dict(info, part=index, seq=0, pid=os.getpid())
     except BadInput as e:
         blocks, facts = [], {"error": str(e)}
-    keys = [(index, j, b[1].shape[0]) for j, b in enumerate(blocks)]
     sock = socket.create_connection(tuple(address), timeout=60)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(pack_hello(secret, index, attempt, keys, json.dumps(facts).encode()))
+        sock.sendall(pack_hello(secret, index, attempt, facts=json.dumps(facts).encode()))
         if recv_exact(sock, 1) != ACCEPT:
             raise TaskLost(f"sparkgd: serving task {index} (attempt {attempt}) was refused")
         sock.settimeout(None)
@@ -283,7 +276,7 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
         _serve(sock, blocks, index, None, None, threads)
     finally:
         sock.close()
-    yield pa.RecordBatch.from_pydict({"rows": [rows]})
+    yield pa.RecordBatch.from_pydict({"rows": [facts.get("n", 0)]})
 
 
 # ----------------------------------------------------------------- driver side

@@ -74,9 +74,7 @@ class DistributedObjective:
         self.evaluations = 0
         self._session = None
         if blocks.store.kind == "served":
-            # the tasks that built the blocks serve them; tell them what to compute
-            self.engine = "served"
-            blocks.store.job.configure(loss, layout)
+            self.engine = "served"   # the tasks that built the blocks serve them
             return
         slots = local_cores(blocks.rdd.context.master)
         if engine == "workers" and slots is not None and blocks.num_tasks > slots:
@@ -90,8 +88,8 @@ class DistributedObjective:
         total = None
         if self.engine == "served":
             job = self.blocks.store.job
-            job.configure(self.loss, self.layout)   # a no-op unless another objective
-            total = self.aggregator.sum_parts(job.evaluate(theta, sample))  # changed it
+            job.configure(self.loss, self.layout)   # sent once (again if another
+            total = self.aggregator.sum_parts(job.evaluate(theta, sample))  # objective changed it)
         elif self.engine == "workers":
             try:
                 total = self.blocks.run(lambda rdd: self._served(rdd, theta, sample),
