@@ -269,16 +269,21 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                 x0 = self._start(x0, layout, blocks, loss_name)
             aggregator = Aggregator("tree", self.getAggregationDepth())
             line_search = optimizer == "lbfgs" or (optimizer == "gd" and step is None)
-            std = pre = None
+            mean = std = pre = None
             if line_search or standardize:
                 mean, std = stats.feature_moments(blocks, layout.d, aggregator)
-                # Line-search methods step where features look centred and unit-variance
-                # (the objective is unchanged); fixed-step methods step in the space the
-                # user chose the step for: the original one, or the standardized one.
-                pre = stats.Preconditioner(mean, std, layout, center=line_search,
-                                           constant_scale=0.0 if standardize else 1.0)
             penalty = Penalty(layout, self.getRegParam(), self.getElasticNetParam(),
                               feature_scale=std if standardize else None)
+            if std is not None:
+                # Line-search methods step where every coordinate has about the same
+                # curvature, the loss's and the penalty's (the objective is unchanged);
+                # fixed-step methods step in the space the user chose the step for: the
+                # original one, or the standardized one.
+                pre = stats.Preconditioner(
+                    mean, std, layout, center=line_search,
+                    constant_scale=0.0 if standardize else 1.0,
+                    l2=penalty.l2_weights[:layout.d] if line_search else None,
+                    curvature=loss.curvature)
             objective = sync.DistributedObjective(blocks, loss, layout, penalty, aggregator)
             result = sync.fit(objective, x0, optimizer=optimizer, max_iter=self.getMaxIter(),
                               tol=self.getTol(), step_size=step, precondition=pre,

@@ -41,6 +41,10 @@ class Loss:
     name = None
     #: "real" labels, "binary" {0, 1}, or "class" {0, ..., K-1}
     labels = "real"
+    #: A typical second derivative ``d^2 loss / dz^2``: how much curvature the data gives
+    #: a coefficient per unit of its feature's variance. The preconditioner weighs the
+    #: penalty's curvature against it (:class:`sparkgd.stats.Preconditioner`).
+    curvature = 1.0
 
     def n_outputs(self, num_classes):
         return 1
@@ -74,6 +78,7 @@ class LogisticLoss(Loss):
 
     name = "logistic"
     labels = "binary"
+    curvature = 0.25   # sigmoid'(z) at its largest, z = 0
 
     def value_and_derivative(self, y, z):
         z = z[:, 0]
@@ -145,6 +150,7 @@ class MultinomialLoss(Loss):
 
     name = "multinomial"
     labels = "class"
+    curvature = 0.25   # p (1 - p) at its largest
 
     def n_outputs(self, num_classes):
         return int(num_classes)

@@ -112,28 +112,45 @@ def feature_moments(blocks, d, aggregator):
 class Preconditioner:
     """A linear change of variables ``theta = T u`` that leaves the objective alone.
 
-    In ``u`` every feature looks centred and unit-variance: ``beta = u_beta / std``
-    and, with an intercept, ``b = u_b - sum_j mean_j beta_j`` (per class). The
-    loss then sees ``z = sum_j (x_j - mean_j)/std_j u_j + u_b``, which is what
-    makes line-search methods converge on features in different units. Nothing
-    touches the data: only the driver maps vectors. Constant features keep
-    ``constant_scale`` (1; 0 pins their coefficient at 0, as Spark ML does when
-    standardizing) and no shift. ``center=False`` gives the plain diagonal scaling
-    ``u = beta * std`` -- the standardized space of ``standardization=True``.
+    ``beta_j = u_j / s_j`` and, with an intercept (and ``center``),
+    ``b = u_b - sum_j mean_j beta_j`` (per class): the loss then sees
+    ``z = sum_j s_j^-1 (x_j - mean_j) u_j + u_b``. Nothing touches the data: only the
+    driver maps vectors.
+
+    The scale is chosen so that every coordinate of ``u`` has about the same
+    curvature, which is what line-search methods (L-BFGS, gradient descent with
+    Barzilai-Borwein steps) need. Coordinate j of F's Hessian is about
+    ``c var_j + l2_j``: the loss's (``c``, its typical second derivative,
+    :attr:`sparkgd.kernels.Loss.curvature`, times the feature's variance) plus the
+    L2 penalty's. Hence ``s_j = sqrt(var_j + l2_j / c)``, which makes it about ``c``
+    for every feature, as for the intercept. Without a penalty this is the
+    standard deviation (every feature looks standardized); with one, a feature
+    whose variance is tiny next to ``l2_j / c`` -- most columns of sparse,
+    high-dimensional data, where a feature appears in a handful of rows -- is scaled
+    by the penalty instead. Scaling by the standard deviation alone (``l2=None``)
+    gives such a feature a curvature ``l2_j / var_j`` thousands of times the others',
+    and L-BFGS crawls (Spark ML's internal standardization does just that).
+
+    Constant features keep ``constant_scale`` (1; 0 pins their coefficient at 0, as
+    Spark ML does when standardizing) and no shift. ``center=False`` gives the plain
+    diagonal scaling ``u = beta * s`` -- with ``l2=None``, the standardized space of
+    ``standardization=True``, where fixed-step methods take the step the user chose.
     """
 
-    def __init__(self, mean, std, layout, center=True, constant_scale=1.0):
+    def __init__(self, mean, std, layout, center=True, constant_scale=1.0, l2=None,
+                 curvature=1.0):
         ok = std > 0
         self.layout = layout
-        self.inv_std = np.where(ok, 1.0 / np.where(ok, std, 1.0), constant_scale)
+        scale = std if l2 is None else np.sqrt(std * std + np.asarray(l2) / float(curvature))
+        self.inv_scale = np.where(ok, 1.0 / np.where(ok, scale, 1.0), constant_scale)
         use_shift = center and layout.fit_intercept
         self.shift = np.where(ok, mean, 0.0) if use_shift else np.zeros_like(mean)
 
     def l1_to_u(self, l1):
-        """L1 weights on theta -> on u (``|beta_j| = inv_std_j |u_j|``)."""
+        """L1 weights on theta -> on u (``|beta_j| = inv_scale_j |u_j|``)."""
         out = np.array(l1, dtype=np.float64)
         n = self.layout.n_coef
-        out[:n] = out[:n] * np.tile(self.inv_std, self.layout.k)
+        out[:n] = out[:n] * np.tile(self.inv_scale, self.layout.k)
         return out
 
     def _split(self, v):
@@ -144,7 +161,7 @@ class Preconditioner:
 
     def to_theta(self, u):
         cu, bu = self._split(u)
-        beta = cu * self.inv_std
+        beta = cu * self.inv_scale
         parts = [beta.ravel()]
         if bu is not None:
             parts.append(bu - beta @ self.shift)
@@ -152,8 +169,8 @@ class Preconditioner:
 
     def from_theta(self, theta):
         beta, b = self._split(theta)
-        pinned = self.inv_std == 0
-        parts = [np.where(pinned, 0.0, beta / np.where(pinned, 1.0, self.inv_std)).ravel()]
+        pinned = self.inv_scale == 0
+        parts = [np.where(pinned, 0.0, beta / np.where(pinned, 1.0, self.inv_scale)).ravel()]
         if b is not None:
             parts.append(b + beta @ self.shift)
         return np.concatenate(parts)
@@ -163,7 +180,7 @@ class Preconditioner:
         gb, gi = self._split(g)
         if gi is not None:
             gb = gb - np.outer(gi, self.shift)
-        parts = [(gb * self.inv_std).ravel()]
+        parts = [(gb * self.inv_scale).ravel()]
         if gi is not None:
             parts.append(gi)
         return np.concatenate(parts)
