@@ -2,12 +2,13 @@
 
 Three stores:
 
-* :class:`ServedBlocks` (dense features, the default): the tasks that read the
-  DataFrame keep its Arrow batches in their Python workers' memory and serve
-  the fit's passes themselves; nothing is written, no second job runs. A lost
-  task means the fit starts over (see :mod:`sparkgd.workers`);
-* :class:`FileBlocks` (sparse features, or when the served store cannot get a
-  slot per task): memory-mapped files on executors, described below;
+* :class:`ServedBlocks` (the default, dense or sparse features): the tasks that
+  read the DataFrame keep its Arrow batches (dense) or CSR blocks (sparse) in their
+  Python workers' memory and serve the fit's passes themselves; nothing is written,
+  no second job runs. A lost task means the fit starts over (see
+  :mod:`sparkgd.workers`);
+* :class:`FileBlocks` (with dynamic allocation, or when the served store cannot get
+  a slot per task): memory-mapped files on executors, described below;
 * :class:`MemoryBlocks`: pickled blocks in Spark's cache, the plain path, kept
   for comparison.
 
@@ -455,7 +456,7 @@ SERVED_WAIT_SECONDS = 30.0
 
 class ServedBlocks:
     """Blocks built and served by the same tasks (:class:`sparkgd.workers.ServedJob`):
-    the fast path for dense data.
+    the fast path.
 
     One task per task slot reads its share of the DataFrame (a ``coalesce``, no
     shuffle) and keeps the Arrow batches in its Python worker's memory; the passes of

@@ -344,8 +344,9 @@ def block_key(info):
     return int(info["part"]), int(info["seq"]), int(info["n"])
 
 
-def block_info(X, y, w):
-    """Small per-block facts the driver checks: sizes, label range, weight sum."""
+def block_info(X, y, w, moments=True):
+    """Small per-block facts the driver checks: sizes, label range, weight sum (and,
+    with ``moments``, the feature moments up to :data:`MAX_MOMENT_FEATURES`)."""
     n = int(y.shape[0])
     return {
         "n": n,
@@ -356,7 +357,7 @@ def block_info(X, y, w):
         "yint": bool(np.all(y == np.round(y))) if n else True,
         "nnz": int(X.nnz) if sp.issparse(X) else int(X.size),
         "yw": label_weights(y, w),
-        "moments": _moments(X, w),
+        "moments": _moments(X, w) if moments else None,
     }
 
 
@@ -586,7 +587,7 @@ def _decode_partition(part, rows):
 DTYPES = ("float64", "float32")
 
 
-#: Block stores build_blocks knows; ``auto`` is ``served`` for dense features, else ``files``.
+#: Block stores build_blocks knows; ``auto`` is ``served`` unless executors come and go.
 STORES = ("auto", "served", "files", "memory")
 
 
@@ -595,10 +596,10 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
     """Project, convert through Arrow and cache; check what executors found.
 
     ``store``: ``files`` (memory-mapped block files on executors, the default),
-    ``served`` (dense features only: the blocks stay in the memory of the tasks that
-    serve the passes, see :class:`~sparkgd.blockstore.ServedBlocks`), ``auto``
-    (``served`` when the features are dense, else ``files``) or ``memory`` (pickled
-    blocks in Spark's cache, float64 only). ``dtype``: how dense features are
+    ``served`` (the blocks, dense or CSR, stay in the memory of the tasks that serve
+    the passes, see :class:`~sparkgd.blockstore.ServedBlocks`), ``auto`` (``served``
+    unless dynamic allocation is on, else ``files``) or ``memory`` (pickled blocks in
+    Spark's cache, float64 only). ``dtype``: how dense features are
     kept (see :data:`DTYPES`).
 
     Returns :class:`Blocks`. Raises SparkgdError (after releasing the cache)
@@ -628,10 +629,8 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
         # served needs every task running at once: not with executors coming and going
         dynamic = sc.getConf().get("spark.dynamicAllocation.enabled",
                                    "false").strip().lower() == "true"
-        store = "served" if spec.kind in ("array", "columns") and not dynamic else "files"
+        store = "files" if dynamic else "served"
     if store == "served":
-        if spec.kind not in ("array", "columns"):
-            raise ValueError(f"the served store needs dense features, not {spec.kind}")
         frame = proj.coalesce(task_slots(sc))   # no-op with fewer partitions than slots
         backend = ServedBlocks(frame, spec, dtype, num_partitions, wait_seconds,
                                threads=task_cpus(sc))

@@ -62,8 +62,9 @@ import numpy as np
 log = logging.getLogger("sparkgd")
 
 MAGIC = b"SGDW"
-_HELLO = struct.Struct("<4s32siiQQ")     # magic, secret, task index, attempt, blocks, facts
-# then (partition, position, rows) as 3 int64 per block, then the facts (JSON bytes);
+_HELLO = struct.Struct("<4s32siiQQQ")    # magic, secret, task index, attempt, blocks, facts,
+# floats; then (partition, position, rows) as 3 int64 per block, the facts (JSON bytes)
+# and an array of float64 (the feature moments: as JSON they would cost ~20 bytes a value);
 # the driver answers one byte
 ACCEPT, REJECT = b"\x01", b"\x00"
 _REQUEST = struct.Struct("<BqdqQ")       # op, iteration, fraction, seed, len(theta)
@@ -102,23 +103,34 @@ def recv_exact(sock, n):
     return buf
 
 
-def pack_hello(secret, index, attempt, keys=(), facts=b""):
+def pack_hello(secret, index, attempt, keys=(), facts=b"", floats=None):
+    """The hello as a list of buffers (for ``sendall`` each: no copy of ``floats``)."""
     keys = np.asarray(list(keys), dtype="<i8").reshape(-1, 3)
-    return _HELLO.pack(MAGIC, secret, int(index), int(attempt), keys.shape[0], len(facts)) \
-        + keys.tobytes() + facts
+    floats = np.zeros(0) if floats is None else np.ascontiguousarray(floats, dtype="<f8")
+    return [_HELLO.pack(MAGIC, secret, int(index), int(attempt), keys.shape[0], len(facts),
+                        floats.size) + keys.tobytes() + facts, memoryview(floats).cast("B")]
+
+
+def send_hello(sock, *args, **kwargs):
+    for part in pack_hello(*args, **kwargs):
+        sock.sendall(part)
 
 
 def read_hello(sock, secret):
-    """-> (index, attempt, sorted block keys, facts bytes); ValueError unless magic and
-    secret match."""
-    magic, got, index, attempt, count, nfacts = _HELLO.unpack(recv_exact(sock, _HELLO.size))
+    """-> (index, attempt, sorted block keys, facts bytes, floats); ValueError unless magic
+    and secret match."""
+    magic, got, index, attempt, count, nfacts, nfloats = _HELLO.unpack(
+        recv_exact(sock, _HELLO.size))
     if magic != MAGIC or not hmac.compare_digest(got, secret):
         raise ValueError("not a sparkgd task of this session")
-    if count > _MAX_FLOATS // 3 or nfacts > _MAX_JSON:
-        raise ValueError(f"hello with {count} blocks and {nfacts} bytes of facts")
+    if count > _MAX_FLOATS // 3 or nfacts > _MAX_JSON or nfloats > _MAX_FLOATS:
+        raise ValueError(f"hello with {count} blocks, {nfacts} bytes of facts and "
+                         f"{nfloats} values")
     keys = np.frombuffer(recv_exact(sock, 24 * count), dtype="<i8").reshape(-1, 3)
     facts = bytes(recv_exact(sock, nfacts)) if nfacts else b""
-    return index, attempt, sorted(tuple(int(v) for v in k) for k in keys), facts
+    floats = np.frombuffer(recv_exact(sock, 8 * nfloats), dtype="<f8") if nfloats \
+        else np.zeros(0)
+    return index, attempt, sorted(tuple(int(v) for v in k) for k in keys), facts, floats
 
 
 def pack_request(op, theta=None, sample=None):
@@ -185,7 +197,7 @@ def serve_partition(index, items, address, secret, loss, layout, threads):
     sock = socket.create_connection(tuple(address), timeout=60)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(pack_hello(secret, index, attempt, keys))
+        send_hello(sock, secret, index, attempt, keys)
         if recv_exact(sock, 1) != ACCEPT:
             raise IncompleteInput(
                 f"sparkgd: serving task {index} (attempt {attempt}) got {len(keys)} "
@@ -219,55 +231,95 @@ def _serve(sock, blocks, index, loss, layout, threads):
         sock.sendall(pack_reply(sums))
 
 
+#: CSR batches of a serving task are stacked into blocks of up to this many non-zeros:
+#: a pass then makes one gradient-sized vector per block, not one per Arrow batch (at
+#: 10^6 features that vector is 8 MB), and the Arrow batches are freed.
+CSR_BLOCK_NNZ = 1 << 24
+
+
+def stack_csr(blocks, max_nnz=CSR_BLOCK_NNZ):
+    """Consecutive CSR blocks ``(X, y, w)`` stacked into as few as ``max_nnz`` allows
+    (dense blocks are kept as they are); the rows keep their order."""
+    import scipy.sparse as sp
+
+    from .data import concat_xyw
+
+    out, run, nnz = [], [], 0
+
+    def flush():
+        if run:
+            X, y, w = concat_xyw(run)
+            out.append((X.tocsr(), y, w))
+            run.clear()
+
+    for block in blocks:
+        if not sp.issparse(block[0]):
+            flush()
+            nnz = 0
+            out.append(block)
+            continue
+        if run and nnz + block[0].nnz > max_nnz:
+            flush()
+            nnz = 0
+        run.append(block)
+        nnz += block[0].nnz
+    flush()
+    return out
+
+
 def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
     """mapInArrow body of a task that builds its blocks and then serves them.
 
-    X of each Arrow batch is kept as a NumPy view of the batch (a float32 ``dtype``
-    keeps a rounded copy instead; labels and weights are copied) in this worker's memory
-    for the whole fit: no files, no second job. Their facts (those of
-    :func:`sparkgd.data.block_info`, merged, always with the feature moments) go to
-    the driver in the hello, or ``{"error": ...}`` for bad input. The task then
-    answers requests until the driver says stop, and only then ends -- so Spark
-    marks it successful (which also vouches that its input was complete) only at the
-    end of the fit; see :class:`ServedJob`. Captures plain values only."""
+    X of each Arrow batch is kept in this worker's memory for the whole fit: dense X
+    as a NumPy view of the batch (a float32 ``dtype`` keeps a rounded copy instead),
+    sparse X as CSR, the batches stacked into a few large blocks (:func:`stack_csr`);
+    labels and weights are copied. No files, no second job. Their facts (those of
+    :func:`sparkgd.data.block_info`, merged) go to the driver in the hello as JSON, and
+    the feature moments, at any width, as raw float64; or ``{"error": ...}`` for bad
+    input. The task then answers requests until the driver says stop, and only then
+    ends -- so Spark marks it successful (which also vouches that its input was
+    complete) only at the end of the fit; see :class:`ServedJob`. Captures plain values
+    only."""
     import pyarrow as pa
     import scipy.sparse as sp
     from pyspark import TaskContext
 
     from .blockstore import merge_infos
     from .data import BadInput, arrow_to_xyw, block_info, stored_dense
-    from .stats import block_moments
+    from .stats import block_moments, merge_moments
 
     ctx = TaskContext.get()
     index = ctx.partitionId() if ctx is not None else 0
     attempt = ctx.attemptNumber() if ctx is not None else 0
     blocks, info = [], None
+    moments = None
     try:
         for batch in batches:
             if not batch.num_rows:
                 continue
             X, y, w = arrow_to_xyw(batch, spec)
-            if sp.issparse(X):
-                raise BadInput(f"{spec.feature_desc} holds sparse rows")
-            X = stored_dense(X, spec, dtype)
+            if not sp.issparse(X):
+                X = stored_dense(X, spec, dtype)
             # y and w are views of the batch's one Arrow body: kept as views they would
             # keep the whole float64 body alive next to a float32 (or stacked) copy of X
             y, w = y.copy(), None if w is None else w.copy()
-            part = block_info(X, y, w)
-            if part["moments"] is None:
-                part["moments"] = block_moments(X, w, X.shape[1]).tolist()
+            part = block_info(X, y, w, moments=False)
             if info is not None and part["d"] != info["d"]:
                 raise BadInput(f"{spec.feature_desc}: rows have different lengths "
                                f"({info['d']}, {part['d']})")
             info = part if info is None else merge_infos(info, part)
+            m = block_moments(X, w, X.shape[1])
+            moments = m if moments is None else merge_moments(moments, m)
             blocks.append((X, y, w))
+        blocks = stack_csr(blocks)
         facts = {} if info is None else dict(info, part=index, seq=0, pid=os.getpid())
     except BadInput as e:
-        blocks, facts = [], {"error": str(e)}
+        blocks, facts, moments = [], {"error": str(e)}, None
     sock = socket.create_connection(tuple(address), timeout=60)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(pack_hello(secret, index, attempt, facts=json.dumps(facts).encode()))
+        send_hello(sock, secret, index, attempt, facts=json.dumps(facts).encode(),
+                   floats=moments)
         if recv_exact(sock, 1) != ACCEPT:
             raise TaskLost(f"sparkgd: serving task {index} (attempt {attempt}) was refused")
         sock.settimeout(None)
@@ -302,6 +354,7 @@ class Hub:
         self.strict = strict
         self._failed = failed         # -> number of failed task attempts so far
         self.facts = {}               # task index -> the facts bytes of its hello
+        self.floats = {}              # task index -> the float64 array of its hello
         #: per task index, the sorted block keys it must report (None: not checked)
         self.expected = expected
         self.refused = 0
@@ -408,7 +461,7 @@ class Hub:
         try:
             conn.setblocking(True)
             conn.settimeout(30)
-            index, attempt, keys, facts = read_hello(conn, self.secret)
+            index, attempt, keys, facts, floats = read_hello(conn, self.secret)
             if not 0 <= index < self.num_tasks:
                 raise ValueError(f"task index {index} out of range")
             if self.strict and index in self._seen:
@@ -435,6 +488,7 @@ class Hub:
             log.info("serving task %d reconnected (attempt %d)", index, attempt)
         self._seen.add(index)
         self.facts[index] = facts
+        self.floats[index] = floats
         self._conns[index] = conn
         self._sel.register(conn, selectors.EVENT_READ, index)
         if request is not None and index in pending:
@@ -591,7 +645,12 @@ class ServedJob(_ServingJob):
             self.lost = True
             self.close()
             raise
-        self.facts = [json.loads(hub.facts[i] or b"{}") for i in range(self.num_tasks)]
+        self.facts = []
+        for i in range(self.num_tasks):
+            facts = json.loads(hub.facts[i] or b"{}")
+            if facts and "error" not in facts:
+                facts["moments"] = hub.floats[i]
+            self.facts.append(facts)
 
     def configure(self, loss, layout):
         """Tell the tasks what to compute (again only when it changed)."""

@@ -53,17 +53,31 @@ def test_bad_messages_are_refused():
             workers.read_request(b)
     a, b = socket.socketpair()
     with a, b:
-        a.sendall(workers.pack_hello(b"a" * 32, 3, 1, [(4, 1, 20), (2, 0, 7)]))
-        assert workers.read_hello(b, b"a" * 32) == (3, 1, [(2, 0, 7), (4, 1, 20)], b"")
-        a.sendall(workers.pack_hello(b"a" * 32, 2, 0, [], b'{"n": 5}'))
-        assert workers.read_hello(b, b"a" * 32) == (2, 0, [], b'{"n": 5}')
-        a.sendall(workers.pack_hello(b"a" * 32, 3, 1))
+        workers.send_hello(a, b"a" * 32, 3, 1, [(4, 1, 20), (2, 0, 7)])
+        index, attempt, keys, facts, floats = workers.read_hello(b, b"a" * 32)
+        assert (index, attempt, keys, facts, floats.size) == \
+            (3, 1, [(2, 0, 7), (4, 1, 20)], b"", 0)
+        # the moments travel as raw float64, not JSON (2 M values here: 16 MB, not ~40)
+        big = np.random.default_rng(0).standard_normal(2_000_003)
+        t = threading.Thread(target=workers.send_hello,
+                             args=(a, b"a" * 32, 2, 0, [], b'{"n": 5}', big))
+        t.start()
+        got = workers.read_hello(b, b"a" * 32)
+        t.join()
+        assert got[:4] == (2, 0, [], b'{"n": 5}')
+        assert np.array_equal(got[4], big)
+        workers.send_hello(a, b"a" * 32, 3, 1)
         with pytest.raises(ValueError, match="not a sparkgd task"):
-            workers.read_hello(b, b"b" * 32)
+            workers.read_hello(b, b"a" * 31 + b"b")
     a, b = socket.socketpair()
     with a, b:
-        a.sendall(workers._HELLO.pack(workers.MAGIC, b"a" * 32, 0, 0, 0, 1 << 40))
+        a.sendall(workers._HELLO.pack(workers.MAGIC, b"a" * 32, 0, 0, 0, 1 << 40, 0))
         with pytest.raises(ValueError, match="bytes of facts"):
+            workers.read_hello(b, b"a" * 32)
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(workers._HELLO.pack(workers.MAGIC, b"a" * 32, 0, 0, 0, 0, 1 << 40))
+        with pytest.raises(ValueError, match="values"):
             workers.read_hello(b, b"a" * 32)
 
 
@@ -101,7 +115,7 @@ class FakeTask(threading.Thread):
 
     def run(self):
         with socket.create_connection(("127.0.0.1", self.hub.port)) as s:
-            s.sendall(workers.pack_hello(self.secret, self.index, self.attempt, self.keys))
+            workers.send_hello(s, self.secret, self.index, self.attempt, self.keys)
             try:
                 self.verdict = workers.recv_exact(s, 1)
             except (EOFError, OSError):
@@ -267,8 +281,8 @@ def data(spark):
     return to_df(spark, X, y, w, partitions=3)
 
 
-def objective(blocks, engine, **kw):
-    layout = kernels.Layout(5, 1, True)
+def objective(blocks, engine, d=5, **kw):
+    layout = kernels.Layout(d, 1, True)
     return DistributedObjective(blocks, kernels.make_loss("logistic"), layout,
                                 Penalty(layout, 0.1), engine=engine, **kw)
 
@@ -374,6 +388,75 @@ def test_served_store_matches_numpy_and_the_file_store(spark, data):
     f_ref, g_ref = numpy_objective(thetas[1], X32, y, w, "logistic", True, 0.1)
     assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
     np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
+
+
+def sparse_df(spark, n=400, d=3000, k=7, seed=5, partitions=3):
+    """Sparse vectors (k non-zeros a row out of d), weights, logistic labels."""
+    import scipy.sparse as sp
+    from pyspark.ml.linalg import SparseVector
+
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(d, size=(n, k)), axis=1)
+    X = sp.csr_matrix((rng.normal(size=n * k), idx.ravel(), np.arange(0, n * k + 1, k)),
+                      shape=(n, d))
+    X.sum_duplicates()
+    y = (rng.random(n) < 0.4).astype(float)
+    w = rng.uniform(0.5, 2.0, size=n)
+    rows = [(SparseVector(d, X.indices[X.indptr[i]:X.indptr[i + 1]].tolist(),
+                          X.data[X.indptr[i]:X.indptr[i + 1]].tolist()), float(y[i]), float(w[i]))
+            for i in range(n)]
+    df = spark.createDataFrame(rows, ["features", "label", "weight"]).repartition(partitions)
+    return X, y, w, df
+
+
+def test_served_store_serves_sparse_blocks(spark):
+    """CSR blocks are held and served like dense ones (never densified): facts, moments
+    and passes equal SciPy's on the same CSR matrix."""
+    import scipy.sparse as sp
+
+    from test_distributed import numpy_objective
+
+    X, y, w, df = sparse_df(spark)
+    spec = resolve_input(df.schema, weight_col="weight")
+    theta = np.random.default_rng(2).normal(size=X.shape[1] + 1)
+    with served_blocks(df, spec) as blocks:
+        assert blocks.num_tasks == 2 and blocks.num_rows == 400
+        assert blocks.num_features == 3000 and sum(i["nnz"] for i in blocks.infos) == X.nnz
+        mean, std = sparkgd_moments(blocks)
+        np.testing.assert_allclose(mean, np.asarray(X.T @ w).ravel() / w.sum(),
+                                   rtol=1e-12, atol=1e-17)
+        obj = objective(blocks, "workers", d=X.shape[1])
+        assert obj.engine == "served"
+        f, g = obj(theta)
+        f_ref, g_ref = numpy_objective(theta, X, y, w, "logistic", True, 0.1)
+        assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
+        fs, gs = obj.smooth(theta, (0.5, 3, 1))        # mini-batches of CSR rows
+        assert np.isfinite(fs) and fs != f
+    assert blocks.certified and not active_jobs(spark)
+
+
+def test_stack_csr_keeps_row_order_and_dense_blocks():
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for n in (5, 7, 3, 4):
+        X = sp.random(n, 10, density=0.3, format="csr", random_state=rng)
+        parts.append((X, rng.normal(size=n), rng.random(n)))
+    dense = (rng.normal(size=(2, 10)), rng.normal(size=2), rng.random(2))
+    blocks = parts[:2] + [dense] + parts[2:]
+    out = workers.stack_csr(blocks, max_nnz=parts[2][0].nnz + parts[3][0].nnz)
+    assert [sp.issparse(b[0]) for b in out] == [True, False, True]
+    assert [b[0].shape[0] for b in out] == [12, 2, 7]
+    for got, want in zip(out, [parts[:2], [dense], parts[2:]]):
+        wantX = sp.vstack([sp.csr_matrix(b[0]) for b in want]).toarray()
+        np.testing.assert_array_equal(np.asarray(got[0].todense()) if sp.issparse(got[0])
+                                      else got[0], wantX)
+        np.testing.assert_array_equal(got[1], np.concatenate([b[1] for b in want]))
+        np.testing.assert_array_equal(got[2], np.concatenate([b[2] for b in want]))
+    small = workers.stack_csr(parts, max_nnz=1)     # one block each when none fit
+    assert [b[0].shape[0] for b in small] == [5, 7, 3, 4]
 
 
 def sparkgd_moments(blocks):
