@@ -134,7 +134,7 @@ def merge_infos(a, b):
     from .data import merge_label_weights
     from .stats import merge_moments
 
-    return {"n": a["n"] + b["n"], "d": a["d"], "wsum": a["wsum"] + b["wsum"],
+    return {"n": a["n"] + b["n"], "d": max(a["d"], b["d"]), "wsum": a["wsum"] + b["wsum"],
             "ymin": min(a["ymin"], b["ymin"]), "ymax": max(a["ymax"], b["ymax"]),
             "yint": a["yint"] and b["yint"], "nnz": a["nnz"] + b["nnz"],
             "yw": merge_label_weights(a.get("yw"), b.get("yw")),
@@ -152,7 +152,7 @@ def write_arrow_partition(batches, spec, fit_id, dtype="float64"):
 
     import pyarrow as pa
 
-    from .data import BadInput, arrow_to_xyw, block_info, stored_dense
+    from .data import BadInput, block_info, stored_dense, xyw_batches
 
     def row(info, handle):
         return pa.RecordBatch.from_pydict({"info": [json.dumps(info)],
@@ -161,14 +161,14 @@ def write_arrow_partition(batches, spec, fit_id, dtype="float64"):
     directory = fit_dir(fit_id)
     current = None
     try:
-        for batch in batches:
-            if not batch.num_rows:
-                continue
-            X, y, w = arrow_to_xyw(batch, spec)
+        for X, y, w in xyw_batches(batches, spec):
             fmt = "csr" if sp.issparse(X) else "dense"
             if fmt == "dense":  # the facts below then describe the stored values
                 X = stored_dense(X, spec, dtype)
-            if current is not None and (current.fmt != fmt or current.d != X.shape[1]):
+            if current is not None and spec.kind == "libsvm":
+                current.d = max(current.d, X.shape[1])   # as wide as its largest index
+            if current is not None and (current.fmt != fmt or current.d != X.shape[1]) and \
+                    spec.kind != "libsvm":
                 yield row(*current.close())
                 current = None
             if current is None:

@@ -89,7 +89,7 @@ def build_parser(default_data=None):
     p.add_argument("--format", default="parquet", choices=["parquet", "libsvm"],
                    help="input format")
     p.add_argument("--num-features", type=_positive_int, default=None,
-                   help="libsvm: number of features (default: found by a pass over the data)")
+                   help="libsvm: number of features (default: the largest index in the data)")
     p.add_argument("--features-col", default="features",
                    help="features column: array<double|float> or Spark ML vector")
     p.add_argument("--feature-cols", type=_column_list, default=None,
@@ -171,10 +171,10 @@ def check_paths(args):
 def read_data(spark, args):
     try:
         if args.format == "libsvm":
-            reader = spark.read.format("libsvm")
-            if args.num_features:
-                reader = reader.option("numFeatures", str(args.num_features))
-            return reader.load(args.data)
+            from .data import read_libsvm
+
+            return read_libsvm(spark, args.data, args.num_features or None,
+                               features_col=args.features_col)
         return spark.read.parquet(args.data)
     except Exception as e:  # AnalysisException, or a SparkException from the footer read
         text = str(e).strip()
@@ -203,10 +203,23 @@ def make_estimator(args):
     return cls(**common)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time (not the one it was made with,
+    which a caller, or a test capturing output, may have closed since)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging():
     log = logging.getLogger("sparkgd")
     if not log.handlers:
-        h = logging.StreamHandler(sys.stdout)
+        h = _StdoutHandler()
         h.setFormatter(logging.Formatter("sparkgd: %(message)s"))
         log.addHandler(h)
     log.setLevel(logging.INFO)

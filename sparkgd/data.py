@@ -43,13 +43,16 @@ class InputSpec:
     ``weight`` when there is one, all under fixed names.
     """
 
-    kind: str  # "array" | "vector" | "columns"
+    kind: str  # "array" | "vector" | "columns" | "libsvm" (text lines, label in the line)
     features: tuple  # original column name(s), for messages
     label: str
     weight: str | None
+    num_features: int | None = None  # libsvm: the width given (else the largest index)
 
     @property
     def feature_desc(self):
+        if self.kind == "libsvm":
+            return "LIBSVM data"
         if self.kind == "columns":
             return "feature columns " + ",".join(self.features)
         return f"column '{self.features[0]}'"
@@ -98,6 +101,11 @@ def resolve_input(schema, features_col="features", feature_cols=None, label_col=
     else:
         f = _field(schema, features_col, "features", source)
         t = f.dataType
+        libsvm = (f.metadata or {}).get(LIBSVM_METADATA)
+        if libsvm is not None:
+            # text lines from read_libsvm: the label is in the line, there are no weights
+            return InputSpec("libsvm", (features_col,), "label", None,
+                             libsvm.get("numFeatures"))
         if isinstance(t, VectorUDT):
             kind = "vector"
         elif isinstance(t, ArrayType) and isinstance(t.elementType, (DoubleType, FloatType)):
@@ -164,6 +172,9 @@ def project(df, spec):
 
     from pyspark.sql import functions as F
 
+    if spec.kind == "libsvm":
+        return df.select(F.col(_quote(spec.features[0])).alias("features"),
+                         F.col(LIBSVM_FILE), F.col(LIBSVM_START)), spec
     if spec.kind == "columns":
         cols = [F.col(_quote(c)).cast("double").alias(f"f{i}")
                 for i, c in enumerate(spec.features)]
@@ -180,6 +191,32 @@ def project(df, spec):
 
 def _quote(name):
     return "`" + name.replace("`", "``") + "`"
+
+
+#: The column metadata key that marks the text column of :func:`read_libsvm`.
+LIBSVM_METADATA = "sparkgd.libsvm"
+LIBSVM_FILE, LIBSVM_START = "_sparkgd_file", "_sparkgd_start"
+
+
+def read_libsvm(spark, path, num_features=None, features_col="features"):
+    """LIBSVM text as a DataFrame the estimators read: one row per line (the text column
+    ``features_col``, marked in its metadata, plus the file and split it came from).
+
+    Nothing is parsed here, and no pass counts the features: the tasks that build the
+    blocks parse the lines with :mod:`sparkgd.libsvm` (Arrow and NumPy, no JVM vectors),
+    and the width is the largest index found (or ``num_features``). Spark's own
+    ``format("libsvm")`` builds a vector object per row in the JVM (~820 bytes per
+    non-zero) and needs a counting pass without ``numFeatures``."""
+    from pyspark.sql import functions as F
+
+    if num_features is not None and int(num_features) < 1:
+        raise SparkgdError(f"numFeatures must be >= 1 (got {num_features})")
+    meta = {LIBSVM_METADATA: {"numFeatures": None if num_features is None
+                              else int(num_features)}}
+    text = spark.read.text(path)
+    return text.select(F.col("value").alias(features_col, metadata=meta),
+                       F.col("_metadata.file_path").alias(LIBSVM_FILE),
+                       F.col("_metadata.file_block_start").alias(LIBSVM_START))
 
 
 # ----------------------------------------------------------------------------
@@ -290,6 +327,77 @@ def features_from_arrow(arr, kind, what):
     return _from_vectors(arr, what)
 
 
+def _lines_before(path, start):
+    """Lines of a local file before the first line of the split that starts at byte
+    ``start`` > 0 (None when the file cannot be read here)."""
+    from urllib.parse import unquote, urlparse
+
+    url = urlparse(path)
+    if url.scheme not in ("", "file"):
+        return None
+    try:
+        with open(unquote(url.path), "rb") as f:
+            # Hadoop's line reader gives the line that holds byte ``start`` (or starts
+            # there) to the split before: that line is not this split's either
+            return f.read(start).count(b"\n") + 1
+    except OSError:
+        return None
+
+
+class LibsvmReader:
+    """Arrow batches of :func:`read_libsvm`'s projection -> (X CSR, y, None), in order.
+
+    Keeps, per file split, how many lines it has seen, so a bad line is reported as
+    ``file, line N`` (counted from the file's start where the file is readable here,
+    else from the split's)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.seen = {}
+
+    def __call__(self, batch):
+        from .libsvm import LibsvmError, parse_lines, to_csr
+
+        lines, files, starts = batch.column(0), batch.column(1), batch.column(2)
+        files = files.to_numpy(zero_copy_only=False)
+        starts = starts.to_numpy(zero_copy_only=False)
+        try:
+            parsed = parse_lines(lines)
+            width = self.spec.num_features or parsed.max_index + 1
+            X = to_csr(parsed, width)
+        except LibsvmError as e:
+            raise BadInput(self._where(e.line, files, starts) + ": " + str(e)) from None
+        n = len(files)
+        # runs of lines from one split (a coalesced task reads several in turn)
+        edges = np.flatnonzero((files[1:] != files[:-1]) | (starts[1:] != starts[:-1])) + 1
+        bounds = np.concatenate([[0], edges, [n]])
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            key = (str(files[a]), int(starts[a]))
+            self.seen[key] = self.seen.get(key, 0) + int(b - a)
+        return X, parsed.labels, None
+
+    def _where(self, row, files, starts):
+        key = (str(files[row]), int(starts[row]))
+        same = (files[:row] == files[row]) & (starts[:row] == starts[row])
+        at = self.seen.get(key, 0) + int(same.sum()) + 1
+        if key[1] == 0:
+            return f"{key[0]}, line {at}"
+        prior = _lines_before(*key)
+        if prior is None:
+            return f"{key[0]}, line {at} of the part starting at byte {key[1]}"
+        return f"{key[0]}, line {prior + at}"
+
+
+def xyw_batches(batches, spec):
+    """Arrow batches of the projection -> (X, y, w) per non-empty batch: the one loop
+    every block store reads its input with."""
+    convert = LibsvmReader(spec) if spec.kind == "libsvm" else \
+        (lambda batch: arrow_to_xyw(batch, spec))
+    for batch in batches:
+        if batch.num_rows:
+            yield convert(batch)
+
+
 def arrow_to_xyw(batch, spec):
     """One Arrow record batch of the projection -> (X, y, w)."""
     nfeat = len(spec.features) if spec.kind == "columns" else 1
@@ -325,13 +433,21 @@ def stored_dense(X, spec, dtype):
     return X
 
 
+def widen(X, d):
+    """CSR ``X`` as ``d`` columns wide (no copy): the columns added are all zero."""
+    if X.shape[1] == d:
+        return X
+    return sp.csr_matrix((X.data, X.indices, X.indptr), shape=(X.shape[0], d), copy=False)
+
+
 def concat_xyw(parts):
     """Stack several (X, y, w) of one partition into one block."""
     if len(parts) == 1:
         return parts[0]
     Xs = [p[0] for p in parts]
     if any(sp.issparse(X) for X in Xs):
-        X = sp.vstack([sp.csr_matrix(X) for X in Xs], format="csr")
+        d = max(X.shape[1] for X in Xs)   # LIBSVM pieces are as wide as their largest index
+        X = sp.vstack([widen(sp.csr_matrix(X), d) for X in Xs], format="csr")
     else:
         X = np.ascontiguousarray(np.vstack(Xs))
     y = np.concatenate([p[1] for p in parts])
@@ -434,9 +550,7 @@ def encode_partition(batches, spec, max_bytes=BLOCK_BYTES):
 
     parts = []
     try:
-        for batch in batches:
-            if batch.num_rows:
-                parts.append(arrow_to_xyw(batch, spec))
+        parts.extend(xyw_batches(batches, spec))
         if not parts:
             return
         X, y, w = concat_xyw(parts)
@@ -506,7 +620,7 @@ class Blocks:
         self.infos = infos
         self.spec = spec
         self.num_rows = sum(i["n"] for i in infos)
-        self.num_features = infos[0]["d"] if infos else 0
+        self.num_features = max(i["d"] for i in infos) if infos else 0
         self.num_partitions = store.num_partitions  # of the data, as read or repartitioned
         # per pass (the file store and the served store coalesce)
         self.num_tasks = getattr(store, "num_tasks", None) or store.rdd.getNumPartitions()
@@ -658,7 +772,7 @@ def build_blocks(df, spec, num_partitions=None, source="the DataFrame", store="f
         if not infos or sum(i["n"] for i in infos) == 0:
             raise SparkgdError(f"no rows in {source}")
         dims = sorted({i["d"] for i in infos})
-        if len(dims) > 1:
+        if len(dims) > 1 and spec.kind != "libsvm":   # LIBSVM: the largest index decides
             raise SparkgdError(
                 f"{spec.feature_desc} in {source}: rows have different lengths "
                 f"({', '.join(map(str, dims[:5]))})")

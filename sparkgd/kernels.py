@@ -280,6 +280,8 @@ def _block_sums(X, y, w, theta, loss, layout):
         return out
     if not sp.issparse(X) and X.dtype != np.float64:
         X = _widened(X)  # float32 storage: the chunk in float64, in a reused buffer
+    elif sp.issparse(X) and X.shape[1] < layout.d:   # LIBSVM: as wide as its largest index
+        X = sp.csr_matrix((X.data, X.indices, X.indptr), shape=(n, layout.d), copy=False)
     coef, intercept = layout.split(theta)
     z = margins(X, coef, intercept)
     value, dz = loss.value_and_derivative(y, z)

@@ -28,6 +28,8 @@ def block_moments(X, w, d):
     n = X.shape[0]
     if n == 0:
         return out
+    if X.shape[1] < d:   # a LIBSVM block narrower than the data: its extra columns are 0
+        return pad_moments(block_moments(X, w, X.shape[1]), d)
     if w is None:
         w = np.ones(n)
     W = float(w.sum())
@@ -53,9 +55,24 @@ def block_moments(X, w, d):
     return out
 
 
+def pad_moments(m, d):
+    """:func:`block_moments` of a block as if it had ``d`` columns, the extra ones zero
+    in all its rows (mean 0, M2 0)."""
+    k = (m.shape[0] - 2) // 2
+    if k == d:
+        return m
+    out = np.zeros(2 + 2 * d)
+    out[:2 + k] = m[:2 + k]
+    out[2 + d:2 + d + k] = m[2 + k:]
+    return out
+
+
 def merge_moments(a, b):
-    """Combine two :func:`block_moments` results (Chan et al.'s parallel update)."""
-    d = (a.shape[0] - 2) // 2
+    """Combine two :func:`block_moments` results (Chan et al.'s parallel update); the
+    narrower of two is padded (:func:`pad_moments`)."""
+    d = max(a.shape[0] - 2, b.shape[0] - 2) // 2
+    a, b = pad_moments(np.asarray(a, dtype=np.float64), d), \
+        pad_moments(np.asarray(b, dtype=np.float64), d)
     Wa, Wb = a[0], b[0]
     if Wa <= 0:
         return b.copy()
@@ -106,7 +123,7 @@ def feature_moments(blocks, d, aggregator):
     total = np.zeros(2 + 2 * d)
     for part in parts:
         total = merge_moments(total, part)
-    return moments_from_merged(total, d)
+    return moments_from_merged(pad_moments(total, d), d)
 
 
 class Preconditioner:

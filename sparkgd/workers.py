@@ -285,7 +285,7 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
     from pyspark import TaskContext
 
     from .blockstore import merge_infos
-    from .data import BadInput, arrow_to_xyw, block_info, stored_dense
+    from .data import BadInput, block_info, stored_dense, xyw_batches
     from .stats import block_moments, merge_moments
 
     ctx = TaskContext.get()
@@ -294,17 +294,14 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
     blocks, info = [], None
     moments = None
     try:
-        for batch in batches:
-            if not batch.num_rows:
-                continue
-            X, y, w = arrow_to_xyw(batch, spec)
+        for X, y, w in xyw_batches(batches, spec):
             if not sp.issparse(X):
                 X = stored_dense(X, spec, dtype)
             # y and w are views of the batch's one Arrow body: kept as views they would
             # keep the whole float64 body alive next to a float32 (or stacked) copy of X
             y, w = y.copy(), None if w is None else w.copy()
             part = block_info(X, y, w, moments=False)
-            if info is not None and part["d"] != info["d"]:
+            if info is not None and part["d"] != info["d"] and spec.kind != "libsvm":
                 raise BadInput(f"{spec.feature_desc}: rows have different lengths "
                                f"({info['d']}, {part['d']})")
             info = part if info is None else merge_infos(info, part)

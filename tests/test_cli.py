@@ -151,3 +151,73 @@ def test_libsvm_input(spark, tmp_path, capsys):
                            "60", "--reg-param", "0.01", "--output", str(out))
     assert code == 0, err
     assert json.load(open(out / "metadata.json"))["numFeatures"] == 60
+
+
+def _libsvm_lines(n=300, d=400, k=6, seed=3):
+    """Sparse rows as LIBSVM lines, and the same rows as a CSR matrix and labels."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    idx = np.sort(np.stack([rng.choice(d - 1, size=k, replace=False) for _ in range(n)]),
+                  axis=1)
+    vals = rng.normal(size=(n, k))
+    z = (vals * (idx % 7 - 3) * 0.3).sum(axis=1)
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(float)
+    lines = [f"{int(y[i])} " + " ".join(f"{j + 1}:{float(v)!r}" for j, v in zip(idx[i], vals[i]))
+             for i in range(n)]
+    X = sp.csr_matrix((vals.ravel(), idx.ravel(), np.arange(0, n * k + 1, k)),
+                      shape=(n, int(idx.max()) + 1))
+    return lines, X, y
+
+
+def test_libsvm_is_parsed_in_the_tasks_and_matches_scipy(spark, tmp_path):
+    """read_libsvm: no vectors in the JVM, width = the largest index; the fit reaches
+    SciPy's optimum of the same CSR problem, on the served store and on block files."""
+    import scipy.optimize as so
+
+    import sparkgd
+    from sparkgd.data import read_libsvm
+    from test_distributed import numpy_objective
+
+    lines, X, y = _libsvm_lines()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "part-0.txt").write_text("\n".join(lines[:170]) + "\n")
+    (tmp_path / "a" / "part-1.txt").write_text("# a comment\n\n" + "\n".join(lines[170:]))
+    df = read_libsvm(spark, str(tmp_path / "a"))
+    reg = 0.01
+    ref = so.minimize(lambda t: numpy_objective(t, X, y, None, "logistic", True, reg),
+                      np.zeros(X.shape[1] + 1), jac=True, method="L-BFGS-B",
+                      options={"maxiter": 2000, "ftol": 0, "gtol": 1e-12})
+    model = sparkgd.LogisticRegression(regParam=reg, tol=1e-12, maxIter=200).fit(df)
+    assert model.numFeatures == X.shape[1]
+    theta = np.append(model.coefficients, model.intercept)
+    f = numpy_objective(theta, X, y, None, "logistic", True, reg)[0]
+    assert f - ref.fun <= 1e-10 * abs(ref.fun)
+    assert model.summary.totalIterations <= 12   # the preconditioner weighs the penalty in
+    wide = sparkgd.LogisticRegression(regParam=reg, maxIter=3).fit(
+        read_libsvm(spark, str(tmp_path / "a"), num_features=1000))
+    assert wide.numFeatures == 1000
+
+
+def test_libsvm_bad_line_names_its_file_and_line(spark, tmp_path, capsys):
+    """Even when Spark splits the file (the bad line is far past the first split)."""
+    lines, _, _ = _libsvm_lines(n=300)
+    lines[249] = lines[249].replace(":", "=", 1)
+    path = tmp_path / "bad.libsvm"
+    path.write_text("\n".join(lines) + "\n")
+    key = "spark.sql.files.maxPartitionBytes"
+    old = spark.conf.get(key)
+    spark.conf.set(key, "4096")
+    try:
+        code, _, err = run_cli(capsys, "--data", str(path), "--format", "libsvm",
+                               "--output", str(tmp_path / "m"))
+    finally:
+        spark.conf.set(key, old)
+    assert code == 2
+    assert f"{path}, line 250: " in err and err.count("\n") == 1, err
+    assert not (tmp_path / "m").exists()
+    good = tmp_path / "good.libsvm"
+    good.write_text("\n".join(_libsvm_lines(n=20)[0]) + "\n")
+    code, _, err = run_cli(capsys, "--data", str(good), "--format", "libsvm",
+                           "--num-features", "5", "--output", str(tmp_path / "m"))
+    assert code == 2 and ", line 1: " in err and "num_features=5" in err, err

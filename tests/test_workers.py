@@ -410,10 +410,8 @@ def sparse_df(spark, n=400, d=3000, k=7, seed=5, partitions=3):
 
 
 def test_served_store_serves_sparse_blocks(spark):
-    """CSR blocks are held and served like dense ones (never densified): facts, moments
-    and passes equal SciPy's on the same CSR matrix."""
-    import scipy.sparse as sp
-
+    """CSR blocks are held and served like dense ones: facts, moments and passes equal
+    SciPy's on the same CSR matrix."""
     from test_distributed import numpy_objective
 
     X, y, w, df = sparse_df(spark)
@@ -446,7 +444,7 @@ def test_stack_csr_keeps_row_order_and_dense_blocks():
         parts.append((X, rng.normal(size=n), rng.random(n)))
     dense = (rng.normal(size=(2, 10)), rng.normal(size=2), rng.random(2))
     blocks = parts[:2] + [dense] + parts[2:]
-    out = workers.stack_csr(blocks, max_nnz=parts[2][0].nnz + parts[3][0].nnz)
+    out = workers.stack_csr(blocks, max_nnz=sum(p[0].nnz for p in parts))
     assert [sp.issparse(b[0]) for b in out] == [True, False, True]
     assert [b[0].shape[0] for b in out] == [12, 2, 7]
     for got, want in zip(out, [parts[:2], [dense], parts[2:]]):
