@@ -170,6 +170,14 @@ def main(argv=None):
                    help="fits of each library (the first is reported as cold, the best of the "
                         "others as warm)")
     p.add_argument("--skip-spark-ml", action="store_true")
+    p.add_argument("--sparse", action="store_true",
+                   help="sparse LIBSVM data instead (see jobs/bench_sparse.py): iterations and "
+                        "seconds to 1e-6 of the optimum, sparkgd vs Spark ML vs SciPy")
+    p.add_argument("--nnz-per-row", type=int, default=100, help="--sparse: non-zeros a row")
+    p.add_argument("--value-scale", type=float, default=0.1,
+                   help="--sparse: standard deviation of the non-zero values")
+    p.add_argument("--sparkgd-iter", type=int, default=100, help="--sparse: sparkgd maxIter")
+    p.add_argument("--spark-ml-iter", type=int, default=100, help="--sparse: Spark ML maxIter")
     p.add_argument("--json", default=None)
     p.add_argument("--memory-only", action="store_true",
                    help="only build sparkgd's blocks from the Parquet files and run passes, "
@@ -193,6 +201,19 @@ def main(argv=None):
 
     spark = SparkSession.builder.appName("sparkgd-benchmark").getOrCreate()
     sc = spark.sparkContext
+    if args.sparse:
+        import bench_sparse
+
+        if args.workdir:
+            os.makedirs(args.workdir, exist_ok=True)
+        args.tmp = tempfile.mkdtemp(prefix="sparkgd-bench-", dir=args.workdir)
+        try:   # the driver's Python (SciPy's copy of the rows) is under the JVM too
+            bench_sparse.run(spark, args, lambda: PeakRss(os.getppid()))
+        finally:
+            import shutil
+
+            shutil.rmtree(args.tmp, ignore_errors=True)
+        return 0
     results = {"master": sc.master, "rows": int(args.rows), "features": args.features,
                "partitions": args.partitions}
 
