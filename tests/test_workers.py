@@ -307,7 +307,7 @@ def test_serving_tasks_match_one_job_per_pass(spark, data):
         assert served.engine == "workers" and served._session is not None
         assert served._session.num_tasks == blocks.num_tasks == 1   # local: one task
         assert served.aggregator.bytes_communicated == 6 * 8 * 8     # 6 passes x 8 floats
-    assert served._session is None and not active_jobs(spark)      # released with the blocks
+    assert served._session is None and wait_idle(spark, 10)      # released with the blocks
 
 
 def test_more_tasks_than_slots_falls_back_to_a_job_per_pass(spark, data, monkeypatch):
@@ -377,7 +377,7 @@ def test_served_store_matches_numpy_and_the_file_store(spark, data):
                                            enumerate(obj.smooth(theta, (0.4, 5, 2))))
             assert fs != f
         assert obj.aggregator.bytes_communicated == 2 * 9 * 8 * (2 + 6)  # 9 passes, 2 tasks
-    assert blocks.certified and not active_jobs(spark)
+    assert blocks.certified and wait_idle(spark, 10)
     with build_blocks(data, spec, store="files") as blocks:
         files = objective(blocks, "workers")(thetas[0])
     assert abs(files[0] - numpy_objective(thetas[0], X, y, w, "logistic", True, 0.1)[0]) \
@@ -431,7 +431,7 @@ def test_served_store_serves_sparse_blocks(spark):
         np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
         fs, gs = obj.smooth(theta, (0.5, 3, 1))        # mini-batches of CSR rows
         assert np.isfinite(fs) and fs != f
-    assert blocks.certified and not active_jobs(spark)
+    assert blocks.certified and wait_idle(spark, 10)
 
 
 def test_stack_csr_keeps_row_order_and_dense_blocks():
@@ -490,6 +490,7 @@ def test_served_store_needs_every_task_running_else_files(spark, data, monkeypat
 
 
 def wait_idle(spark, seconds=20):
+    """No job running (Spark's status tracker hears of a job's end a little after it)."""
     deadline = time.monotonic() + seconds
     while active_jobs(spark) and time.monotonic() < deadline:
         time.sleep(0.2)
