@@ -18,6 +18,7 @@ _LAZY = {
     "LogisticRegression": "estimators",
     "LogisticRegressionModel": "estimators",
     "load_model": "persist",
+    "read_libsvm": "data",
 }
 
 __all__ = sorted([*_LAZY, "SparkgdError"])

@@ -183,6 +183,7 @@ def test_libsvm_is_parsed_in_the_tasks_and_matches_scipy(spark, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "part-0.txt").write_text("\n".join(lines[:170]) + "\n")
     (tmp_path / "a" / "part-1.txt").write_text("# a comment\n\n" + "\n".join(lines[170:]))
+    assert sparkgd.read_libsvm is read_libsvm
     df = read_libsvm(spark, str(tmp_path / "a"))
     reg = 0.01
     ref = so.minimize(lambda t: numpy_objective(t, X, y, None, "logistic", True, reg),
