@@ -167,8 +167,7 @@ def write_arrow_partition(batches, spec, fit_id, dtype="float64"):
                 X = stored_dense(X, spec, dtype)
             if current is not None and spec.kind == "libsvm":
                 current.d = max(current.d, X.shape[1])   # as wide as its largest index
-            if current is not None and (current.fmt != fmt or current.d != X.shape[1]) and \
-                    spec.kind != "libsvm":
+            elif current is not None and (current.fmt != fmt or current.d != X.shape[1]):
                 yield row(*current.close())
                 current = None
             if current is None:

@@ -433,19 +433,14 @@ def stored_dense(X, spec, dtype):
     return X
 
 
-def widen(X, d):
-    """CSR ``X`` as ``d`` columns wide (no copy): the columns added are all zero."""
-    if X.shape[1] == d:
-        return X
-    return sp.csr_matrix((X.data, X.indices, X.indptr), shape=(X.shape[0], d), copy=False)
-
-
 def concat_xyw(parts):
     """Stack several (X, y, w) of one partition into one block."""
     if len(parts) == 1:
         return parts[0]
     Xs = [p[0] for p in parts]
     if any(sp.issparse(X) for X in Xs):
+        from .kernels import widen
+
         d = max(X.shape[1] for X in Xs)   # LIBSVM pieces are as wide as their largest index
         X = sp.vstack([widen(sp.csr_matrix(X), d) for X in Xs], format="csr")
     else:

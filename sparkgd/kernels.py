@@ -220,6 +220,13 @@ class Layout:
         return np.zeros(self.size)
 
 
+def widen(X, d):
+    """CSR ``X`` as ``d`` columns wide (no copy): the columns added are all zero."""
+    if X.shape[1] == d:
+        return X
+    return sp.csr_matrix((X.data, X.indices, X.indptr), shape=(X.shape[0], d), copy=False)
+
+
 def margins(X, coef, intercept):
     """z = X @ coef.T + intercept, shape (n, K); X dense or CSR."""
     z = X @ coef.T
@@ -280,8 +287,8 @@ def _block_sums(X, y, w, theta, loss, layout):
         return out
     if not sp.issparse(X) and X.dtype != np.float64:
         X = _widened(X)  # float32 storage: the chunk in float64, in a reused buffer
-    elif sp.issparse(X) and X.shape[1] < layout.d:   # LIBSVM: as wide as its largest index
-        X = sp.csr_matrix((X.data, X.indices, X.indptr), shape=(n, layout.d), copy=False)
+    elif sp.issparse(X):   # LIBSVM blocks are as wide as their largest index
+        X = widen(X, layout.d)
     coef, intercept = layout.split(theta)
     z = margins(X, coef, intercept)
     value, dz = loss.value_and_derivative(y, z)

@@ -61,9 +61,6 @@ class LibsvmError(ValueError):
         self.line = int(line)
         self.message = message
 
-    def __reduce__(self):  # picklable (it may travel from an executor)
-        return type(self), (self.line, self.message)
-
 
 @dataclass(frozen=True)
 class Parsed:

@@ -1,5 +1,4 @@
 """sparkgd.libsvm: LIBSVM lines (Arrow strings) -> CSR pieces. No Spark."""
-import pickle
 import re
 
 import numpy as np
@@ -236,11 +235,6 @@ def test_long_token_is_quoted_short():
     with pytest.raises(LibsvmError) as info:
         parse_lines(pa.array(["1 " + "2:1 " * 100 + "3"]))
     assert len(str(info.value)) < 120
-
-
-def test_error_pickles():
-    err = pickle.loads(pickle.dumps(LibsvmError(12, "token '4' is not index:value")))
-    assert err.line == 12 and str(err) == "token '4' is not index:value"
 
 
 def test_sliced_arrays():
