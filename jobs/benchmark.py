@@ -11,8 +11,7 @@ Generates logistic data (or takes ``--data``), then measures, in this one run:
   evaluation: the default for dense data (the served store: the tasks that built the
   blocks keep them in memory and serve the passes), the file store with long-lived
   serving tasks, both also with dense features stored as float32 (``dtype="float32"``,
-  sums in float64), the file store with one Spark job per pass, and blocks pickled in
-  Spark's cache with one job per pass (the plain path);
+  sums in float64), and the file store with one Spark job per pass;
 * a whole L-BFGS fit (tol 1e-8) on a cached DataFrame: Spark ML LogisticRegression vs
   sparkgd, each library's first fit in the JVM ("cold", sparkgd first, then Spark ML) and
   the best of its later fits ("warm"), then sparkgd at tol 1e-12; every model's
@@ -194,8 +193,8 @@ def main(argv=None):
 
     import sparkgd
     from sparkgd import kernels
-    from sparkgd.comm import Aggregator
-    from sparkgd.data import build_blocks, resolve_input
+    from sparkgd.data import resolve_input
+    from sparkgd.engine import Engine
     from sparkgd.modes.sync import DistributedObjective
     from sparkgd.penalties import Penalty
 
@@ -281,47 +280,46 @@ def main(argv=None):
     fit_round(0)
 
     # --- one gradient pass on warm blocks, NumPy's alongside ---------------------------------
-    # (store, engine): the plain path (pickled blocks, a Spark job per pass), the file
-    # store with a Spark job per pass or with serving tasks, and the default for dense
+    # (store, engine): the file store with a Spark job per pass or with serving
+    # tasks, and the default for dense
     # data: the served store (the tasks that built the blocks serve them). Runs of
     # NumPy passes alternate with runs of sparkgd's, so both see the same background; not
     # pass by pass: each side's BLAS threads spin for a while after a product and would
     # slow the other side's next pass (measured: both sides about 2x slower).
     spec = resolve_input(df.schema)
     # a trailing 32: dense features kept as float32 (dtype="float32"), sums in float64.
-    engines = {"memory": ("jobs",), "files": ("jobs", "workers"), "files32": ("workers",),
+    engines = {"files": ("jobs", "workers"), "files32": ("workers",),
                "served": ("served",), "served32": ("served",)}
     # (No memory figures here: this driver holds NumPy's copy of the data; --memory-only
     # measures the block store alone.)
-    for store in ("memory", "files", "files32", "served", "served32"):
+    for store in ("files", "files32", "served", "served32"):
         t0 = time.perf_counter()
-        blocks = build_blocks(df, spec, store=store.replace("32", ""),
-                              dtype="float32" if store.endswith("32") else "float64")
+        engine = Engine.open(df, spec, store=store.replace("32", ""),
+                             dtype="float32" if store.endswith("32") else "float64")
         results[f"sparkgd_{store}_build_s"] = time.perf_counter() - t0
         # NumPy's arrays are read anew next to the blocks: on this VM where an array
         # lands in memory changes how fast it streams, for either side.
         del X, y
         X, y = numpy_arrays(path)
         try:
-            for engine in engines[store]:
-                obj = DistributedObjective(blocks, loss, layout, Penalty(layout), Aggregator(),
-                                           engine="workers" if engine == "served" else engine)
+            for kind in engines[store]:
+                engine.kind = kind
+                obj = DistributedObjective(engine, loss, layout, Penalty(layout))
                 obj(theta)  # warm: page cache, Python workers, serving tasks
                 best = float("inf")
                 for _ in range(2):  # rounds: NumPy's passes, then sparkgd's
                     numpy_times.append(settled(lambda: timed(numpy_pass, args.repeat)[0]))
                     t, (f, g) = settled(lambda: timed(lambda: obj(theta), args.repeat))
                     best = min(best, t)
-                obj.close()
-                assert obj.engine == engine, (engine, obj.engine)
-                results[f"sparkgd_{store}_{engine}_pass_s"] = best
+                assert engine.kind == kind, (kind, engine.kind)
+                results[f"sparkgd_{store}_{kind}_pass_s"] = best
                 # float32 features: the loss moves by about float32's rounding
                 tol = 1e-6 if store.endswith("32") else 1e-10
                 assert abs(f - f_np[0] / f_np[1]) <= tol * abs(f), (f, f_np[0] / f_np[1])
-                print(f"sparkgd[{store}, {engine}]: pass {best:.4f}s "
+                print(f"sparkgd[{store}, {kind}]: pass {best:.4f}s "
                       f"(NumPy so far {min(numpy_times):.4f}s)", flush=True)
         finally:
-            blocks.release()
+            engine.close()
         print(f"sparkgd[{store}]: build {results[f'sparkgd_{store}_build_s']:.1f}s", flush=True)
     results["numpy_pass_s"] = min(numpy_times)
     del X
@@ -362,8 +360,7 @@ def main(argv=None):
              ("served32", "served"): "one gradient pass, served, float32 (dtype=float32)",
              ("files", "workers"): "one gradient pass, file store, serving tasks",
              ("files32", "workers"): "one gradient pass, file store, float32",
-             ("files", "jobs"): "one gradient pass, file store, a Spark job per pass",
-             ("memory", "jobs"): "one gradient pass, blocks in Spark's cache, a job per pass"}
+             ("files", "jobs"): "one gradient pass, file store, a Spark job per pass"}
     for (store, engine), name in names.items():
         lines.append(row(name, results[f"sparkgd_{store}_{engine}_pass_s"],
                          results["numpy_pass_s"], "NumPy"))
@@ -406,8 +403,8 @@ def main(argv=None):
 
 def memory_only(spark, path, args, raw_bytes, tmp):
     from sparkgd import kernels
-    from sparkgd.comm import Aggregator
-    from sparkgd.data import build_blocks, resolve_input
+    from sparkgd.data import resolve_input
+    from sparkgd.engine import Engine
     from sparkgd.modes.sync import DistributedObjective
     from sparkgd.penalties import Penalty
 
@@ -417,16 +414,16 @@ def memory_only(spark, path, args, raw_bytes, tmp):
     theta = np.zeros(layout.size)
     with PeakRss(os.getppid()) as mem:
         t0 = time.perf_counter()
-        blocks = build_blocks(df, resolve_input(df.schema), store=args.store, dtype=args.dtype)
+        engine = Engine.open(df, resolve_input(df.schema), store=args.store, dtype=args.dtype)
         build = time.perf_counter() - t0
         try:
-            obj = DistributedObjective(blocks, kernels.make_loss("logistic"), layout,
-                                       Penalty(layout), Aggregator())
+            obj = DistributedObjective(engine, kernels.make_loss("logistic"), layout,
+                                       Penalty(layout))
             t, _ = timed(lambda: obj(theta), args.repeat)
         finally:
-            blocks.release()
+            engine.close()
     gib = 2.0 ** 30
-    print(f"\nsparkgd memory ({blocks.store.kind} store, {args.dtype} blocks): {int(args.rows)} x {d}, raw "
+    print(f"\nsparkgd memory ({engine._store.kind} store, {args.dtype} blocks): {int(args.rows)} x {d}, raw "
           f"{raw_bytes / gib:.2f} GiB; build {build:.1f}s, pass {t:.3f}s; peak memory (PSS) of "
           f"the whole tree {mem.peak / gib:.2f} GiB ({mem.peak / raw_bytes:.2f}x raw), of which the JVM "
           f"{mem.peak_root / gib:.2f} GiB and Python {(mem.peak - mem.peak_root) / gib:.2f} GiB")

@@ -1,7 +1,7 @@
 """sparkgd: distributed gradient descent for linear models on Apache Spark.
 
 The estimators and ``load_model`` are imported on first use (PEP 562): executors
-import ``sparkgd.data``, ``sparkgd.blockstore`` or ``sparkgd.kernels`` for every new
+import ``sparkgd.data``, ``sparkgd.engine`` or ``sparkgd.kernels`` for every new
 Python worker, and the estimators' imports (pyspark.ml, pandas) cost each worker
 about 0.4 s they never use.
 """
@@ -17,7 +17,7 @@ _LAZY = {
     "LinearSVCModel": "estimators",
     "LogisticRegression": "estimators",
     "LogisticRegressionModel": "estimators",
-    "load_model": "persist",
+    "load_model": "estimators",
     "read_libsvm": "data",
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 
@@ -26,50 +27,25 @@ class _Parser(argparse.ArgumentParser):
         raise SparkgdError(message)
 
 
-def _int_at_least(low):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
-        return v
-
-    return parse
-
-
-_positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
-
-
-def _nonneg_float(text):
+def _int(text):
     try:
-        v = float(text)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+
+
+def _float(text):
+    try:
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
 
 
-def _positive_float(text):
-    v = _nonneg_float(text)
-    if v == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return v
-
-
-def _unit_float(text):
-    v = _nonneg_float(text)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return v
-
-
-def _fraction(text):
-    v = _unit_float(text)
-    if v == 0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+def _positive_int(text):
+    """--partitions: the command line's own knob (the estimators have no such param)."""
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
     return v
 
 
@@ -88,7 +64,7 @@ def build_parser(default_data=None):
                    help="Parquet file or partitioned directory (default: the bundled sample)")
     p.add_argument("--format", default="parquet", choices=["parquet", "libsvm"],
                    help="input format")
-    p.add_argument("--num-features", type=_positive_int, default=None,
+    p.add_argument("--num-features", type=_int, default=None,
                    help="libsvm: number of features (default: the largest index in the data)")
     p.add_argument("--features-col", default="features",
                    help="features column: array<double|float> or Spark ML vector")
@@ -99,25 +75,25 @@ def build_parser(default_data=None):
     p.add_argument("--loss", default="logistic", choices=sorted(LOSS_ESTIMATOR),
                    help="logistic (binary, or multiclass labels -> multinomial), multinomial, "
                         "squared, huber, hinge (linear SVM)")
-    p.add_argument("--epsilon", type=_positive_float, default=1.35, help="huber epsilon")
-    p.add_argument("--optimizer", default="lbfgs", choices=OPTIMIZERS)
-    p.add_argument("--max-iter", type=_nonneg_int, default=100)
-    p.add_argument("--tol", type=_nonneg_float, default=1e-6)
-    p.add_argument("--reg-param", type=_nonneg_float, default=0.0)
-    p.add_argument("--elastic-net-param", type=_unit_float, default=0.0,
+    p.add_argument("--epsilon", type=_float, default=1.35, help="huber epsilon")
+    p.add_argument("--optimizer", default="lbfgs", help=", ".join(OPTIMIZERS))
+    p.add_argument("--max-iter", type=_int, default=100)
+    p.add_argument("--tol", type=_float, default=1e-6)
+    p.add_argument("--reg-param", type=_float, default=0.0)
+    p.add_argument("--elastic-net-param", type=_float, default=0.0,
                    help="L1 share of the penalty, in [0, 1]")
-    p.add_argument("--step-size", type=_positive_float, default=None,
+    p.add_argument("--step-size", type=_float, default=None,
                    help="step size (gd: fixed step instead of backtracking)")
-    p.add_argument("--mini-batch-fraction", type=_fraction, default=1.0,
+    p.add_argument("--mini-batch-fraction", type=_float, default=1.0,
                    help="sgd: fraction of rows sampled afresh each iteration")
     p.add_argument("--seed", type=int, default=0, help="seed of the sgd samples")
     p.add_argument("--standardization", action="store_true",
                    help="penalize standardized coefficients (Spark ML's meaning)")
     p.add_argument("--no-intercept", action="store_true", help="fit without an intercept")
     p.add_argument("--initial-model", default=None, help="warm start from a saved model")
-    p.add_argument("--aggregation-depth", type=int, default=2)
-    p.add_argument("--dtype", default="float64", choices=["float64", "float32"],
-                   help="how the cached blocks store dense features (float32: half the "
+    p.add_argument("--aggregation-depth", type=_int, default=2)
+    p.add_argument("--dtype", default="float64",
+                   help="float64 or float32: how the cached blocks store dense features (float32: half the "
                         "memory; sums stay float64)")
     p.add_argument("--partitions", type=_positive_int, default=None,
                    help="repartition the input into this many partitions")
@@ -148,8 +124,6 @@ def check_paths(args):
     if args.format == "libsvm" and (args.feature_cols or args.weight_col):
         raise SparkgdError("--format libsvm has only 'label' and 'features' columns; "
                            "--feature-cols and --weight-col do not apply")
-    if args.aggregation_depth < 2:
-        raise SparkgdError(f"--aggregation-depth must be >= 2 (got {args.aggregation_depth})")
     out = args.output
     if not _is_local(out):
         raise SparkgdError(f"--output '{out}': only local paths are supported")
@@ -168,14 +142,25 @@ def check_paths(args):
         raise SparkgdError(f"--output '{args.output}': directory '{parent}' is not writable")
 
 
+def _flag_names(message, estimator):
+    """``aggregationDepth must be ...`` -> ``--aggregation-depth must be ...``."""
+    first, _, rest = message.partition(" ")
+    if first == "numFeatures" or (estimator is not None and estimator.hasParam(first)):
+        flag = "--" + re.sub(r"([A-Z])", lambda m: "-" + m.group(1).lower(), first)
+        return f"{flag} {rest}"
+    return message
+
+
 def read_data(spark, args):
     try:
         if args.format == "libsvm":
             from .data import read_libsvm
 
-            return read_libsvm(spark, args.data, args.num_features or None,
+            return read_libsvm(spark, args.data, args.num_features,
                                features_col=args.features_col)
         return spark.read.parquet(args.data)
+    except SparkgdError as e:
+        raise SparkgdError(_flag_names(str(e), None)) from None
     except Exception as e:  # AnalysisException, or a SparkException from the footer read
         text = str(e).strip()
         first = text.splitlines()[0] if text else type(e).__name__
@@ -231,6 +216,10 @@ def run(args):
 
     check_paths(args)
     estimator = make_estimator(args)
+    try:   # the estimator checks its params (before Spark starts); name the flags
+        estimator._validate()
+    except SparkgdError as e:
+        raise SparkgdError(_flag_names(str(e), estimator)) from None
     estimator._source_name = f"--data '{args.data}'"
     spark = SparkSession.builder.appName("sparkgd").getOrCreate()
     df = read_data(spark, args)

@@ -25,8 +25,6 @@ def tree_levels(num_partitions, depth):
     level is added while ``P > scale + P / scale``. Each partition at each
     level sends one vector (the last level sends to the driver).
     """
-    if depth < 1:
-        raise ValueError(f"aggregationDepth must be >= 1 (got {depth})")
     levels = [num_partitions]
     p = float(num_partitions)
     scale = max(int(math.ceil(p ** (1.0 / depth))), 2)

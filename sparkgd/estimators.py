@@ -7,9 +7,9 @@ estimators sit in a ``Pipeline``.
 """
 from __future__ import annotations
 
-import importlib
 import logging
-import threading
+import math
+from dataclasses import dataclass
 
 import numpy as np
 from pyspark import keyword_only
@@ -34,18 +34,13 @@ from pyspark.ml.param.shared import (
     HasWeightCol,
 )
 
-from . import data, kernels, optim, stats
-from .comm import Aggregator
+from . import data, engine, kernels, optim, stats
 from .errors import SparkgdError
 from .modes import sync
 from .penalties import Penalty
 from .summary import TrainingSummary
-from .workers import TaskLost, WorkersUnavailable
 
 log = logging.getLogger("sparkgd")
-
-#: Fits on the served store started over after lost tasks before the file store is used.
-MAX_SERVED_ATTEMPTS = 3
 
 # ----------------------------------------------------------------------------
 # Params
@@ -116,17 +111,28 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
 
 
 def _validate_common(est):
+    """Every shared param's range: the one place it is checked (the command line calls
+    this before Spark starts, naming its flags instead)."""
     def fail(msg):
         raise SparkgdError(msg)
 
+    def number(name, value, low, high=math.inf, low_open=False, high_open=True):
+        if not math.isfinite(value):
+            fail(f"{name} must be a finite number (got {value})")
+        if (value <= low if low_open else value < low) or \
+                (value >= high if high_open else value > high):
+            if high == math.inf:
+                where = f"> {low:g}" if low_open else f">= {low:g}"
+            else:
+                where = f"in {'(' if low_open else '['}{low:g}, {high:g}" \
+                    f"{')' if high_open else ']'}"
+            fail(f"{name} must be {where} (got {value})")
+
     if est.getMaxIter() < 0:
         fail(f"maxIter must be >= 0 (got {est.getMaxIter()})")
-    if est.getTol() < 0:
-        fail(f"tol must be >= 0 (got {est.getTol()})")
-    if est.getRegParam() < 0:
-        fail(f"regParam must be >= 0 (got {est.getRegParam()})")
-    if not 0 <= est.getElasticNetParam() <= 1:
-        fail(f"elasticNetParam must be in [0, 1] (got {est.getElasticNetParam()})")
+    number("tol", est.getTol(), 0)
+    number("regParam", est.getRegParam(), 0)
+    number("elasticNetParam", est.getElasticNetParam(), 0, 1, high_open=False)
     if est.getAggregationDepth() < 2:
         fail(f"aggregationDepth must be >= 2 (got {est.getAggregationDepth()})")
     if est.getDtype() not in data.DTYPES:
@@ -134,10 +140,10 @@ def _validate_common(est):
     if est.getOptimizer() not in optim.OPTIMIZERS:
         fail(f"unknown optimizer '{est.getOptimizer()}'; expected one of "
              + ", ".join(optim.OPTIMIZERS))
-    if est.isSet(est.stepSize) and not est.getStepSize() > 0:
-        fail(f"stepSize must be > 0 (got {est.getStepSize()})")
-    if not 0 < est.getMiniBatchFraction() <= 1:
-        fail(f"miniBatchFraction must be in (0, 1] (got {est.getMiniBatchFraction()})")
+    if est.isSet(est.stepSize):
+        number("stepSize", est.getStepSize(), 0, low_open=True)
+    number("miniBatchFraction", est.getMiniBatchFraction(), 0, 1, low_open=True,
+           high_open=False)
     if est.getMiniBatchFraction() < 1 and est.getOptimizer() not in optim.STOCHASTIC:
         fail(f"miniBatchFraction < 1 needs a stochastic optimizer ({', '.join(optim.STOCHASTIC)}),"
              f" not {est.getOptimizer()}")
@@ -148,8 +154,6 @@ def _initial_theta(initial, layout, num_classes, loss_name):
     if initial is None:
         return layout.zeros()
     if isinstance(initial, str):
-        from .persist import load_model
-
         initial = load_model(initial)
     if not isinstance(initial, _SparkgdModel):
         raise SparkgdError(f"initialModel must be a sparkgd model or a saved model's path "
@@ -164,11 +168,16 @@ def _initial_theta(initial, layout, num_classes, loss_name):
     return layout.join(coef, icpt)
 
 
-def _import_quietly(name):
-    try:
-        importlib.import_module(name)
-    except Exception:  # pragma: no cover - the fit's own import reports it
-        pass
+@dataclass
+class _Trained:
+    """What one training run gives the model."""
+
+    result: sync.FitResult
+    layout: kernels.Layout
+    loss_name: str
+    loss: kernels.Loss
+    num_classes: int | None
+    facts: object
 
 
 # ----------------------------------------------------------------------------
@@ -183,14 +192,14 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         """-> (loss name, loss object), once the number of classes is known."""
         raise NotImplementedError
 
-    def _num_classes(self, blocks):
+    def _num_classes(self, facts):
         return None
 
     def _validate(self):
         _validate_common(self)
 
-    def _check_labels(self, blocks, loss_name):
-        lo, hi, integral = blocks.label_range()
+    def _check_labels(self, facts, loss_name):
+        lo, hi, integral = facts.label_range()
         label = self.getLabelCol()
         kind = kernels.LOSSES[loss_name].labels
         if kind == "binary" and (lo < 0 or hi > 1 or not integral):
@@ -213,88 +222,62 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         weight_col = self.getWeightCol() if self.isSet(self.weightCol) else None
         spec = data.resolve_input(dataset.schema, self.getFeaturesCol(), self.getFeatureCols(),
                                   self.getLabelCol(), weight_col or None, source=source)
-        if self.getOptimizer() == "lbfgs":
-            # SciPy's optimizers take 0.3 s to import: let that overlap the block build
-            threading.Thread(target=_import_quietly, args=("sparkgd.optim.lbfgs",),
-                             daemon=True).start()
-        store = "auto"
-        for attempt in range(1, MAX_SERVED_ATTEMPTS + 2):
-            try:
-                out = self._fit_blocks(dataset, spec, source, store)
-                break
-            except WorkersUnavailable as e:
-                log.warning("sparkgd: %s; building block files instead", e)
-                store = "files"
-            except TaskLost as e:
-                # A task holding blocks was lost mid-fit: its passes are not vouched
-                # for. Start over on blocks built anew: the same objective, so lbfgs and
-                # gd reach the same model up to rounding (sgd's mini-batches follow the
-                # blocks and may differ if the slots changed). After repeated losses use
-                # the file store, which recovers lost blocks through lineage instead.
-                log.warning("sparkgd: %s; starting the fit over (attempt %d)",
-                            str(e).splitlines()[0], attempt + 1)
-                if attempt >= MAX_SERVED_ATTEMPTS:
-                    store = "files"
-        else:  # pragma: no cover - the file store never raises TaskLost
-            raise SparkgdError("the fit could not complete")
-        result, layout, loss_name, loss, num_classes, num_rows, num_partitions = out
-        coef, intercept = layout.split(result.theta)
+        optim.preload(self.getOptimizer())   # overlaps the block build
+        fit = engine.run(dataset, spec, self._train, source=source, dtype=self.getDtype(),
+                         aggregation_depth=self.getAggregationDepth())
+        coef, intercept = fit.layout.split(fit.result.theta)
         coef, intercept = self._identify(coef.copy(), intercept.copy())
+        result, facts = fit.result, fit.facts
         summary = TrainingSummary(
             objectiveHistory=result.objective_history, totalIterations=result.iterations,
             trainingSeconds=result.seconds, bytesCommunicated=result.bytes_communicated,
             numEvaluations=result.evaluations, converged=result.converged,
-            message=result.message, numRows=num_rows,
-            numPartitions=num_partitions)
-        model = self._model_class._from_fit(coef, intercept, loss_name, num_classes, summary,
-                                            loss.params())
+            message=result.message, numRows=facts.num_rows,
+            numPartitions=facts.num_partitions)
+        model = self._model_class._from_fit(coef, intercept, fit.loss_name, fit.num_classes,
+                                            summary, fit.loss.params())
         model._est_params = self._param_values()
         return self._copyValues(model)
 
-    def _fit_blocks(self, dataset, spec, source, store):
-        """One fit on blocks built with ``store``; raises TaskLost when the served
-        store's passes cannot be vouched for."""
+    def _train(self, engine):
+        """One fit over ``engine``'s blocks: the loss (once the labels are known), the
+        starting point, the space the optimizer steps in, the training loop."""
         optimizer = self.getOptimizer()
         step = self.getStepSize() if self.isSet(self.stepSize) else None
         standardize = self.getStandardization()
-        with data.build_blocks(dataset, spec, source=source, store=store,
-                               dtype=self.getDtype()) as blocks:
-            num_classes = self._num_classes(blocks)
-            loss_name, loss = self._loss(num_classes)
-            self._check_labels(blocks, loss_name)
-            layout = kernels.Layout(blocks.num_features, loss.n_outputs(num_classes),
-                                    self.getFitIntercept())
-            x0 = _initial_theta(self.getInitialModel(), layout, num_classes, loss_name)
-            if self.getInitialModel() is None and layout.fit_intercept:
-                x0 = self._start(x0, layout, blocks, loss_name)
-            aggregator = Aggregator("tree", self.getAggregationDepth())
-            line_search = optimizer == "lbfgs" or (optimizer == "gd" and step is None)
-            mean = std = pre = None
-            if line_search or standardize:
-                mean, std = stats.feature_moments(blocks, layout.d, aggregator)
-            penalty = Penalty(layout, self.getRegParam(), self.getElasticNetParam(),
-                              feature_scale=std if standardize else None)
-            if std is not None:
-                # Line-search methods step where every coordinate has about the same
-                # curvature, the loss's and the penalty's (the objective is unchanged);
-                # fixed-step methods step in the space the user chose the step for: the
-                # original one, or the standardized one.
-                pre = stats.Preconditioner(
-                    mean, std, layout, center=line_search,
-                    constant_scale=0.0 if standardize else 1.0,
-                    l2=penalty.l2_weights[:layout.d] if line_search else None,
-                    curvature=loss.curvature)
-            objective = sync.DistributedObjective(blocks, loss, layout, penalty, aggregator)
-            result = sync.fit(objective, x0, optimizer=optimizer, max_iter=self.getMaxIter(),
-                              tol=self.getTol(), step_size=step, precondition=pre,
-                              mini_batch_fraction=self.getMiniBatchFraction(),
-                              seed=self.getSeed())
-        if not blocks.certified:
-            raise TaskLost("the serving job did not end cleanly")
-        return (result, layout, loss_name, loss, num_classes, blocks.num_rows,
-                blocks.num_partitions)
+        facts = engine.facts
+        num_classes = self._num_classes(facts)
+        loss_name, loss = self._loss(num_classes)
+        self._check_labels(facts, loss_name)
+        layout = kernels.Layout(facts.num_features, loss.n_outputs(num_classes),
+                                self.getFitIntercept())
+        x0 = _initial_theta(self.getInitialModel(), layout, num_classes, loss_name)
+        if self.getInitialModel() is None and layout.fit_intercept:
+            x0 = self._start(x0, layout, facts, loss_name)
+        line_search = optimizer == "lbfgs" or (optimizer == "gd" and step is None)
+        mean = std = pre = None
+        if line_search or standardize:
+            mean, std = engine.moments(layout.d)
+        penalty = Penalty(layout, self.getRegParam(), self.getElasticNetParam(),
+                          feature_scale=std if standardize else None)
+        if std is not None:
+            # Line-search methods step where every coordinate has about the same
+            # curvature, the loss's and the penalty's (the objective is unchanged);
+            # fixed-step methods step in the space the user chose the step for: the
+            # original one, or the standardized one.
+            pre = stats.Preconditioner(
+                mean, std, layout, center=line_search,
+                constant_scale=0.0 if standardize else 1.0,
+                l2=penalty.l2_weights[:layout.d] if line_search else None,
+                curvature=loss.curvature)
+        objective = sync.DistributedObjective(engine, loss, layout, penalty)
+        result = sync.fit(objective, x0, optimizer=optimizer, max_iter=self.getMaxIter(),
+                          tol=self.getTol(), step_size=step, precondition=pre,
+                          mini_batch_fraction=self.getMiniBatchFraction(),
+                          seed=self.getSeed())
+        return _Trained(result, layout, loss_name, loss, num_classes, facts)
 
-    def _start(self, x0, layout, blocks, loss_name):
+    def _start(self, x0, layout, facts, loss_name):
         """The starting point of a fit from scratch (zeros unless a subclass knows better)."""
         return x0
 
@@ -349,8 +332,8 @@ class LinearRegression(_SparkgdEstimator):
             return name, kernels.make_loss(name)
         if name == "huber":
             eps = self.getOrDefault(self.epsilon)
-            if not eps > 0:
-                raise SparkgdError(f"epsilon must be > 0 (got {eps})")
+            if not 0 < eps < math.inf:
+                raise SparkgdError(f"epsilon must be a finite number > 0 (got {eps})")
             return name, kernels.make_loss(name, epsilon=eps)
         raise SparkgdError(f"unknown loss '{name}' for LinearRegression; "
                            "expected squared or huber")
@@ -400,16 +383,16 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
             raise SparkgdError(f"unknown family '{self.getFamily()}'; expected auto, binomial "
                                "or multinomial")
 
-    def _num_classes(self, blocks):
+    def _num_classes(self, facts):
         """2 for binomial; max label + 1 (at least 2) when labels are class indices."""
-        lo, hi, integral = blocks.label_range()
+        lo, hi, integral = facts.label_range()
         if self.getFamily() == "binomial" or not integral or lo < 0:
             return 2  # labels that are no class indices fail _check_labels
         k = int(hi) + 1
-        if k > max(2, min(blocks.num_rows, 100000)):
+        if k > max(2, min(facts.num_rows, 100000)):
             raise SparkgdError(
                 f"label column '{self.getLabelCol()}' holds {hi:g}: that would be {k} classes "
-                f"for {blocks.num_rows} rows; labels must be class indices 0, 1, 2, ...")
+                f"for {facts.num_rows} rows; labels must be class indices 0, 1, 2, ...")
         return max(k, 2)
 
     def _loss(self, num_classes):
@@ -417,11 +400,11 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
             return "multinomial", kernels.make_loss("multinomial")
         return "logistic", kernels.make_loss("logistic")
 
-    def _start(self, x0, layout, blocks, loss_name):
+    def _start(self, x0, layout, facts, loss_name):
         """Intercepts that match the label distribution, as Spark ML starts: log-odds
         for binomial, centred log(count + 1) for multinomial. Fewer iterations; the
         optimum is the same."""
-        counts = blocks.label_weights()
+        counts = facts.label_weights()
         if counts is None:
             return x0
         x0 = x0.copy()
@@ -474,7 +457,7 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
     def _loss(self, num_classes):
         return "hinge", kernels.make_loss("hinge")
 
-    def _num_classes(self, blocks):
+    def _num_classes(self, facts):
         return 2
 
 
@@ -634,3 +617,10 @@ LinearSVC._model_class = LinearSVCModel
 #: Saved class name -> model class (``load_model`` looks names up here; nothing is eval'd).
 MODEL_CLASSES = {cls.__name__: cls for cls in (LinearRegressionModel, LogisticRegressionModel,
                                                LinearSVCModel)}
+
+
+def load_model(path):
+    """Read a model written by ``model.save`` (``sparkgd.load_model``)."""
+    from . import persist
+
+    return persist.load_model(path, MODEL_CLASSES)

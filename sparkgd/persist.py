@@ -84,9 +84,9 @@ def _json_default(v):
     raise TypeError(f"not JSON serializable: {type(v).__name__}")
 
 
-def load_model(path):
-    """Read a model written by ``model.save``."""
-    from .estimators import MODEL_CLASSES
+def load_model(path, classes):
+    """Read a model written by ``model.save``. ``classes``: saved class name -> model
+    class (:data:`sparkgd.estimators.MODEL_CLASSES`; a name is looked up, never eval'd)."""
     from .summary import TrainingSummary
 
     root = _local_path(path)
@@ -98,7 +98,7 @@ def load_model(path):
             meta = json.load(f)
         coef = np.load(os.path.join(root, "coefficients.npy"), allow_pickle=False)
         intercept = np.load(os.path.join(root, "intercept.npy"), allow_pickle=False)
-        cls = MODEL_CLASSES.get(meta.get("class"))
+        cls = classes.get(meta.get("class"))
         if cls is None:
             raise ValueError(f"unknown model class {meta.get('class')!r}")
         d = int(meta["numFeatures"])

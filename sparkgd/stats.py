@@ -1,4 +1,4 @@
-"""Feature moments over the cached blocks: weighted mean and standard deviation.
+"""Feature moments (weighted mean and standard deviation) and the preconditioner. NumPy only.
 
 Used to precondition the optimizers (a diagonal change of variables that leaves
 the objective as it is) and, with ``standardization=True``, to define the
@@ -100,26 +100,9 @@ def moments_from_merged(total, d):
     return mean.copy(), std
 
 
-def _moments_task(blocks, d):
-    total = np.zeros(2 + 2 * d)
-    for X, _y, w in blocks:
-        total = merge_moments(total, block_moments(X, w, d))
-    yield total
-
-
-def feature_moments(blocks, d, aggregator):
-    """Distributed (mean, std) of every feature over :class:`~sparkgd.data.Blocks`.
-
-    Moments do not add up like gradients, so each block's or task's (W, mean, M2)
-    comes to the driver, which merges them (counted in ``bytes_communicated``). Blocks
-    built with their moments in their facts need no pass at all.
-    """
-    if blocks.infos and all(i.get("moments") is not None for i in blocks.infos):
-        parts = [np.asarray(i["moments"], dtype=np.float64) for i in blocks.infos]
-    else:
-        parts = blocks.run(
-            lambda rdd: rdd.mapPartitions(lambda it: _moments_task(it, d)).collect())
-    aggregator.bytes_communicated += 8 * (2 + 2 * d) * len(parts)
+def moments_from_parts(parts, d):
+    """(mean, std) of every feature from per-block or per-task :func:`block_moments`
+    (any widths up to ``d``), merged in order."""
     total = np.zeros(2 + 2 * d)
     for part in parts:
         total = merge_moments(total, part)

@@ -5,6 +5,7 @@ import pytest
 import scipy.sparse as sp
 
 from sparkgd import data
+from sparkgd.data import arrow, facts
 from sparkgd.errors import SparkgdError
 
 ARRAY = data.InputSpec("array", ("features",), "label", None)
@@ -41,20 +42,20 @@ def vector_array(rows, d):
 
 
 def test_array_column_becomes_c_contiguous_float64():
-    X, y, w = data.arrow_to_xyw(batch([[1, 2, 3], [4, 5, 6]], [0, 1]), ARRAY)
+    X, y, w = arrow.arrow_to_xyw(batch([[1, 2, 3], [4, 5, 6]], [0, 1]), ARRAY)
     assert X.flags["C_CONTIGUOUS"] and X.dtype == np.float64
     np.testing.assert_array_equal(X, [[1, 2, 3], [4, 5, 6]])
     assert y.tolist() == [0.0, 1.0] and w is None
 
 
 def test_weights_are_read():
-    _, _, w = data.arrow_to_xyw(batch([[1.0], [2.0]], [0, 1], [0.5, 2.0]), WEIGHTED)
+    _, _, w = arrow.arrow_to_xyw(batch([[1.0], [2.0]], [0, 1], [0.5, 2.0]), WEIGHTED)
     assert w.tolist() == [0.5, 2.0]
 
 
 def test_sliced_batches_are_read_from_their_offset():
     b = batch([[1, 2], [3, 4], [5, 6]], [0, 1, 0]).slice(1, 2)
-    X, y, _ = data.arrow_to_xyw(b, ARRAY)
+    X, y, _ = arrow.arrow_to_xyw(b, ARRAY)
     np.testing.assert_array_equal(X, [[3, 4], [5, 6]])
     assert y.tolist() == [1.0, 0.0]
 
@@ -63,7 +64,7 @@ def test_numeric_columns_are_stacked():
     spec = data.InputSpec("columns", ("a", "b"), "label", None)
     b = pa.RecordBatch.from_arrays([pa.array([1.0, 2.0]), pa.array([3.0, 4.0]),
                                     pa.array([1.0, 0.0])], names=["f0", "f1", "label"])
-    X, _, _ = data.arrow_to_xyw(b, spec)
+    X, _, _ = arrow.arrow_to_xyw(b, spec)
     np.testing.assert_array_equal(X, [[1, 3], [2, 4]])
 
 
@@ -103,40 +104,20 @@ def test_sparse_vectors_stay_csr():
 ])
 def test_bad_rows_are_named(features, label, weight, message):
     spec = WEIGHTED if weight is not None else ARRAY
-    with pytest.raises(data.BadInput, match=message):
-        data.arrow_to_xyw(batch(features, label, weight), spec)
+    with pytest.raises(arrow.BadInput, match=message):
+        arrow.arrow_to_xyw(batch(features, label, weight), spec)
 
 
 def test_label_weights_are_a_weighted_histogram_that_merges():
     y = np.array([0.0, 2.0, 2.0, 1.0])
     w = np.array([1.0, 0.5, 2.0, 3.0])
-    assert data.label_weights(y, w) == [1.0, 3.0, 2.5]
-    assert data.label_weights(y, None) == [1.0, 1.0, 2.0]
-    assert data.label_weights(np.array([0.5, 1.0]), None) is None
-    assert data.label_weights(np.array([-1.0, 1.0]), None) is None
-    assert data.merge_label_weights([1.0, 3.0, 2.5], [2.0]) == [3.0, 3.0, 2.5]
-    assert data.merge_label_weights([], [2.0]) == [2.0]
-    assert data.merge_label_weights([1.0], None) is None
-
-
-def test_encode_decode_roundtrip_and_chunking():
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(25, 3))
-    b = batch(X.tolist(), rng.integers(0, 2, 25).astype(float).tolist(),
-              rng.uniform(1, 2, 25).tolist())
-    rows = [r.to_pylist()[0] for r in data.encode_partition(iter([b]), WEIGHTED,
-                                                            max_bytes=8 * 3 * 10)]
-    assert [r["n"] for r in rows] == [10, 10, 5]
-    decoded = [data.decode_row(r)[1] for r in rows]
-    np.testing.assert_array_equal(np.vstack([blk[0] for blk in decoded]), X)
-    assert data.decode_row(rows[0])[0]["n"] == 10
-
-
-def test_encode_reports_bad_input_instead_of_raising():
-    rows = [r.to_pylist()[0] for r in data.encode_partition(
-        iter([batch([[1.0], [2.0, 3.0]], [0, 1])]), ARRAY)]
-    info, block = data.decode_row(rows[0])
-    assert block is None and "row 1 has 2 elements" in info["error"]
+    assert facts.label_weights(y, w) == [1.0, 3.0, 2.5]
+    assert facts.label_weights(y, None) == [1.0, 1.0, 2.0]
+    assert facts.label_weights(np.array([0.5, 1.0]), None) is None
+    assert facts.label_weights(np.array([-1.0, 1.0]), None) is None
+    assert facts.merge_label_weights([1.0, 3.0, 2.5], [2.0]) == [3.0, 3.0, 2.5]
+    assert facts.merge_label_weights([], [2.0]) == [2.0]
+    assert facts.merge_label_weights([1.0], None) is None
 
 
 # ---------------------------------------------------------------------------- Spark

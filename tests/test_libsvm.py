@@ -1,4 +1,4 @@
-"""sparkgd.libsvm: LIBSVM lines (Arrow strings) -> CSR pieces. No Spark."""
+"""sparkgd.data.libsvm: LIBSVM lines (Arrow strings) -> CSR pieces. No Spark."""
 import re
 
 import numpy as np
@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
-from sparkgd.libsvm import LibsvmError, Parsed, parse_lines, to_csr
+from sparkgd.data.libsvm import LibsvmError, Parsed, parse_lines, to_csr
 
 
 def reference(lines):

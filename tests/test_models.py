@@ -329,7 +329,8 @@ def sparse_df(spark, X, y, partitions=2):
 
 
 def test_sparse_vectors_become_csr_and_agree_with_dense(spark):
-    from sparkgd.data import build_blocks, resolve_input
+    from sparkgd.data import resolve_input
+    from sparkgd.engine import Engine
     from sparkgd.modes.sync import DistributedObjective
     from sparkgd.penalties import Penalty
 
@@ -342,9 +343,9 @@ def test_sparse_vectors_become_csr_and_agree_with_dense(spark):
     theta = rng.normal(size=layout.size) * 0.1
     values = []
     for df in (sdf, ddf):
-        with build_blocks(df, resolve_input(df.schema)) as blocks:
-            kinds = blocks.rdd.map(lambda b: sp.issparse(b[0])).collect()
-            values.append((kinds, DistributedObjective(blocks, kernels.make_loss("logistic"),
+        with Engine.open(df, resolve_input(df.schema), store="files") as engine:
+            kinds = engine._store.rdd.map(lambda b: sp.issparse(b[0])).collect()
+            values.append((kinds, DistributedObjective(engine, kernels.make_loss("logistic"),
                                                         layout, Penalty(layout, 0.1))(theta)))
     (sk, (fs, gs)), (dk, (fd, gd)) = values
     assert all(sk) and not any(dk)

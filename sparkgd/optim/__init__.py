@@ -17,33 +17,33 @@ is at most ``tol`` (``tol=0`` runs all ``max_iter`` iterations).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
+
+from .base import OptimResult, converged, l1_value
+
+__all__ = ["OPTIMIZERS", "STOCHASTIC", "OptimResult", "converged", "l1_value", "minimize",
+           "preload"]
 
 OPTIMIZERS = ("lbfgs", "gd", "sgd", "momentum", "nesterov", "adam")
 #: The optimizers that can step on mini-batch estimates (``miniBatchFraction < 1``).
 STOCHASTIC = ("sgd", "momentum", "nesterov", "adam")
 
 
-@dataclass
-class OptimResult:
-    x: np.ndarray
-    fun: float
-    history: list = field(default_factory=list)  # F after each iteration
-    iterations: int = 0
-    converged: bool = False
-    message: str = ""
+def preload(name):
+    """Import an optimizer's module in a background thread (SciPy's optimizers take
+    0.3 s to import: a fit overlaps that with building its blocks)."""
+    if name != "lbfgs":
+        return
+    import importlib
+    import threading
 
+    def load():
+        try:
+            importlib.import_module("sparkgd.optim.lbfgs")
+        except Exception:  # pragma: no cover - the fit's own import reports it
+            pass
 
-def converged(f_prev, f, tol):
-    """The contract's stopping rule; ``tol <= 0`` never stops (all maxIter iterations
-    run, even once F stops changing)."""
-    return tol > 0 and abs(f_prev - f) <= tol * max(abs(f_prev), abs(f), 1.0)
-
-
-def l1_value(l1, x):
-    return 0.0 if l1 is None else float(l1 @ np.abs(x))
+    threading.Thread(target=load, name="sparkgd-preload", daemon=True).start()
 
 
 def minimize(name, fun, x0, max_iter=100, tol=1e-6, step_size=None, l1=None, callback=None,

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..penalties import soft_threshold
-from . import OptimResult, converged, l1_value
+from .base import OptimResult, converged, l1_value
 
 DEFAULT_STEP = {"sgd": 1.0, "momentum": 0.1, "nesterov": 0.1, "adam": 0.01}
 

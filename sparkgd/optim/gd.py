@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..penalties import soft_threshold
-from . import OptimResult, converged, l1_value
+from .base import OptimResult, converged, l1_value
 
 ARMIJO_C = 1e-4
 MAX_HALVINGS = 60

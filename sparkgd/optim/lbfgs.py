@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize as _scipy_minimize
 
-from . import OptimResult, l1_value
+from .base import OptimResult, l1_value
 
 #: Correction pairs kept, as Spark ML's LogisticRegression / LinearRegression.
 HISTORY_SIZE = 10

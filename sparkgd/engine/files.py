@@ -1,25 +1,19 @@
-"""Where cached blocks live between iterations.
+"""The file store: blocks as memory-mapped files on executors.
 
-Three stores:
-
-* :class:`ServedBlocks` (the default, dense or sparse features): the tasks that
-  read the DataFrame keep its Arrow batches (dense) or CSR blocks (sparse) in their
-  Python workers' memory and serve the fit's passes themselves; nothing is written,
-  no second job runs. A lost task means the fit starts over (see
-  :mod:`sparkgd.workers`);
-* :class:`FileBlocks` (with dynamic allocation, or when the served store cannot get
-  a slot per task): memory-mapped files on executors, described below;
-* :class:`MemoryBlocks`: pickled blocks in Spark's cache, the plain path, kept
-  for comparison.
-
-Caching NumPy blocks in Spark's cache means the JVM streams every cached byte
+Used with dynamic allocation, or when the served store cannot get a slot per task.
+Caching NumPy blocks in Spark's cache would make the JVM stream every cached byte
 to the Python worker again each iteration; that copy costs more than the
-arithmetic. The file store writes each block once, as raw binary files, into the
+arithmetic. This store writes each block once, as raw binary files, into the
 executor's own Spark local directory (``SPARK_LOCAL_DIRS``, which Spark deletes
 when the executor exits), and the cached RDD holds only small *handles*. A task
 maps its files (``np.memmap``): the OS page cache serves them, no
 copy, no deserialization. The files are written straight from the Arrow batches
 inside ``mapInArrow``, so the data never travels back through the JVM.
+
+Passes reach the files either through one long-lived serving job
+(:class:`WorkerSession`: one task per executor, theta and sums over the hub's
+sockets) or, when the cluster cannot run every such task at once, through one Spark
+job per pass (:func:`sparkgd.engine.jobs.pass_sums`); the engine decides.
 
 Recovery:
 
@@ -28,15 +22,19 @@ Recovery:
   executor runs the task;
 * a handle whose files are gone (deleted, or the task ran on another host than
   the one that wrote them) raises :class:`BlockMissing` in the task; the driver
-  (:meth:`FileBlocks.run`) then drops the handles, rebuilds them through lineage
-  and runs the job again. A fit never goes on with different data.
+  (:meth:`FileStore.run`) then drops the handles, rebuilds them through lineage
+  and runs the job again. A fit never goes on with different data;
+* a serving task whose input ended early (a lost shuffle fetch) is refused: the
+  driver knows which blocks each task index must hold (:func:`keys_by_task`), and
+  a new attempt of a lost task reconnects and gets the evaluation in progress.
 
-:meth:`FileBlocks.release` unpersists the handles and deletes the files the fit
+:meth:`FileStore.release` unpersists the handles and deletes the files the fit
 wrote (a job on every executor slot); whatever it cannot reach is inside the
 executor's local directory, which Spark removes at exit.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -45,6 +43,13 @@ import uuid
 
 import numpy as np
 import scipy.sparse as sp
+
+from ..data.arrow import BadInput, stored_dense, xyw_batches
+from ..data.facts import block_info, block_key, merge_infos
+from . import jobs, wire
+from .hub import Hub, WorkersFailed, driver_address
+from .slots import coalesced_parents, local_cores, task_layout
+
 
 MISSING_MARKER = "sparkgd-block-missing"
 
@@ -129,30 +134,13 @@ class _BlockFile:
         return self.info, handle
 
 
-def merge_infos(a, b):
-    """Combine the facts of two row sets (see ``data.block_info``)."""
-    from .data import merge_label_weights
-    from .stats import merge_moments
-
-    return {"n": a["n"] + b["n"], "d": max(a["d"], b["d"]), "wsum": a["wsum"] + b["wsum"],
-            "ymin": min(a["ymin"], b["ymin"]), "ymax": max(a["ymax"], b["ymax"]),
-            "yint": a["yint"] and b["yint"], "nnz": a["nnz"] + b["nnz"],
-            "yw": merge_label_weights(a.get("yw"), b.get("yw")),
-            "moments": None if a.get("moments") is None or b.get("moments") is None
-            else merge_moments(np.asarray(a["moments"]), np.asarray(b["moments"])).tolist()}
-
-
 def write_arrow_partition(batches, spec, fit_id, dtype="float64"):
     """mapInArrow body: Arrow batches of one partition -> block files, and one small
     row per block: ``info`` (facts, or the bad-input message) and ``handle`` (JSON).
 
     ``dtype``: how dense features are stored. With float32 the facts (moments) are
     computed from the rounded values, so they describe exactly what the passes read."""
-    import json
-
     import pyarrow as pa
-
-    from .data import BadInput, block_info, stored_dense, xyw_batches
 
     def row(info, handle):
         return pa.RecordBatch.from_pydict({"info": [json.dumps(info)],
@@ -214,26 +202,14 @@ def _open_partition(pairs):
 
 
 def _open_keyed(pairs):
-    from .data import block_key
-
     for info, handle in pairs:
         if handle is not None:
             yield block_key(info), open_block(handle)
 
 
-def _keyed_in_memory(pairs):
-    from .data import block_key
-
-    for info, block in pairs:
-        if block is not None:
-            yield block_key(info), block
-
-
 def keys_by_task(infos, parents):
     """The block keys each task must hold: ``parents[i]`` lists the data partitions
     task i reads (a coalesce groups several)."""
-    from .data import block_key
-
     by_part = {}
     for info in infos:
         if "part" in info:
@@ -241,10 +217,21 @@ def keys_by_task(infos, parents):
     return [sorted(k for p in ps for k in by_part.get(p, [])) for ps in parents]
 
 
-def coalesced_parents(rdd):
-    """Data partitions behind each partition of ``rdd``, a ``coalesce`` of them, as
-    Spark's own CoalescedRDD grouped them."""
-    return [[int(i) for i in part.parentsIndices()] for part in rdd._jrdd.rdd().partitions()]
+def _stamp(part, pairs):
+    """Give each block of data partition ``part`` its identity (see :func:`block_key`).
+
+    Stamped here, by the RDD's own partition index, not from the task context: a
+    coalesced task computes several partitions, and its context names only its own."""
+    seq = 0
+    for info, block in pairs:
+        if block is not None:
+            info = dict(info, part=part, seq=seq)
+            seq += 1
+        yield info, block
+
+
+def _parse_handles(part, rows):
+    return _stamp(part, ((json.loads(r["info"]), json.loads(r["handle"])) for r in rows))
 
 
 def _remove_fit_dir(fit_id):
@@ -252,94 +239,40 @@ def _remove_fit_dir(fit_id):
     yield 0
 
 
-class MemoryBlocks:
-    """Blocks pickled into Spark's own cache (the plain path, kept for comparison:
-    every iteration streams the cached bytes from the JVM to Python again)."""
+class FileStore:
+    """Handles to memory-mapped block files.
 
-    kind = "memory"
-
-    def __init__(self, pairs):
-        self._pairs = pairs
-        self.rdd = None
-        self.rebuilds = 0
-
-    def materialize(self):
-        from pyspark import StorageLevel
-
-        self._pairs.persist(StorageLevel.MEMORY_ONLY)
-        self._pairs.setName("sparkgd blocks")
-        self.rdd = self._pairs.mapPartitions(_open_in_memory, preservesPartitioning=True)
-        self.serving_rdd = self._pairs.mapPartitions(_keyed_in_memory,
-                                                     preservesPartitioning=True)
-        infos = self._pairs.map(lambda p: p[0]).collect()
-        self.task_keys = keys_by_task(infos, [[i] for i in range(self.num_partitions)])
-        return infos
-
-    @property
-    def num_partitions(self):
-        return self._pairs.getNumPartitions()
-
-    def run(self, job, serving=False):
-        """``job(rdd)``; ``serving``: over (key, block) pairs, for serving tasks."""
-        return job(self.serving_rdd if serving else self.rdd)
-
-    def release(self):
-        self._pairs.unpersist(blocking=False)
-
-
-def _open_in_memory(pairs):
-    for _info, block in pairs:
-        if block is not None:
-            yield block
-
-
-def local_cores(master):
-    """Task slots of a ``local``/``local[N]``/``local[*]``/``local[N,F]`` master;
-    None for any other master (a cluster: its slots are not known up front)."""
-    import re
-
-    m = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", master.strip())
-    if m is None:
-        return None
-    n = m.group(1)
-    if n is None:
-        return 1
-    return max(1, os.cpu_count() or 1) if n == "*" else max(1, int(n))
-
-
-def task_layout(sc):
-    """-> (tasks per pass, threads per task): one task per executor using its cores.
-
-    ``local[N]`` is one executor with N cores; elsewhere ``spark.executor.cores``
-    (default 1) says how many cores each executor has.
-    """
-    cores = local_cores(sc.master)
-    if cores is not None:
-        return 1, cores
-    slots = max(1, sc.defaultParallelism)
-    cores = int(sc.getConf().get("spark.executor.cores", "1") or 1)
-    cores = max(1, min(cores, slots))
-    return max(1, slots // cores), cores
-
-
-class FileBlocks:
-    """Handles to memory-mapped block files; the fast block store.
-
-    ``handles`` is an uncached RDD of (info, handle) whose computation writes the
-    files (:func:`write_arrow_partition` under ``mapInArrow``): recomputing it
-    through lineage rewrites them. ``self.rdd`` yields (X, y, w) like the
-    in-memory store, so kernels do not know which store they read.
+    ``_handles`` is an uncached RDD of (info, handle) whose computation writes the
+    files (:func:`write_arrow_partition` under ``mapInArrow`` of the projection
+    ``frame``): recomputing it through lineage rewrites them. ``self.rdd`` yields
+    (X, y, w) for one Spark job per pass; :meth:`serve` runs a pass through the
+    long-lived serving tasks instead.
     """
 
     kind = "files"
 
-    def __init__(self, handles, fit_id):
-        self._handles = handles
+    def __init__(self, frame, spec, dtype="float64"):
+        fit_id = uuid.uuid4().hex[:16]
+        rows = frame.mapInArrow(
+            lambda it, _s=spec, _t=dtype: write_arrow_partition(it, _s, fit_id, _t),
+            "info string, handle string")
+        self._handles = rows.rdd.mapPartitionsWithIndex(_parse_handles)
         self.fit_id = fit_id
         self.rebuilds = 0
         self._cached = False
         self.rdd = None
         self.threads_per_task = 1
+        self.certified = True       # a file-store pass never needs vouching for
+        self._session = None
+        self.wait_seconds = 30.0
+
+    @property
+    def context(self):
+        return self._handles.context
+
+    @property
+    def num_tasks(self):
+        return self.rdd.getNumPartitions()
 
     @property
     def num_partitions(self):
@@ -387,8 +320,34 @@ class FileBlocks:
             self._handles.unpersist(blocking=True)
             self._cached = False
 
+    def serve(self, theta, loss, layout, sample):
+        """One pass through the serving tasks -> their sums, in task order (the job is
+        started on first use, and again when a rebuild handed over a new RDD)."""
+        return self.run(lambda rdd: self._serve(rdd, theta, loss, layout, sample),
+                        serving=True)
+
+    def _serve(self, rdd, theta, loss, layout, sample):
+        session = self._session
+        if session is None or session.rdd is not rdd:
+            self.close_session()
+            session = self._session = WorkerSession(rdd, self.threads_per_task,
+                                                    self.wait_seconds, self.task_keys)
+        try:
+            session.configure(loss, layout)
+            return session.evaluate(theta, sample)
+        except WorkersFailed:
+            self.close_session()
+            raise
+
+    def close_session(self):
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
+
     def release(self):
-        """Unpersist the handles and delete this fit's files on every executor slot."""
+        """Stop the serving tasks, unpersist the handles and delete this fit's files on
+        every executor slot."""
+        self.close_session()
         self._drop()
         sc = self._handles.context
         # local mode is one executor: one task reaches every file; elsewhere a task per
@@ -403,104 +362,65 @@ class FileBlocks:
             pass           # local dirs when executors exit
 
 
-def coalesced_input_partitions(rdd):
-    """Partitions of the data under the ``coalesce`` in ``rdd``'s lineage (None if
-    there is none, or Spark's internals do not say)."""
+# ------------------------------------------------------------ serving the files
+
+
+class IncompleteInput(RuntimeError):
+    """The driver refused a serving task: it did not get the blocks it should have."""
+
+
+def serve_partition(index, items, address, secret, threads):
+    """The body of one serving task: open the blocks once, then answer the driver
+    until it says stop (or goes away). Captures plain values only.
+
+    ``items``: (key, (X, y, w)) pairs. The task tells the driver which blocks it
+    got; the driver refuses it unless they are exactly the blocks this task index
+    must hold. That matters: when a task's input fails upstream (e.g. a shuffle
+    fetch after a lost executor), Spark fails the task, but its Python side only
+    sees the input end early and would serve what it got. A refused task raises
+    (and ends)."""
+    from pyspark import TaskContext
+
+    pairs = list(items)           # blocks memory-mapped
+    keys = [k for k, _ in pairs]
+    blocks = [b for _, b in pairs]
+    ctx = TaskContext.get()
+    attempt = ctx.attemptNumber() if ctx is not None else 0
+    sock = wire.connect(address, secret, index, attempt, keys)
+    if sock is None:
+        raise IncompleteInput(
+            f"sparkgd: serving task {index} (attempt {attempt}) got {len(keys)} "
+            f"block(s), not the ones it must hold: its input ended early")
     try:
-        todo, seen = [rdd._jrdd.rdd()], 0
-        while todo and seen < 100:
-            r = todo.pop()
-            seen += 1
-            if r.getClass().getSimpleName() == "CoalescedRDD":
-                return int(r.prev().getNumPartitions())
-            deps = r.dependencies()
-            todo.extend(deps.apply(j).rdd() for j in range(deps.size()))
-    except Exception:  # pragma: no cover - internals of another Spark version
-        pass
-    return None
+        wire.serve(sock, blocks, index, threads)
+    finally:
+        sock.close()
+    yield index
 
 
-def task_cpus(sc):
-    """``spark.task.cpus``: the cores each task gets."""
-    return max(1, int(sc.getConf().get("spark.task.cpus", "1") or 1))
+class WorkerSession(jobs.ServingJob):
+    """One serving job over ``rdd`` (one long-lived task per partition).
 
-
-def task_slots(sc):
-    """Tasks that can run at once: the slots of the executors registered now (what
-    Spark's barrier mode checks against; in local mode the cores Spark itself counted,
-    which respects a container's CPU limit), else the master's ``local[N]``, else
-    ``defaultParallelism`` over ``spark.task.cpus``."""
-    try:
-        jsc = sc._jsc.sc()
-        slots = int(jsc.maxNumConcurrentTasks(
-            jsc.resourceProfileManager().defaultResourceProfile()))
-    except Exception:  # an internal method: if a Spark version lacks it, estimate
-        slots = 0
-    if slots > 0:
-        return slots
-    cores = local_cores(sc.master)
-    if cores is not None:
-        return cores
-    conf, cpus = sc.getConf(), task_cpus(sc)
-    instances = conf.get("spark.executor.instances", None)
-    per = conf.get("spark.executor.cores", None)
-    if instances and per:   # no executor has registered yet: what was asked for
-        return max(1, int(instances) * int(per) // cpus)
-    return max(1, sc.defaultParallelism // cpus)
-
-
-#: How long the served store waits for all its tasks to run before using files instead.
-SERVED_WAIT_SECONDS = 30.0
-
-
-class ServedBlocks:
-    """Blocks built and served by the same tasks (:class:`sparkgd.workers.ServedJob`):
-    the fast path.
-
-    One task per task slot reads its share of the DataFrame (a ``coalesce``, no
-    shuffle) and keeps the Arrow batches in its Python worker's memory; the passes of
-    the fit go to those tasks over sockets. Nothing is written to disk, and there is
-    no second job to start. Every task must run at once, so the job uses at most one
-    task per slot; when that many cannot start, :meth:`materialize` raises
-    :class:`~sparkgd.workers.WorkersUnavailable` and the caller uses
-    :class:`FileBlocks`. A lost task cannot be recomputed behind the fit's back: the
-    fit is started over (see ``certified``).
+    ``evaluate(theta, sample)`` -> the per-task sums, in task order.
+    ``close()`` stops the tasks and waits for the job; always call it.
     """
 
-    kind = "served"
+    def __init__(self, rdd, threads=1, wait_seconds=30.0, expected=None):
+        super().__init__(rdd.context, "workers")
+        self.rdd = rdd
+        self.num_tasks = rdd.getNumPartitions()
+        bind, host = driver_address(self._sc)
+        self.hub = hub = Hub(self.num_tasks, 0, bind, self._raise_if_ended,
+                             self._running_tasks, wait_seconds, expected)
+        address, secret = (host, hub.port), hub.secret
 
-    def __init__(self, frame, spec, dtype, num_partitions, wait_seconds=None, threads=1):
-        self._frame, self._spec, self._dtype = frame, spec, dtype
-        self.num_partitions = num_partitions
-        self.wait_seconds = SERVED_WAIT_SECONDS if wait_seconds is None else wait_seconds
-        self.threads_per_task = max(1, int(threads))   # spark.task.cpus
-        self.rebuilds = 0
-        self.job = None
+        def body(i, it):
+            return serve_partition(i, it, address, secret, threads)
 
-    @property
-    def num_tasks(self):
-        return self.job.num_tasks if self.job is not None else None
-
-    def materialize(self):
-        from .workers import ServedJob, WorkersFailed, WorkersUnavailable
-
+        self._start(lambda: rdd.mapPartitionsWithIndex(body).collect(),
+                    "sparkgd: serving gradient passes")
         try:
-            self.job = ServedJob(self._frame, self._spec, self._dtype, self.wait_seconds,
-                                 self.threads_per_task)
-        except WorkersFailed as e:
-            # e.g. a Python worker out of memory: the file store may well manage (and
-            # reports the input's own errors as well as this store would)
-            raise WorkersUnavailable(f"the served build failed ({str(e).splitlines()[0]})") \
-                from None
-        if self.num_partitions is None:
-            self.num_partitions = coalesced_input_partitions(self.job.rdd) or self.num_tasks
-        return [f for f in self.job.facts if f]
-
-    @property
-    def certified(self):
-        """After release: every pass came from tasks that Spark then saw succeed."""
-        return self.job is not None and self.job.certified
-
-    def release(self):
-        if self.job is not None:
-            self.job.close()
+            hub.wait_for_tasks()
+        except BaseException:
+            self.close()
+            raise

@@ -1,4 +1,4 @@
-"""Serving tasks (sparkgd.workers): wire format, the driver's hub, and the Spark engine.
+"""The engine (sparkgd.engine): wire format, the driver's hub, serving tasks on Spark.
 
 The hub is tested with plain threads standing in for Spark tasks (milliseconds, and
 faults on demand: a task that vanishes mid-evaluation, an intruder with a wrong
@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 import sparkgd
-from sparkgd import kernels, workers
-from sparkgd.data import build_blocks, resolve_input
-from sparkgd.modes import sync
+from sparkgd import kernels
+from sparkgd.data import resolve_input
+from sparkgd.data.arrow import stack_csr
+from sparkgd.engine import Engine, files, served, wire
+from sparkgd.engine.hub import Hub, TaskLost, WorkersFailed, WorkersUnavailable
 from sparkgd.modes.sync import DistributedObjective
 from sparkgd.penalties import Penalty
 
@@ -27,66 +29,66 @@ def test_request_and_reply_roundtrip():
     a, b = socket.socketpair()
     with a, b:
         theta = np.array([1.5, -2.0, 3.25])
-        a.sendall(workers.pack_request(workers.OP_SUMS, theta, (0.25, 7, 3)))
-        op, got, sample = workers.read_request(b)
-        assert op == workers.OP_SUMS and sample == (0.25, 7, 3)
+        a.sendall(wire.pack_request(wire.OP_SUMS, theta, (0.25, 7, 3)))
+        op, got, sample = wire.read_request(b)
+        assert op == wire.OP_SUMS and sample == (0.25, 7, 3)
         np.testing.assert_array_equal(got, theta)
-        a.sendall(workers.pack_request(workers.OP_SUMS, theta))
-        assert workers.read_request(b)[2] is None          # a full pass
-        a.sendall(workers.pack_request(workers.OP_STOP))
-        assert workers.read_request(b)[0] == workers.OP_STOP
-        b.sendall(workers.pack_reply(np.arange(5.0)))
-        np.testing.assert_array_equal(workers.read_reply(a, 5), np.arange(5.0))
+        a.sendall(wire.pack_request(wire.OP_SUMS, theta))
+        assert wire.read_request(b)[2] is None          # a full pass
+        a.sendall(wire.pack_request(wire.OP_STOP))
+        assert wire.read_request(b)[0] == wire.OP_STOP
+        b.sendall(wire.pack_reply(np.arange(5.0)))
+        np.testing.assert_array_equal(wire.read_reply(a, 5), np.arange(5.0))
 
 
 def test_bad_messages_are_refused():
     a, b = socket.socketpair()
     with a, b:
-        b.sendall(workers.pack_reply(np.arange(4.0)))
+        b.sendall(wire.pack_reply(np.arange(4.0)))
         with pytest.raises(ValueError, match="4 values, expected 5"):
-            workers.read_reply(a, 5)
-        a.sendall(workers._REQUEST.pack(9, 0, 1.0, 0, 0))
+            wire.read_reply(a, 5)
+        a.sendall(wire._REQUEST.pack(9, 0, 1.0, 0, 0))
         with pytest.raises(ValueError, match="bad request"):
-            workers.read_request(b)
-        a.sendall(workers._REQUEST.pack(workers.OP_SUMS, 0, 1.0, 0, 1 << 40))
+            wire.read_request(b)
+        a.sendall(wire._REQUEST.pack(wire.OP_SUMS, 0, 1.0, 0, 1 << 40))
         with pytest.raises(ValueError, match="bad request"):
-            workers.read_request(b)
+            wire.read_request(b)
     a, b = socket.socketpair()
     with a, b:
-        workers.send_hello(a, b"a" * 32, 3, 1, [(4, 1, 20), (2, 0, 7)])
-        index, attempt, keys, facts, floats = workers.read_hello(b, b"a" * 32)
+        wire.send_hello(a, b"a" * 32, 3, 1, [(4, 1, 20), (2, 0, 7)])
+        index, attempt, keys, facts, floats = wire.read_hello(b, b"a" * 32)
         assert (index, attempt, keys, facts, floats.size) == \
             (3, 1, [(2, 0, 7), (4, 1, 20)], b"", 0)
         # the moments travel as raw float64, not JSON (2 M values here: 16 MB, not ~40)
         big = np.random.default_rng(0).standard_normal(2_000_003)
-        t = threading.Thread(target=workers.send_hello,
+        t = threading.Thread(target=wire.send_hello,
                              args=(a, b"a" * 32, 2, 0, [], b'{"n": 5}', big))
         t.start()
-        got = workers.read_hello(b, b"a" * 32)
+        got = wire.read_hello(b, b"a" * 32)
         t.join()
         assert got[:4] == (2, 0, [], b'{"n": 5}')
         assert np.array_equal(got[4], big)
-        workers.send_hello(a, b"a" * 32, 3, 1)
+        wire.send_hello(a, b"a" * 32, 3, 1)
         with pytest.raises(ValueError, match="not a sparkgd task"):
-            workers.read_hello(b, b"a" * 31 + b"b")
+            wire.read_hello(b, b"a" * 31 + b"b")
     a, b = socket.socketpair()
     with a, b:
-        a.sendall(workers._HELLO.pack(workers.MAGIC, b"a" * 32, 0, 0, 0, 1 << 40, 0))
+        a.sendall(wire._HELLO.pack(wire.MAGIC, b"a" * 32, 0, 0, 0, 1 << 40, 0))
         with pytest.raises(ValueError, match="bytes of facts"):
-            workers.read_hello(b, b"a" * 32)
+            wire.read_hello(b, b"a" * 32)
     a, b = socket.socketpair()
     with a, b:
-        a.sendall(workers._HELLO.pack(workers.MAGIC, b"a" * 32, 0, 0, 0, 0, 1 << 40))
+        a.sendall(wire._HELLO.pack(wire.MAGIC, b"a" * 32, 0, 0, 0, 0, 1 << 40))
         with pytest.raises(ValueError, match="values"):
-            workers.read_hello(b, b"a" * 32)
+            wire.read_hello(b, b"a" * 32)
 
 
 def test_config_roundtrip():
     a, b = socket.socketpair()
     with a, b:
         config = {"loss": "huber", "params": {"epsilon": 2.0}, "layout": [3, 1, True]}
-        a.sendall(workers.pack_config(config))
-        assert workers.read_request(b) == (workers.OP_CONFIG, config, None)
+        a.sendall(wire.pack_config(config))
+        assert wire.read_request(b) == (wire.OP_CONFIG, config, None)
 
 
 def test_recv_exact_reports_a_closed_peer():
@@ -95,7 +97,7 @@ def test_recv_exact_reports_a_closed_peer():
         a.sendall(b"abc")
         a.close()
         with pytest.raises(EOFError, match="after 3 of 8 bytes"):
-            workers.recv_exact(b, 8)
+            wire.recv_exact(b, 8)
 
 
 # ---------------------------------------------------------------- the driver hub
@@ -115,31 +117,31 @@ class FakeTask(threading.Thread):
 
     def run(self):
         with socket.create_connection(("127.0.0.1", self.hub.port)) as s:
-            workers.send_hello(s, self.secret, self.index, self.attempt, self.keys)
+            wire.send_hello(s, self.secret, self.index, self.attempt, self.keys)
             try:
-                self.verdict = workers.recv_exact(s, 1)
+                self.verdict = wire.recv_exact(s, 1)
             except (EOFError, OSError):
                 return
-            if self.verdict != workers.ACCEPT:
+            if self.verdict != wire.ACCEPT:
                 return
             while True:
                 try:
-                    op, theta, _ = workers.read_request(s)
+                    op, theta, _ = wire.read_request(s)
                 except (EOFError, OSError):
                     return
-                if op == workers.OP_STOP:
+                if op == wire.OP_STOP:
                     return
                 self.requests += 1
                 if self.vanish:
                     return
                 out = np.zeros(self.hub.size)
                 out[: theta.size] = self.value * theta
-                s.sendall(workers.pack_reply(out))
+                s.sendall(wire.pack_reply(out))
 
 
 def make_hub(n, size=4, running=None, wait=5.0, ended=lambda: None):
     expected = [[(i, 0, 10)] for i in range(n)]
-    return workers.Hub(n, size, "127.0.0.1", ended, running or (lambda: n), wait, expected)
+    return Hub(n, size, "127.0.0.1", ended, running or (lambda: n), wait, expected)
 
 
 def test_hub_sums_come_back_in_task_order():
@@ -198,14 +200,14 @@ def test_a_task_without_all_its_blocks_is_refused():
     waiter.start()
     for t in (short, other):
         t.join(5)
-        assert t.verdict == workers.REJECT and t.requests == 0
+        assert t.verdict == wire.REJECT and t.requests == 0
     full = FakeTask(hub, 1, attempt=2, value=3.0)
     full.start()
     try:
         waiter.join(5)
         assert not waiter.is_alive()
         assert [p[0] for p in hub.evaluate(np.array([1.0]))] == [1.0, 3.0]
-        assert hub.refused == 2 and full.verdict == workers.ACCEPT
+        assert hub.refused == 2 and full.verdict == wire.ACCEPT
     finally:
         hub.close()
 
@@ -216,7 +218,7 @@ def test_hub_gives_up_when_tasks_cannot_all_run():
     task.start()
     t0 = time.monotonic()
     try:
-        with pytest.raises(workers.WorkersUnavailable, match="only 1 of 2 serving tasks"):
+        with pytest.raises(WorkersUnavailable, match="only 1 of 2 serving tasks"):
             hub.wait_for_tasks()
     finally:
         hub.close()
@@ -228,7 +230,7 @@ def test_hub_reports_the_job_ending():
 
     def check():
         if ended.is_set():
-            raise workers.WorkersFailed("task 0 failed: boom")
+            raise WorkersFailed("task 0 failed: boom")
 
     hub = make_hub(1, ended=check)
     task = FakeTask(hub, 0, vanish=True)
@@ -236,7 +238,7 @@ def test_hub_reports_the_job_ending():
     hub.wait_for_tasks()
     ended.set()
     try:
-        with pytest.raises(workers.WorkersFailed, match="boom"):
+        with pytest.raises(WorkersFailed, match="boom"):
             hub.evaluate(np.array([1.0]))
     finally:
         hub.close()
@@ -245,30 +247,30 @@ def test_hub_reports_the_job_ending():
 def test_strict_hub_reports_a_lost_task_instead_of_waiting():
     """Tasks that hold their own blocks (the served store): a task that dies mid-pass,
     or a second attempt of one, ends the fit's use of them (TaskLost), at once."""
-    hub = workers.Hub(2, 4, "127.0.0.1", lambda: None, lambda: 2, 5.0, strict=True)
+    hub = Hub(2, 4, "127.0.0.1", lambda: None, lambda: 2, 5.0, strict=True)
     tasks = [FakeTask(hub, 0), FakeTask(hub, 1, vanish=True)]
     for t in tasks:
         t.start()
     try:
         hub.wait_for_tasks()
         t0 = time.monotonic()
-        with pytest.raises(workers.TaskLost, match="serving task 1 was lost"):
+        with pytest.raises(TaskLost, match="serving task 1 was lost"):
             hub.evaluate(np.array([1.0]))
         assert time.monotonic() - t0 < 5
     finally:
         hub.close()
-    hub = workers.Hub(1, 4, "127.0.0.1", lambda: None, lambda: 1, 5.0, strict=True)
+    hub = Hub(1, 4, "127.0.0.1", lambda: None, lambda: 1, 5.0, strict=True)
     FakeTask(hub, 0).start()
     try:
         hub.wait_for_tasks()
         again = FakeTask(hub, 0, attempt=1)
         again.start()
-        with pytest.raises(workers.TaskLost, match=r"new attempt, 1"):
+        with pytest.raises(TaskLost, match=r"new attempt, 1"):
             for _ in range(50):
                 hub.evaluate(np.array([1.0]))
                 time.sleep(0.05)
         again.join(5)
-        assert again.verdict == workers.REJECT and again.requests == 0
+        assert again.verdict == wire.REJECT and again.requests == 0
     finally:
         hub.close()
 
@@ -281,10 +283,13 @@ def data(spark):
     return to_df(spark, X, y, w, partitions=3)
 
 
-def objective(blocks, engine, d=5, **kw):
+def objective(engine, kind=None, d=5):
+    """``kind``: how the engine runs the file store's passes (``workers`` or ``jobs``)."""
+    if kind is not None:
+        engine.kind = kind
     layout = kernels.Layout(d, 1, True)
-    return DistributedObjective(blocks, kernels.make_loss("logistic"), layout,
-                                Penalty(layout, 0.1), engine=engine, **kw)
+    return DistributedObjective(engine, kernels.make_loss("logistic"), layout,
+                                Penalty(layout, 0.1))
 
 
 def active_jobs(spark):
@@ -296,35 +301,41 @@ def test_serving_tasks_match_one_job_per_pass(spark, data):
     spec = resolve_input(data.schema, weight_col="weight")
     rng = np.random.default_rng(3)
     thetas = [rng.normal(size=6) for _ in range(3)]
-    with build_blocks(data, spec) as blocks:
-        served, jobs = objective(blocks, "workers"), objective(blocks, "jobs")
+    with Engine.open(data, spec, store="files") as engine:
+        obj = objective(engine)
         for theta in thetas:
             for sample in (None, (0.4, 5, 2)):
-                f1, g1 = served.smooth(theta, sample)
-                f2, g2 = jobs.smooth(theta, sample)
+                engine.kind = "workers"
+                f1, g1 = obj.smooth(theta, sample)
+                engine.kind = "jobs"
+                f2, g2 = obj.smooth(theta, sample)
                 assert abs(f1 - f2) <= 1e-12 * abs(f2)
                 np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-15)
-        assert served.engine == "workers" and served._session is not None
-        assert served._session.num_tasks == blocks.num_tasks == 1   # local: one task
-        assert served.aggregator.bytes_communicated == 6 * 8 * 8     # 6 passes x 8 floats
-    assert served._session is None and wait_idle(spark, 10)      # released with the blocks
+        session = engine._store._session
+        assert session is not None and session.num_tasks == engine.num_tasks == 1  # local
+        # 6 served passes x 8 floats, 6 job passes x 8 floats (1 task: tree of one level)
+        assert engine.bytes_communicated == 12 * 8 * 8
+    assert engine._store._session is None and wait_idle(spark, 10)   # released with it
 
 
 def test_more_tasks_than_slots_falls_back_to_a_job_per_pass(spark, data, monkeypatch):
-    """The memory store keeps 3 partitions: 3 serving tasks cannot all run on local[2].
+    """Three file-store tasks (as if on three executors) cannot all run on local[2].
     Local mode knows that up front; elsewhere the session waits, then falls back."""
+    import sparkgd.engine as engine_mod
+
     spec = resolve_input(data.schema, weight_col="weight")
     theta = np.linspace(-1, 1, 6)
-    with build_blocks(data, spec, store="memory") as blocks:
-        assert blocks.num_tasks == 3
-        assert objective(blocks, "workers").engine == "jobs"
-        reference = objective(blocks, "jobs")(theta)
-        monkeypatch.setattr(sync, "local_cores", lambda master: None)   # as on a cluster
-        obj = objective(blocks, "workers", wait_seconds=1.0)
-        assert obj.engine == "workers"
+    monkeypatch.setattr(files, "task_layout", lambda sc: (3, 1))
+    with Engine.open(data, spec, store="files") as engine:
+        assert engine.num_tasks == 3 and engine.kind == "jobs"
+        reference = objective(engine)(theta)
+    monkeypatch.setattr(engine_mod, "local_cores", lambda master: None)   # as on a cluster
+    with Engine.open(data, spec, store="files", wait_seconds=1.0) as engine:
+        assert engine.kind == "workers"
+        obj = objective(engine)
         t0 = time.monotonic()
         f, g = obj(theta)
-        assert obj.engine == "jobs" and time.monotonic() - t0 < 30
+        assert engine.kind == "jobs" and time.monotonic() - t0 < 30
         assert f == reference[0]
         np.testing.assert_array_equal(g, reference[1])
     deadline = time.monotonic() + 20
@@ -344,10 +355,10 @@ def test_blas_threads_are_restored():
 
 # ------------------------------------------------ the served store (tasks build and serve)
 
-def served_blocks(df, spec, **kw):
-    blocks = build_blocks(df, spec, store="served", **kw)
-    assert blocks.store.kind == "served"
-    return blocks
+def served_engine(df, spec, **kw):
+    engine = Engine.open(df, spec, store="served", **kw)
+    assert engine.kind == "served"
+    return engine
 
 
 def test_served_store_matches_numpy_and_the_file_store(spark, data):
@@ -359,14 +370,14 @@ def test_served_store_matches_numpy_and_the_file_store(spark, data):
     spec = resolve_input(data.schema, weight_col="weight")
     rng = np.random.default_rng(4)
     thetas = [rng.normal(size=6) for _ in range(3)]
-    with served_blocks(data, spec) as blocks:
-        assert blocks.num_tasks == 2 and blocks.num_partitions == 3
-        assert blocks.num_rows == 500 and len(blocks.infos) == 2
-        assert abs(sum(i["wsum"] for i in blocks.infos) - w.sum()) <= 1e-12 * w.sum()
-        mean, std = sparkgd_moments(blocks)
+    with served_engine(data, spec) as engine:
+        facts = engine.facts
+        assert engine.num_tasks == 2 and facts.num_partitions == 3
+        assert facts.num_rows == 500 and len(facts.infos) == 2
+        assert abs(sum(i["wsum"] for i in facts.infos) - w.sum()) <= 1e-12 * w.sum()
+        mean, std = engine.moments(5)
         np.testing.assert_allclose(mean, np.average(X, axis=0, weights=w), rtol=1e-12)
-        obj = objective(blocks, "workers")
-        assert obj.engine == "served"
+        obj = objective(engine)
         for theta in thetas:
             f, g = obj(theta)
             f_ref, g_ref = numpy_objective(theta, X, y, w, "logistic", True, 0.1)
@@ -376,15 +387,16 @@ def test_served_store_matches_numpy_and_the_file_store(spark, data):
             assert (fs, list(gs)) == tuple(x if i == 0 else list(x) for i, x in
                                            enumerate(obj.smooth(theta, (0.4, 5, 2))))
             assert fs != f
-        assert obj.aggregator.bytes_communicated == 2 * 9 * 8 * (2 + 6)  # 9 passes, 2 tasks
-    assert blocks.certified and wait_idle(spark, 10)
-    with build_blocks(data, spec, store="files") as blocks:
-        files = objective(blocks, "workers")(thetas[0])
-    assert abs(files[0] - numpy_objective(thetas[0], X, y, w, "logistic", True, 0.1)[0]) \
-        <= 1e-12 * abs(files[0])
+        moments_bytes = 8 * (2 + 2 * 5) * 2
+        assert engine.bytes_communicated == 2 * 9 * 8 * (2 + 6) + moments_bytes  # 9 passes
+    assert engine.certified and wait_idle(spark, 10)
+    with Engine.open(data, spec, store="files") as engine:
+        on_files = objective(engine)(thetas[0])
+    assert abs(on_files[0] - numpy_objective(thetas[0], X, y, w, "logistic", True, 0.1)[0]) \
+        <= 1e-12 * abs(on_files[0])
     X32 = X.astype(np.float32).astype(np.float64)
-    with served_blocks(data, spec, dtype="float32") as blocks:
-        f, g = objective(blocks, "workers")(thetas[1])
+    with served_engine(data, spec, dtype="float32") as engine:
+        f, g = objective(engine)(thetas[1])
     f_ref, g_ref = numpy_objective(thetas[1], X32, y, w, "logistic", True, 0.1)
     assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
     np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
@@ -417,21 +429,21 @@ def test_served_store_serves_sparse_blocks(spark):
     X, y, w, df = sparse_df(spark)
     spec = resolve_input(df.schema, weight_col="weight")
     theta = np.random.default_rng(2).normal(size=X.shape[1] + 1)
-    with served_blocks(df, spec) as blocks:
-        assert blocks.num_tasks == 2 and blocks.num_rows == 400
-        assert blocks.num_features == 3000 and sum(i["nnz"] for i in blocks.infos) == X.nnz
-        mean, std = sparkgd_moments(blocks)
+    with served_engine(df, spec) as engine:
+        facts = engine.facts
+        assert engine.num_tasks == 2 and facts.num_rows == 400
+        assert facts.num_features == 3000 and sum(i["nnz"] for i in facts.infos) == X.nnz
+        mean, std = engine.moments(3000)
         np.testing.assert_allclose(mean, np.asarray(X.T @ w).ravel() / w.sum(),
                                    rtol=1e-12, atol=1e-17)
-        obj = objective(blocks, "workers", d=X.shape[1])
-        assert obj.engine == "served"
+        obj = objective(engine, d=X.shape[1])
         f, g = obj(theta)
         f_ref, g_ref = numpy_objective(theta, X, y, w, "logistic", True, 0.1)
         assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
         np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
         fs, gs = obj.smooth(theta, (0.5, 3, 1))        # mini-batches of CSR rows
         assert np.isfinite(fs) and fs != f
-    assert blocks.certified and wait_idle(spark, 10)
+    assert engine.certified and wait_idle(spark, 10)
 
 
 def test_stack_csr_keeps_row_order_and_dense_blocks():
@@ -444,7 +456,7 @@ def test_stack_csr_keeps_row_order_and_dense_blocks():
         parts.append((X, rng.normal(size=n), rng.random(n)))
     dense = (rng.normal(size=(2, 10)), rng.normal(size=2), rng.random(2))
     blocks = parts[:2] + [dense] + parts[2:]
-    out = workers.stack_csr(blocks, max_nnz=sum(p[0].nnz for p in parts))
+    out = stack_csr(blocks, max_nnz=sum(p[0].nnz for p in parts))
     assert [sp.issparse(b[0]) for b in out] == [True, False, True]
     assert [b[0].shape[0] for b in out] == [12, 2, 7]
     for got, want in zip(out, [parts[:2], [dense], parts[2:]]):
@@ -453,36 +465,29 @@ def test_stack_csr_keeps_row_order_and_dense_blocks():
                                       else got[0], wantX)
         np.testing.assert_array_equal(got[1], np.concatenate([b[1] for b in want]))
         np.testing.assert_array_equal(got[2], np.concatenate([b[2] for b in want]))
-    small = workers.stack_csr(parts, max_nnz=1)     # one block each when none fit
+    small = stack_csr(parts, max_nnz=1)     # one block each when none fit
     assert [b[0].shape[0] for b in small] == [5, 7, 3, 4]
 
 
-def sparkgd_moments(blocks):
-    from sparkgd import stats
-    from sparkgd.comm import Aggregator
-
-    return stats.feature_moments(blocks, blocks.num_features, Aggregator())
-
-
 def test_served_store_needs_every_task_running_else_files(spark, data, monkeypatch):
-    """As on a busy cluster: more served tasks than free slots. build_blocks gives up
-    after the wait (and cancels its job); a fit then uses the file store, same model."""
-    from sparkgd import blockstore
+    """As on a busy cluster: more served tasks than free slots. The served store gives
+    up after the wait (and cancels its job); a fit then uses the file store, same model."""
+    import sparkgd.engine as engine_mod
 
     spec = resolve_input(data.schema, weight_col="weight")
     reference = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight").fit(data)
-    monkeypatch.setattr(blockstore, "task_slots", lambda sc: 3)
-    monkeypatch.setattr(blockstore, "SERVED_WAIT_SECONDS", 1.0)
-    with pytest.raises(workers.WorkersUnavailable, match=r"only \d of 3 serving tasks"):
-        build_blocks(data, spec, store="served")
+    monkeypatch.setattr(engine_mod, "task_slots", lambda sc: 3)
+    monkeypatch.setattr(served, "SERVED_WAIT_SECONDS", 1.0)
+    with pytest.raises(WorkersUnavailable, match=r"only \d of 3 serving tasks"):
+        Engine.open(data, spec, store="served")
     kinds = []
-    real = blockstore.FileBlocks.materialize
+    real = files.FileStore.materialize
 
     def spy(self):
         kinds.append(self.kind)
         return real(self)
 
-    monkeypatch.setattr(blockstore.FileBlocks, "materialize", spy)
+    monkeypatch.setattr(files.FileStore, "materialize", spy)
     model = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight").fit(data)
     assert kinds == ["files"]
     np.testing.assert_allclose(model.coefficients, reference.coefficients, rtol=1e-9)
@@ -513,7 +518,7 @@ def test_a_lost_serving_task_starts_the_fit_over(spark, data, monkeypatch, caplo
                                          miniBatchFraction=0.5, stepSize=0.5, maxIter=8,
                                          seed=3)
     reference = est.fit(data)
-    jobs, real_eval = [], workers.ServedJob.evaluate
+    jobs, real_eval = [], served.ServedJob.evaluate
 
     def killing_eval(self, theta, sample=None):
         if self not in jobs:
@@ -524,7 +529,7 @@ def test_a_lost_serving_task_starts_the_fit_over(spark, data, monkeypatch, caplo
             os.kill(self.facts[0]["pid"], signal.SIGKILL)
         return real_eval(self, theta, sample)
 
-    monkeypatch.setattr(workers.ServedJob, "evaluate", killing_eval)
+    monkeypatch.setattr(served.ServedJob, "evaluate", killing_eval)
     with caplog.at_level(logging.WARNING, logger="sparkgd"):
         model = est.fit(data)
     assert len(jobs) == 2 and jobs[0].lost and not jobs[0].certified and jobs[1].certified
@@ -534,7 +539,7 @@ def test_a_lost_serving_task_starts_the_fit_over(spark, data, monkeypatch, caplo
     assert model.summary.objectiveHistory == reference.summary.objectiveHistory
     assert wait_idle(spark)
 
-    closes, real_close = [], workers.ServedJob.close
+    closes, real_close = [], served.ServedJob.close
 
     def uncertified_once(self):
         real_close(self)
@@ -544,34 +549,34 @@ def test_a_lost_serving_task_starts_the_fit_over(spark, data, monkeypatch, caplo
 
     if optimizer == "sgd":
         return
-    monkeypatch.setattr(workers.ServedJob, "evaluate", real_eval)
-    monkeypatch.setattr(workers.ServedJob, "close", uncertified_once)
+    monkeypatch.setattr(served.ServedJob, "evaluate", real_eval)
+    monkeypatch.setattr(served.ServedJob, "close", uncertified_once)
     model = est.fit(data)
     assert len(closes) == 2
     np.testing.assert_array_equal(model.coefficients, reference.coefficients)
 
 
 def test_repeated_losses_end_on_the_file_store(spark, data, monkeypatch):
-    from sparkgd import blockstore, estimators
+    import sparkgd.engine as engine_mod
 
-    real_close, closes, kinds = workers.ServedJob.close, [], []
+    real_close, closes, kinds = served.ServedJob.close, [], []
 
     def never_certified(self):
         real_close(self)
         closes.append(self)
         self.certified = False
 
-    real = blockstore.FileBlocks.materialize
+    real = files.FileStore.materialize
 
     def spy(self):
         kinds.append(self.kind)
         return real(self)
 
-    monkeypatch.setattr(workers.ServedJob, "close", never_certified)
-    monkeypatch.setattr(blockstore.FileBlocks, "materialize", spy)
+    monkeypatch.setattr(served.ServedJob, "close", never_certified)
+    monkeypatch.setattr(files.FileStore, "materialize", spy)
     est = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight", tol=1e-10)
     model = est.fit(data)
-    assert len(closes) == estimators.MAX_SERVED_ATTEMPTS and kinds == ["files"]
+    assert len(closes) == engine_mod.MAX_SERVED_ATTEMPTS and kinds == ["files"]
     monkeypatch.undo()
     reference = est.fit(data)
     np.testing.assert_allclose(model.coefficients, reference.coefficients, rtol=1e-9)
@@ -608,12 +613,12 @@ def test_input_that_fails_upstream_never_becomes_a_model(spark):
         .otherwise(F.col("label")))
     spec = resolve_input(df.schema)
     try:
-        blocks = build_blocks(df, spec, store="served")
-    except workers.WorkersUnavailable as e:   # the driver learnt of the failure in time
+        engine = Engine.open(df, spec, store="served")
+    except WorkersUnavailable as e:   # the driver learnt of the failure in time
         assert "served build failed" in str(e)
     else:   # the failed task's Python side connected first: the job is not vouched for
-        blocks.release()
-        assert not blocks.certified
+        engine.close()
+        assert not engine.certified
     with pytest.raises(SparkgdError, match="boom"):
         sparkgd.LogisticRegression().fit(df)
     assert wait_idle(spark)
@@ -628,18 +633,19 @@ def test_objectives_sharing_served_blocks_and_an_empty_task(spark):
     df = to_df(spark, X, y, partitions=2)    # one row in two partitions: one is empty
     layout = kernels.Layout(4, 1, True)
     theta = np.linspace(-0.5, 0.5, 5)
-    with served_blocks(df, resolve_input(df.schema)) as blocks:
-        assert blocks.num_rows == 1 and blocks.num_tasks == 2 and len(blocks.infos) == 1
-        logistic = objective_for(blocks, layout, "logistic")
-        squared = objective_for(blocks, layout, "squared")
+    with served_engine(df, resolve_input(df.schema)) as engine:
+        facts = engine.facts
+        assert facts.num_rows == 1 and engine.num_tasks == 2 and len(facts.infos) == 1
+        logistic = objective_for(engine, layout, "logistic")
+        squared = objective_for(engine, layout, "squared")
         for _ in range(2):
             for obj, name in ((logistic, "logistic"), (squared, "squared")):
                 f, g = obj(theta)
                 f_ref, g_ref = numpy_objective(theta, X, y, None, name, True, 0.1)
                 assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
                 np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
-    assert blocks.certified
+    assert engine.certified
 
 
-def objective_for(blocks, layout, loss):
-    return DistributedObjective(blocks, kernels.make_loss(loss), layout, Penalty(layout, 0.1))
+def objective_for(engine, layout, loss):
+    return DistributedObjective(engine, kernels.make_loss(loss), layout, Penalty(layout, 0.1))

@@ -1,4 +1,5 @@
-"""The memory-mapped block store: same numbers as the plain path, recovery, cleanup."""
+"""The file store (memory-mapped blocks): the same numbers as NumPy and as the served
+store, recovery, cleanup."""
 import os
 
 import numpy as np
@@ -6,8 +7,9 @@ import pytest
 
 import sparkgd
 from sparkgd.errors import SparkgdError
-from sparkgd import blockstore, kernels
-from sparkgd.data import build_blocks, resolve_input
+from sparkgd import kernels
+from sparkgd.data import resolve_input
+from sparkgd.engine import Engine, files
 from sparkgd.modes.sync import DistributedObjective
 from sparkgd.penalties import Penalty
 
@@ -16,16 +18,21 @@ from conftest import logistic_data, to_df
 
 def executor_root(spark):
     sc = spark.sparkContext
-    return sc.parallelize([0], 1).map(lambda _: blockstore.local_root()).collect()[0]
+    return sc.parallelize([0], 1).map(lambda _: files.local_root()).collect()[0]
 
 
-def objective(blocks, layout, loss="logistic", engine="workers"):
-    return DistributedObjective(blocks, kernels.make_loss(loss), layout, Penalty(layout, 0.05),
-                                engine=engine)
+def objective(engine, layout, loss="logistic", kind="workers"):
+    """``kind``: how the engine runs the file store's passes (both work on the same blocks)."""
+    engine.kind = kind
+    return DistributedObjective(engine, kernels.make_loss(loss), layout, Penalty(layout, 0.05))
 
 
-def handle_paths(blocks):
-    handles = blocks.store._handles.map(lambda p: p[1]).collect()
+def open_files(df, spec=None, **kw):
+    return Engine.open(df, spec or resolve_input(df.schema), store="files", **kw)
+
+
+def handle_paths(engine):
+    handles = engine._store._handles.map(lambda p: p[1]).collect()
     return [h[k] for h in handles for k in ("X", "y", "w", "data", "indices", "indptr")
             if h.get(k)]
 
@@ -36,18 +43,21 @@ def data(spark):
     return X, y, w, to_df(spark, X, y, w, partitions=3)
 
 
-def test_files_and_memory_stores_give_the_same_objective(spark, data):
+def test_files_and_served_stores_give_numpys_objective(spark, data):
+    from test_distributed import numpy_objective
+
     X, y, w, df = data
     spec = resolve_input(df.schema, weight_col="weight")
     layout = kernels.Layout(6, 1, True)
     theta = np.random.default_rng(0).normal(size=layout.size)
     results = {}
-    for store in ("files", "memory"):
-        with build_blocks(df, spec, store=store) as blocks:
-            assert blocks.store.kind == store
-            for engine in ("workers", "jobs"):
-                results[store, engine] = objective(blocks, layout, engine=engine)(theta)
-    fm, gm = results["memory", "jobs"]
+    for store, kinds in (("files", ("workers", "jobs")), ("served", ("served",))):
+        with Engine.open(df, spec, store=store) as engine:
+            assert engine._store.kind == store
+            for kind in kinds:
+                results[store, kind] = objective(engine, layout, kind=kind)(theta)
+    fm, gm = numpy_objective(theta, X, y, w, "logistic", True, 0.05)
+    assert len(results) == 3
     for f, g in results.values():
         assert abs(f - fm) <= 1e-12 * abs(fm)
         np.testing.assert_allclose(g, gm, rtol=1e-12, atol=1e-15)
@@ -65,64 +75,62 @@ def test_float32_storage_is_exact_on_the_rounded_data(spark, data):
     X32 = X.astype(np.float32).astype(np.float64)
     assert np.abs(X32 - X).max() > 0  # the rounding is visible at this precision
     f_ref, g_ref = numpy_objective(theta, X32, y, w, "logistic", True, 0.05)
-    with build_blocks(df, spec, dtype="float32") as blocks:
-        handles = blocks.store._handles.map(lambda p: p[1]).collect()
+    with open_files(df, spec, dtype="float32") as engine:
+        handles = engine._store._handles.map(lambda p: p[1]).collect()
         assert {h["x_dtype"] for h in handles} == {"float32"}
         assert sum(os.path.getsize(h["X"]) for h in handles) == X.size * 4
-        kinds = blocks.rdd.map(lambda b: b[0].dtype.name).collect()
+        kinds = engine._store.rdd.map(lambda b: b[0].dtype.name).collect()
         assert set(kinds) == {"float32"}
-        for engine in ("workers", "jobs"):
-            f, g = objective(blocks, layout, engine=engine)(theta)
+        for kind in ("workers", "jobs"):
+            f, g = objective(engine, layout, kind=kind)(theta)
             assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
             np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
-    with pytest.raises(ValueError, match="float32"):
-        build_blocks(df, spec, store="memory", dtype="float32")
     big = to_df(spark, np.r_[X[:5], [[1e39] * 6]], np.r_[y[:5], 1.0], partitions=1)
     with pytest.raises(SparkgdError, match="beyond float32's range"):
-        build_blocks(big, resolve_input(big.schema), dtype="float32")
+        open_files(big, dtype="float32")
 
 
 def test_blocks_are_memory_mapped(spark, data):
     df = data[3]
-    with build_blocks(df, resolve_input(df.schema)) as blocks:
-        kinds = blocks.rdd.map(lambda b: type(b[0]).__name__).collect()
+    with open_files(df) as engine:
+        kinds = engine._store.rdd.map(lambda b: type(b[0]).__name__).collect()
     assert set(kinds) == {"memmap"}
 
 
-@pytest.mark.parametrize("engine", ["workers", "jobs"])
-def test_deleted_files_are_rebuilt_and_give_the_same_numbers(spark, data, engine):
+@pytest.mark.parametrize("kind", ["workers", "jobs"])
+def test_deleted_files_are_rebuilt_and_give_the_same_numbers(spark, data, kind):
     """``jobs``: the next pass's tasks find the files gone. ``workers``: the running
     serving tasks keep their mapped files; a restarted session finds them gone."""
     X, y, w, df = data
     layout = kernels.Layout(6, 1, True)
     theta = np.linspace(-1, 1, layout.size)
-    with build_blocks(df, resolve_input(df.schema, weight_col="weight")) as blocks:
-        obj = objective(blocks, layout, engine=engine)
+    with open_files(df, resolve_input(df.schema, weight_col="weight")) as engine:
+        obj = objective(engine, layout, kind=kind)
         before = obj(theta)
-        paths = handle_paths(blocks)
+        paths = handle_paths(engine)
         assert paths and all(os.path.exists(p) for p in paths)  # local mode: same machine
         for p in paths[::2]:
             os.remove(p)
-        obj.close()
+        engine._store.close_session()
         after = obj(theta)
-        assert blocks.store.rebuilds == 1
-        assert all(os.path.exists(p) for p in handle_paths(blocks))
+        assert engine._store.rebuilds == 1
+        assert all(os.path.exists(p) for p in handle_paths(engine))
     assert after[0] == before[0]
     np.testing.assert_array_equal(after[1], before[1])
 
 
-@pytest.mark.parametrize("engine", ["workers", "jobs"])
-def test_dropped_cache_entries_are_recomputed_through_lineage(spark, data, engine):
+@pytest.mark.parametrize("kind", ["workers", "jobs"])
+def test_dropped_cache_entries_are_recomputed_through_lineage(spark, data, kind):
     df = data[3]
     layout = kernels.Layout(6, 1, True)
     theta = np.linspace(-1, 1, layout.size)
-    with build_blocks(df, resolve_input(df.schema)) as blocks:
-        obj = objective(blocks, layout, engine=engine)
+    with open_files(df) as engine:
+        obj = objective(engine, layout, kind=kind)
         before = obj(theta)
-        blocks.store._handles.unpersist(blocking=True)   # as if an executor were lost
-        obj.close()                                      # ... with its serving task
+        engine._store._handles.unpersist(blocking=True)  # as if an executor were lost
+        engine._store.close_session()                    # ... with its serving task
         after = obj(theta)
-        assert blocks.store.rebuilds == 0
+        assert engine._store.rebuilds == 0
     assert after[0] == before[0]
 
 
@@ -162,20 +170,20 @@ def test_streamed_block_files_roundtrip(tmp_path, monkeypatch):
             "label": pa.array(y[lo:hi]), "weight": pa.array(w[lo:hi])})
 
     spec = InputSpec("array", ("features",), "label", "weight")
-    rows = list(blockstore.write_arrow_partition(iter([batch(0, 10), batch(10, 30)]), spec,
+    rows = list(files.write_arrow_partition(iter([batch(0, 10), batch(10, 30)]), spec,
                                                  "t1"))
     assert len(rows) == 1
     info = json.loads(rows[0].column("info")[0].as_py())
     handle = json.loads(rows[0].column("handle")[0].as_py())
     assert info["n"] == 30 and abs(info["wsum"] - w.sum()) < 1e-12
-    X2, y2, w2 = blockstore.open_block(handle)
+    X2, y2, w2 = files.open_block(handle)
     np.testing.assert_array_equal(X2, X)
     np.testing.assert_array_equal(y2, y)
     np.testing.assert_array_equal(w2, w)
     assert isinstance(X2, np.memmap)
     os.remove(handle["y"])
-    with pytest.raises(blockstore.BlockMissing, match=blockstore.MISSING_MARKER):
-        blockstore.open_block(handle)
+    with pytest.raises(files.BlockMissing, match=files.MISSING_MARKER):
+        files.open_block(handle)
 
 
 def test_sparse_batches_stream_into_csr(tmp_path, monkeypatch):
@@ -200,9 +208,9 @@ def test_sparse_batches_stream_into_csr(tmp_path, monkeypatch):
                                           names=["features", "label"])
 
     spec = InputSpec("vector", ("features",), "label", None)
-    rows = list(blockstore.write_arrow_partition(iter([batch(0, 15), batch(15, 40)]), spec,
+    rows = list(files.write_arrow_partition(iter([batch(0, 15), batch(15, 40)]), spec,
                                                  "t2"))
     handle = json.loads(rows[0].column("handle")[0].as_py())
-    X2, _, w2 = blockstore.open_block(handle)
+    X2, _, w2 = files.open_block(handle)
     assert sp.issparse(X2) and w2 is None
     assert (X2 != S).nnz == 0

@@ -1,0 +1,207 @@
+"""The engine: where a fit's blocks live, and how one pass over them is computed.
+
+One object, :class:`Engine`, stands between the training loop and Spark::
+
+    engine = Engine.open(dataset, spec, ...)      # build the blocks once; engine.facts
+    engine.evaluate(theta, loss, layout, sample)  # one pass -> [loss_sum, W, grad...]
+    engine.moments(d)                             # feature mean and std
+    engine.close()                                # engine.certified: vouch for the passes
+
+The choice of store, and every fallback, is made here and nowhere else:
+
+* ``served`` (the default): the tasks that read the input keep its blocks and serve
+  the passes over sockets (:mod:`.served`); when the cluster cannot run every such
+  task at once, the file store instead;
+* ``files`` (with dynamic allocation, or after the above): memory-mapped block files
+  on executors (:mod:`.files`), passes through long-lived serving tasks
+  (``kind="workers"``) or, when those cannot all run at once, one Spark job per pass
+  (``kind="jobs"``, :mod:`.jobs`).
+
+A served task lost mid-fit cannot be vouched for; :func:`run` starts the fit over (on
+the file store after repeated losses). Modules: :mod:`.slots` (what the cluster can
+run at once), :mod:`.wire` (frames, and the task's end), :mod:`.hub` (the driver's
+end), :mod:`.jobs` (the Spark jobs), :mod:`.files` and :mod:`.served` (the stores).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..comm import Aggregator
+from ..data import facts as _facts
+from ..data.schema import project
+from ..errors import SparkgdError
+from ..stats import moments_from_parts
+from . import jobs
+from .hub import TaskLost, WorkersFailed, WorkersUnavailable
+
+from .slots import dynamic_allocation, local_cores, task_cpus, task_slots
+
+__all__ = ["Engine", "run", "TaskLost", "WorkersFailed", "WorkersUnavailable", "STORES",
+           "PER_PASS", "MAX_SERVED_ATTEMPTS"]
+
+log = logging.getLogger("sparkgd")
+
+#: Where blocks may live (``auto``: served, unless executors come and go).
+STORES = ("auto", "served", "files")
+#: How passes over the file store run (``auto``: serving tasks when they can all run).
+PER_PASS = ("auto", "workers", "jobs")
+#: Fits on the served store started over after lost tasks before the file store is used.
+MAX_SERVED_ATTEMPTS = 3
+
+
+class Engine:
+    """The blocks of one fit and the passes over them. Use as a context manager (or
+    call :meth:`close`) so executors free everything, whatever the outcome.
+
+    ``facts``: :class:`~sparkgd.data.facts.Facts` of the input. ``kind``: how a pass
+    runs -- ``served``, ``workers`` (file store, serving tasks) or ``jobs`` (file
+    store, one Spark job per pass). ``bytes_communicated``: partial results and
+    moments that travelled so far (see :class:`~sparkgd.comm.Aggregator`).
+    """
+
+    def __init__(self, store, facts, aggregator, kind):
+        self._store = store
+        self.facts = facts
+        self.aggregator = aggregator
+        self.kind = kind
+
+    @classmethod
+    def open(cls, dataset, spec, *, source="the DataFrame", store="auto", dtype="float64",
+             num_partitions=None, aggregation_depth=2, per_pass="auto", wait_seconds=None):
+        """Build the blocks of ``dataset`` (read as ``spec``, from
+        :func:`~sparkgd.data.resolve_input`) and check what executors found.
+
+        Raises SparkgdError (after freeing what was built) when the input is bad or
+        empty; TaskLost when a served build lost a task (start over)."""
+        from .files import FileStore
+        from .served import SERVED_WAIT_SECONDS, ServedStore
+
+        try:
+            frame, read_spec = project(dataset, spec)
+        except Exception as e:
+            raise SparkgdError(f"cannot read {source}: {_first_line(e)}") from None
+        if num_partitions:
+            frame = frame.repartition(int(num_partitions))
+        sc = frame.sparkSession.sparkContext
+        aggregator = Aggregator("tree", aggregation_depth)
+        wait = SERVED_WAIT_SECONDS if wait_seconds is None else float(wait_seconds)
+        explicit = store != "auto"
+        if store == "auto":
+            # served needs every task running at once: not with executors coming and going
+            store = "files" if dynamic_allocation(sc) else "served"
+        if store == "served":
+            served = ServedStore(frame.coalesce(task_slots(sc)), read_spec, dtype,
+                                 num_partitions, wait, threads=task_cpus(sc))
+            try:
+                return cls._materialize(served, spec, source, aggregator, "served")
+            except WorkersUnavailable as e:
+                if explicit:
+                    raise
+                log.warning("sparkgd: %s; building block files instead", e)
+        files = FileStore(frame, read_spec, dtype)
+        files.wait_seconds = wait
+        engine = cls._materialize(files, spec, source, aggregator,
+                                  "jobs" if per_pass == "jobs" else "workers")
+        slots = local_cores(sc.master)
+        if engine.kind == "workers" and slots is not None and files.num_tasks > slots:
+            # every serving task needs a slot at once; local mode says up front it has not
+            engine.kind = "jobs"
+        return engine
+
+    @classmethod
+    def _materialize(cls, store, spec, source, aggregator, kind):
+        try:
+            try:
+                infos = store.materialize()
+            except (TaskLost, WorkersUnavailable):   # the caller starts over / uses files
+                raise
+            except Exception as e:  # e.g. a corrupt file, or a cast Spark cannot make
+                raise SparkgdError(f"cannot read {source}: {_first_line(e)}") from None
+            _facts.check(infos, spec, source)
+        except BaseException:
+            store.release()
+            raise
+        return cls(store, _facts.Facts(infos, spec, store.num_partitions), aggregator, kind)
+
+    @property
+    def num_tasks(self):
+        """Tasks that compute a pass."""
+        return self._store.num_tasks
+
+    @property
+    def bytes_communicated(self):
+        return self.aggregator.bytes_communicated
+
+    def evaluate(self, theta, loss, layout, sample=None):
+        """One pass: ``[loss_sum, weight_sum, grad_sum...]`` over every row for ``theta``
+        (``sample = (fraction, seed, iteration)``: over a Bernoulli mini-batch)."""
+        theta = np.asarray(theta, dtype=np.float64)
+        if self.kind != "jobs":
+            try:
+                return self.aggregator.sum_parts(self._store.serve(theta, loss, layout, sample))
+            except WorkersUnavailable as e:
+                if self.kind == "served":
+                    raise
+                log.warning("sparkgd: %s; falling back to one Spark job per pass", e)
+                self._store.close_session()
+                self.kind = "jobs"
+        return jobs.pass_sums(self._store, theta, loss, layout, sample, self.aggregator)
+
+    def moments(self, d):
+        """(mean, std) of every feature (Spark ML's weighted unbiased std). Moments do
+        not add up like gradients, so each block's or task's (W, mean, M2) comes to the
+        driver, which merges them; blocks whose facts carry them need no pass."""
+        parts = self.facts.moment_parts()
+        if parts is None:
+            parts = jobs.moment_parts(self._store, d)
+        self.aggregator.bytes_communicated += 8 * (2 + 2 * d) * len(parts)
+        return moments_from_parts(parts, d)
+
+    @property
+    def certified(self):
+        """After :meth:`close`: False when the passes cannot be vouched for and the fit
+        must start over (a served task was lost)."""
+        return self._store.certified
+
+    def close(self):
+        self._store.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run(dataset, spec, train, *, source="the DataFrame", dtype="float64",
+        aggregation_depth=2):
+    """``train(engine)`` on an engine over ``dataset``; its result once the engine
+    vouches for every pass.
+
+    A task holding served blocks lost mid-fit means its passes are not vouched for:
+    the fit starts over on blocks built anew -- the same objective, so lbfgs and gd
+    reach the same model up to rounding (sgd's mini-batches follow the blocks and may
+    differ if the slots changed). After repeated losses the file store is used, which
+    recovers lost blocks through lineage instead."""
+    store = "auto"
+    for attempt in range(1, MAX_SERVED_ATTEMPTS + 2):
+        try:
+            with Engine.open(dataset, spec, source=source, store=store, dtype=dtype,
+                             aggregation_depth=aggregation_depth) as engine:
+                result = train(engine)
+            if not engine.certified:
+                raise TaskLost("the serving job did not end cleanly")
+            return result
+        except TaskLost as e:
+            log.warning("sparkgd: %s; starting the fit over (attempt %d)",
+                        str(e).splitlines()[0], attempt + 1)
+            if attempt >= MAX_SERVED_ATTEMPTS:
+                store = "files"
+    raise SparkgdError("the fit could not complete")  # pragma: no cover - files never lose
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

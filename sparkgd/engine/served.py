@@ -1,0 +1,216 @@
+"""The served store: the tasks that read the input keep its blocks and serve the passes.
+
+The fast path, for dense and sparse data alike. One task per task slot reads its
+share of the DataFrame (a ``coalesce``, no shuffle) and keeps X in its Python
+worker's memory (dense: a NumPy view of each Arrow batch; sparse: CSR blocks);
+then, without ending, it connects to the driver's hub and answers every pass of
+the fit. Nothing is written to disk, and there is no second job to start::
+
+    driver --theta--> task i: kernels.partition_sums(blocks_i, theta) --sums--> driver
+
+Every task must run at once, so the job uses at most one task per slot; when that
+many cannot start, :meth:`ServedStore.materialize` raises
+:class:`~sparkgd.engine.hub.WorkersUnavailable` and the engine uses the file store.
+
+Only Spark's verdict on a finished task says its input was complete, and that comes
+at the end of the fit. So a lost task (or a second attempt of one) raises
+:class:`~sparkgd.engine.hub.TaskLost`, and a fit whose job did not end cleanly is
+not :attr:`certified`: the engine starts it over.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import scipy.sparse as sp
+
+from ..data.arrow import BadInput, stack_csr, stored_dense, xyw_batches
+from ..data.facts import block_info, merge_infos
+from ..stats import block_moments, merge_moments
+from . import jobs, wire
+from .hub import Hub, TaskLost, WorkersFailed, WorkersUnavailable, driver_address
+from .slots import coalesced_input_partitions
+
+log = logging.getLogger("sparkgd")
+
+
+def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
+    """mapInArrow body of a task that builds its blocks and then serves them.
+
+    X of each Arrow batch is kept in this worker's memory for the whole fit: dense X
+    as a NumPy view of the batch (a float32 ``dtype`` keeps a rounded copy instead),
+    sparse X as CSR, the batches stacked into a few large blocks (:func:`stack_csr`);
+    labels and weights are copied. No files, no second job. Their facts (those of
+    :func:`sparkgd.data.block_info`, merged) go to the driver in the hello as JSON, and
+    the feature moments, at any width, as raw float64; or ``{"error": ...}`` for bad
+    input. The task then answers requests until the driver says stop, and only then
+    ends -- so Spark marks it successful (which also vouches that its input was
+    complete) only at the end of the fit; see :class:`ServedJob`. Captures plain values
+    only."""
+    import pyarrow as pa
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    index = ctx.partitionId() if ctx is not None else 0
+    attempt = ctx.attemptNumber() if ctx is not None else 0
+    blocks, info = [], None
+    moments = None
+    try:
+        for X, y, w in xyw_batches(batches, spec):
+            if not sp.issparse(X):
+                X = stored_dense(X, spec, dtype)
+            # y and w are views of the batch's one Arrow body: kept as views they would
+            # keep the whole float64 body alive next to a float32 (or stacked) copy of X
+            y, w = y.copy(), None if w is None else w.copy()
+            part = block_info(X, y, w, moments=False)
+            if info is not None and part["d"] != info["d"] and spec.kind != "libsvm":
+                raise BadInput(f"{spec.feature_desc}: rows have different lengths "
+                               f"({info['d']}, {part['d']})")
+            info = part if info is None else merge_infos(info, part)
+            m = block_moments(X, w, X.shape[1])
+            moments = m if moments is None else merge_moments(moments, m)
+            blocks.append((X, y, w))
+        blocks = stack_csr(blocks)
+        facts = {} if info is None else dict(info, part=index, seq=0, pid=os.getpid())
+    except BadInput as e:
+        blocks, facts, moments = [], {"error": str(e)}, None
+    sock = wire.connect(address, secret, index, attempt, facts=json.dumps(facts).encode(),
+                        floats=moments)
+    if sock is None:
+        raise TaskLost(f"sparkgd: serving task {index} (attempt {attempt}) was refused")
+    try:
+        # with bad input too: stay until the driver has everyone's facts and says stop
+        # (leaving early would look like a lost task)
+        wire.serve(sock, blocks, index, threads)
+    finally:
+        sock.close()
+    yield pa.RecordBatch.from_pydict({"rows": [facts.get("n", 0)]})
+
+
+class ServedJob(jobs.ServingJob):
+    """One Spark job whose tasks build their blocks from ``frame`` (one task per
+    partition of it; :func:`serve_arrow_partition`) and then serve passes over them.
+
+    ``facts``: per task, the merged facts of its blocks (or ``{"error": ...}``).
+    ``configure(loss, layout)``, then ``evaluate(theta, sample)``; ``close()`` stops
+    the tasks and waits for the job.
+
+    Only Spark's verdict on a finished task says its input was complete. When a task's
+    input fails upstream (say a shuffle fetch after a lost executor), Spark fails the
+    task at once, but its Python side just sees the input end and carries on -- it
+    would connect and serve what it got. So the hub is strict (a lost task, or a
+    second attempt of one, raises :class:`TaskLost`: the first was a zombie or is
+    gone), and the passes are vouched for by :attr:`certified`, known after
+    ``close()``: the job succeeded, i.e. every task that served ended successfully,
+    and none was lost on the way. Otherwise the caller starts over.
+    """
+
+    def __init__(self, frame, spec, dtype="float64", wait_seconds=30.0, threads=1):
+        sc = frame.sparkSession.sparkContext
+        super().__init__(sc, "served")
+        self.certified = False
+        self.lost = False
+        bind, host = driver_address(sc)
+        self.hub = hub = Hub(0, 0, bind, self._raise_if_ended, self._running_tasks,
+                             wait_seconds, strict=True, failed=self._failed_tasks)
+        address, secret = (host, hub.port), hub.secret
+
+        def body(it, _spec=spec, _dtype=dtype, _threads=threads):
+            return serve_arrow_partition(it, _spec, _dtype, address, secret, _threads)
+
+        try:
+            # One RDD, counted and run: with adaptive execution, planning the query
+            # (``.rdd``) runs its upstream stages, so a second query would run them again.
+            self.rdd = frame.mapInArrow(body, "rows long").rdd
+            self.num_tasks = hub.num_tasks = self.rdd.getNumPartitions()
+            log.info("sparkgd: %d task(s) build and serve the blocks", self.num_tasks)
+            self._start(self.rdd.collect, "sparkgd: blocks built and served by the same tasks")
+            hub.wait_for_tasks()
+        except BaseException:
+            self.lost = True
+            self.close()
+            raise
+        self.facts = []
+        for i in range(self.num_tasks):
+            facts = json.loads(hub.facts[i] or b"{}")
+            if facts and "error" not in facts:
+                facts["moments"] = hub.floats[i]
+            self.facts.append(facts)
+
+    def configure(self, loss, layout):
+        try:
+            super().configure(loss, layout)
+        except TaskLost:
+            self.lost = True
+            raise
+
+    def evaluate(self, theta, sample=None):
+        try:
+            return self.hub.evaluate(theta, sample)
+        except TaskLost:
+            self.lost = True
+            raise
+        except WorkersFailed as e:  # the job ended under the fit: its blocks are gone
+            self.lost = True
+            log.info("sparkgd: the serving job failed: %s", e)
+            raise TaskLost(f"the serving job failed: {str(e).splitlines()[0]}") from None
+
+    def close(self):
+        if self.lost and self._thread is not None and self._thread.is_alive():
+            # its passes are void: do not wait for Spark's retries of a lost task
+            self.hub.close()
+            self._sc.cancelJobGroup(self._group)
+        super().close()
+        self.certified = not self.lost and self._done.is_set() and self._error is None
+
+
+#: How long the served store waits for all its tasks to run before using files instead.
+SERVED_WAIT_SECONDS = 30.0
+
+
+class ServedStore:
+    """Blocks built and served by the same tasks (:class:`ServedJob`), as a store:
+    :meth:`materialize` starts the job and returns the tasks' facts, :meth:`serve`
+    runs a pass, :meth:`release` stops the tasks; :attr:`certified` after that."""
+
+    kind = "served"
+
+    def __init__(self, frame, spec, dtype, num_partitions, wait_seconds=None, threads=1):
+        self._frame, self._spec, self._dtype = frame, spec, dtype
+        self.num_partitions = num_partitions
+        self.wait_seconds = SERVED_WAIT_SECONDS if wait_seconds is None else wait_seconds
+        self.threads_per_task = max(1, int(threads))   # spark.task.cpus
+        self.rebuilds = 0
+        self.job = None
+
+    @property
+    def num_tasks(self):
+        return self.job.num_tasks if self.job is not None else None
+
+    def materialize(self):
+        try:
+            self.job = ServedJob(self._frame, self._spec, self._dtype, self.wait_seconds,
+                                 self.threads_per_task)
+        except WorkersFailed as e:
+            # e.g. a Python worker out of memory: the file store may well manage (and
+            # reports the input's own errors as well as this store would)
+            raise WorkersUnavailable(f"the served build failed ({str(e).splitlines()[0]})") \
+                from None
+        if self.num_partitions is None:
+            self.num_partitions = coalesced_input_partitions(self.job.rdd) or self.num_tasks
+        return [f for f in self.job.facts if f]
+
+    def serve(self, theta, loss, layout, sample):
+        """One pass -> every task's sums, in task order."""
+        self.job.configure(loss, layout)     # sent once (again if another loss asks)
+        return self.job.evaluate(theta, sample)
+
+    @property
+    def certified(self):
+        """After release: every pass came from tasks that Spark then saw succeed."""
+        return self.job is not None and self.job.certified
+
+    def release(self):
+        if self.job is not None:
+            self.job.close()
