@@ -1,8 +1,8 @@
 """Communication: per-partition partial results -> the driver's total.
 
 One place owns how partial results travel and how many bytes they cost.
-``bytesCommunicated`` counts every partial-result vector sent toward the total:
-the per-partition results, and the intermediate sums of a tree.
+``bytesCommunicated`` counts every vector sent: theta out to each task, the
+per-partition results, and the intermediate sums of a tree.
 """
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ class Aggregator:
         levels = tree_levels(partials.getNumPartitions(), self.depth)
         self.bytes_communicated += 8 * size * sum(levels)
         return total
+
+    def count_out(self, size, receivers):
+        """Theta (``size`` float64) sent from the driver to ``receivers`` tasks."""
+        self.bytes_communicated += 8 * int(size) * int(receivers)
 
     def sum_parts(self, parts):
         """Partial results that reached the driver directly (one per serving task,

@@ -178,6 +178,7 @@ class _Trained:
     loss: kernels.Loss
     num_classes: int | None
     facts: object
+    dropped: int
 
 
 # ----------------------------------------------------------------------------
@@ -233,7 +234,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
             trainingSeconds=result.seconds, bytesCommunicated=result.bytes_communicated,
             numEvaluations=result.evaluations, converged=result.converged,
             message=result.message, numRows=facts.num_rows,
-            numPartitions=facts.num_partitions)
+            numPartitions=facts.num_partitions, droppedConnections=fit.dropped)
         model = self._model_class._from_fit(coef, intercept, fit.loss_name, fit.num_classes,
                                             summary, fit.loss.params())
         model._est_params = self._param_values()
@@ -275,7 +276,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                           tol=self.getTol(), step_size=step, precondition=pre,
                           mini_batch_fraction=self.getMiniBatchFraction(),
                           seed=self.getSeed())
-        return _Trained(result, layout, loss_name, loss, num_classes, facts)
+        return _Trained(result, layout, loss_name, loss, num_classes, facts, engine.rejected)
 
     def _start(self, x0, layout, facts, loss_name):
         """The starting point of a fit from scratch (zeros unless a subclass knows better)."""

@@ -312,7 +312,7 @@ def _block_sums(X, y, w, theta, loss, layout):
 def sample_rows(n, fraction, seed, iteration, partition, block):
     """Boolean mask of a fresh mini-batch: a pure function of its arguments, so a
     given (seed, partitioning) always draws the same rows at the same iteration."""
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(iteration), int(partition),
+    rng = np.random.default_rng([int(seed) % (1 << 64), int(iteration), int(partition),
                                  int(block)])
     return rng.random(n) < fraction
 

@@ -11,13 +11,16 @@ class TrainingSummary:
     objectiveHistory: list = field(default_factory=list)
     totalIterations: int = 0
     trainingSeconds: float = 0.0
-    #: bytes of partial results sent toward the total (after compression), whole fit
+    #: bytes sent on every link (theta out, partial results back, tree levels), whole fit
     bytesCommunicated: int = 0
     numEvaluations: int = 0
     converged: bool = False
     message: str = ""
     numRows: int = 0
     numPartitions: int = 0
+    #: connections the driver's hub dropped: strangers on its port, bad or replayed
+    #: frames, stalled tasks (none on a quiet network)
+    droppedConnections: int = 0
 
     def to_dict(self):
         return asdict(self)

@@ -56,7 +56,8 @@ def test_loss_and_gradient_match_numpy(spark, weighted_logistic, partitions, dep
             f_ref, g_ref = numpy_objective(theta, X, y, w, "logistic", True, 0.1)
             assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
             np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-14 * np.abs(g_ref).max())
-        per_eval = 8 * (2 + layout.size) * sum(tree_levels(engine.num_tasks, depth))
+        per_eval = 8 * (2 + layout.size) * sum(tree_levels(engine.num_tasks, depth)) \
+            + 8 * layout.size * engine.num_tasks      # theta out to every task
         assert engine.bytes_communicated == 2 * per_eval
 
 

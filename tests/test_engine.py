@@ -4,6 +4,7 @@ The hub is tested with plain threads standing in for Spark tasks (milliseconds, 
 faults on demand: a task that vanishes mid-evaluation, an intruder with a wrong
 secret); the engine on the shared local[2] session against one Spark job per pass.
 """
+import json
 import socket
 import threading
 import time
@@ -25,70 +26,69 @@ from conftest import logistic_data, to_df
 
 # ------------------------------------------------------------------ wire format
 
-def test_request_and_reply_roundtrip():
+KEY = b"k" * 32
+ACCEPTED, REFUSED, FAILED = "accepted", "refused", "failed"
+
+
+def send_frame(sock, op, payload=b"", seq=0, key=KEY, **fields):
+    for part in wire.frame_parts(key, wire.TO_TASK, seq, op, payload, **fields):
+        sock.sendall(part)
+
+
+def test_frames_roundtrip_with_every_field():
     a, b = socket.socketpair()
     with a, b:
+        chan = wire.Channel(b, KEY)
         theta = np.array([1.5, -2.0, 3.25])
-        a.sendall(wire.pack_request(wire.OP_SUMS, theta, (0.25, 7, 3)))
-        op, got, sample = wire.read_request(b)
-        assert op == wire.OP_SUMS and sample == (0.25, 7, 3)
-        np.testing.assert_array_equal(got, theta)
-        a.sendall(wire.pack_request(wire.OP_SUMS, theta))
-        assert wire.read_request(b)[2] is None          # a full pass
-        a.sendall(wire.pack_request(wire.OP_STOP))
-        assert wire.read_request(b)[0] == wire.OP_STOP
-        b.sendall(wire.pack_reply(np.arange(5.0)))
-        np.testing.assert_array_equal(wire.read_reply(a, 5), np.arange(5.0))
-
-
-def test_bad_messages_are_refused():
-    a, b = socket.socketpair()
-    with a, b:
-        b.sendall(wire.pack_reply(np.arange(4.0)))
-        with pytest.raises(ValueError, match="4 values, expected 5"):
-            wire.read_reply(a, 5)
-        a.sendall(wire._REQUEST.pack(9, 0, 1.0, 0, 0))
-        with pytest.raises(ValueError, match="bad request"):
-            wire.read_request(b)
-        a.sendall(wire._REQUEST.pack(wire.OP_SUMS, 0, 1.0, 0, 1 << 40))
-        with pytest.raises(ValueError, match="bad request"):
-            wire.read_request(b)
-    a, b = socket.socketpair()
-    with a, b:
-        wire.send_hello(a, b"a" * 32, 3, 1, [(4, 1, 20), (2, 0, 7)])
-        index, attempt, keys, facts, floats = wire.read_hello(b, b"a" * 32)
-        assert (index, attempt, keys, facts, floats.size) == \
-            (3, 1, [(2, 0, 7), (4, 1, 20)], b"", 0)
-        # the moments travel as raw float64, not JSON (2 M values here: 16 MB, not ~40)
-        big = np.random.default_rng(0).standard_normal(2_000_003)
-        t = threading.Thread(target=wire.send_hello,
-                             args=(a, b"a" * 32, 2, 0, [], b'{"n": 5}', big))
-        t.start()
-        got = wire.read_hello(b, b"a" * 32)
-        t.join()
-        assert got[:4] == (2, 0, [], b'{"n": 5}')
-        assert np.array_equal(got[4], big)
-        wire.send_hello(a, b"a" * 32, 3, 1)
-        with pytest.raises(ValueError, match="not a sparkgd task"):
-            wire.read_hello(b, b"a" * 31 + b"b")
-    a, b = socket.socketpair()
-    with a, b:
-        a.sendall(wire._HELLO.pack(wire.MAGIC, b"a" * 32, 0, 0, 0, 1 << 40, 0))
-        with pytest.raises(ValueError, match="bytes of facts"):
-            wire.read_hello(b, b"a" * 32)
-    a, b = socket.socketpair()
-    with a, b:
-        a.sendall(wire._HELLO.pack(wire.MAGIC, b"a" * 32, 0, 0, 0, 0, 1 << 40))
-        with pytest.raises(ValueError, match="values"):
-            wire.read_hello(b, b"a" * 32)
-
-
-def test_config_roundtrip():
-    a, b = socket.socketpair()
-    with a, b:
+        seed = 2 ** 63 + 5                      # a seed beyond int64 travels whole
+        send_frame(a, wire.OP_SUMS, theta, seq=0, pass_no=7, iteration=3, seed=seed,
+                   fraction=0.25)
+        f = chan.recv()
+        assert (f.op, f.pass_no, f.iteration, f.seed, f.fraction) == \
+            (wire.OP_SUMS, 7, 3, seed, 0.25)
+        np.testing.assert_array_equal(f.floats(), theta)
         config = {"loss": "huber", "params": {"epsilon": 2.0}, "layout": [3, 1, True]}
-        a.sendall(wire.pack_config(config))
-        assert wire.read_request(b) == (wire.OP_CONFIG, config, None)
+        send_frame(a, wire.OP_CONFIG, json.dumps(config).encode(), seq=1)
+        assert json.loads(bytes(chan.recv().payload)) == config
+        send_frame(a, wire.OP_SUMS, theta, seq=2, seed=-1)   # negative seeds wrap mod 2^64
+        assert chan.recv().seed == 2 ** 64 - 1
+
+
+def test_altered_replayed_and_oversized_frames_are_refused():
+    a, b = socket.socketpair()
+    with a, b:
+        chan = wire.Channel(b, KEY)
+        head, body, mac = wire.frame_parts(KEY, wire.TO_TASK, 0, wire.OP_SUMS,
+                                           np.arange(4.0), pass_no=1)
+        altered = bytearray(body)
+        altered[3] ^= 1
+        for part in (head, altered, mac):
+            a.sendall(part)
+        with pytest.raises(wire.ProtocolError, match="wrong MAC"):
+            chan.recv()
+    a, b = socket.socketpair()
+    with a, b:
+        chan = wire.Channel(b, KEY)
+        parts = wire.frame_parts(KEY, wire.TO_TASK, 0, wire.OP_SUMS, np.arange(4.0))
+        for _ in range(2):                    # the same frame again: a replay
+            for part in parts:
+                a.sendall(part)
+        chan.recv()
+        with pytest.raises(wire.ProtocolError, match="replayed"):
+            chan.recv()
+    a, b = socket.socketpair()
+    with a, b:
+        chan = wire.Channel(b, KEY)
+        a.sendall(wire._FRAME.pack(wire.OP_SUMS, 0, 0, 0, 0, 1.0, 1 << 40))
+        with pytest.raises(wire.ProtocolError, match="bad frame header"):
+            chan.recv()
+    a, b = socket.socketpair()
+    with a, b:                                # a frame MACed for the other direction
+        chan = wire.Channel(b, KEY)
+        for part in wire.frame_parts(KEY, wire.TO_HUB, 0, wire.OP_STOP):
+            a.sendall(part)
+        with pytest.raises(wire.ProtocolError, match="wrong MAC"):
+            chan.recv()
 
 
 def test_recv_exact_reports_a_closed_peer():
@@ -106,37 +106,48 @@ class FakeTask(threading.Thread):
     """A stand-in for a serving task: answers ``value * theta`` (padded to size)
     or, with ``vanish``, reads one request and closes without answering."""
 
-    def __init__(self, hub, index, attempt=0, value=1.0, vanish=False, secret=None, keys=None):
+    def __init__(self, hub, index, attempt=0, value=1.0, vanish=False, secret=None, keys=None,
+                 host="127.0.0.1", floats=None, behave=None):
         super().__init__(daemon=True)
         self.hub, self.index, self.attempt = hub, index, attempt
         self.value, self.vanish = value, vanish
         self.secret = secret or hub.secret
         self.keys = keys if keys is not None else [(index, 0, 10)]
+        self.host, self.floats, self.behave = host, floats, behave
         self.requests = 0
         self.verdict = None
 
     def run(self):
-        with socket.create_connection(("127.0.0.1", self.hub.port)) as s:
-            wire.send_hello(s, self.secret, self.index, self.attempt, self.keys)
-            try:
-                self.verdict = wire.recv_exact(s, 1)
-            except (EOFError, OSError):
-                return
-            if self.verdict != wire.ACCEPT:
-                return
+        try:
+            chan = wire.connect((self.host, self.hub.port), self.secret, self.index,
+                                self.attempt, self.keys, floats=self.floats, timeout=10)
+        except (OSError, EOFError, wire.ProtocolError):
+            self.verdict = FAILED
+            return
+        if chan is None:
+            self.verdict = REFUSED
+            return
+        self.verdict = ACCEPTED
+        self.chan = chan
+        with chan.sock:
             while True:
                 try:
-                    op, theta, _ = wire.read_request(s)
-                except (EOFError, OSError):
+                    f = chan.recv()
+                except (EOFError, OSError, wire.ProtocolError):
                     return
-                if op == wire.OP_STOP:
+                if f.op == wire.OP_STOP:
                     return
+                if f.op == wire.OP_CONFIG:
+                    continue
                 self.requests += 1
                 if self.vanish:
                     return
+                theta = f.floats()
                 out = np.zeros(self.hub.size)
                 out[: theta.size] = self.value * theta
-                s.sendall(wire.pack_reply(out))
+                if self.behave is not None and self.behave(self, chan, f, out):
+                    continue
+                chan.send(wire.OP_REPLY, out, pass_no=f.pass_no)
 
 
 def make_hub(n, size=4, running=None, wait=5.0, ended=lambda: None):
@@ -200,14 +211,14 @@ def test_a_task_without_all_its_blocks_is_refused():
     waiter.start()
     for t in (short, other):
         t.join(5)
-        assert t.verdict == wire.REJECT and t.requests == 0
+        assert t.verdict == REFUSED and t.requests == 0
     full = FakeTask(hub, 1, attempt=2, value=3.0)
     full.start()
     try:
         waiter.join(5)
         assert not waiter.is_alive()
         assert [p[0] for p in hub.evaluate(np.array([1.0]))] == [1.0, 3.0]
-        assert hub.refused == 2 and full.verdict == wire.ACCEPT
+        assert hub.refused == 2 and full.verdict == ACCEPTED
     finally:
         hub.close()
 
@@ -270,7 +281,7 @@ def test_strict_hub_reports_a_lost_task_instead_of_waiting():
                 hub.evaluate(np.array([1.0]))
                 time.sleep(0.05)
         again.join(5)
-        assert again.verdict == wire.REJECT and again.requests == 0
+        assert again.verdict == REFUSED and again.requests == 0
     finally:
         hub.close()
 
@@ -313,8 +324,9 @@ def test_serving_tasks_match_one_job_per_pass(spark, data):
                 np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-15)
         session = engine._store._session
         assert session is not None and session.num_tasks == engine.num_tasks == 1  # local
-        # 6 served passes x 8 floats, 6 job passes x 8 floats (1 task: tree of one level)
-        assert engine.bytes_communicated == 12 * 8 * 8
+        # 12 passes (6 served, 6 jobs; 1 task: a tree of one level): theta out (6 floats),
+        # the sums back (8)
+        assert engine.bytes_communicated == 12 * (6 + 8) * 8
     assert engine._store._session is None and wait_idle(spark, 10)   # released with it
 
 
@@ -388,7 +400,8 @@ def test_served_store_matches_numpy_and_the_file_store(spark, data):
                                            enumerate(obj.smooth(theta, (0.4, 5, 2))))
             assert fs != f
         moments_bytes = 8 * (2 + 2 * 5) * 2
-        assert engine.bytes_communicated == 2 * 9 * 8 * (2 + 6) + moments_bytes  # 9 passes
+        # 9 passes to 2 tasks: theta out (6 floats), the sums back (8)
+        assert engine.bytes_communicated == 2 * 9 * 8 * (6 + 8) + moments_bytes
     assert engine.certified and wait_idle(spark, 10)
     with Engine.open(data, spec, store="files") as engine:
         on_files = objective(engine)(thetas[0])

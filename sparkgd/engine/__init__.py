@@ -34,11 +34,11 @@ from ..data.schema import project
 from ..errors import SparkgdError
 from ..stats import moments_from_parts
 from . import jobs
-from .hub import TaskLost, WorkersFailed, WorkersUnavailable
+from .hub import Cancelled, TaskLost, WorkersFailed, WorkersUnavailable
 
-from .slots import dynamic_allocation, local_cores, task_cpus, task_slots
+from .slots import dynamic_allocation, local_cores, spark_encrypts, task_cpus, task_slots
 
-__all__ = ["Engine", "run", "TaskLost", "WorkersFailed", "WorkersUnavailable", "STORES",
+__all__ = ["Engine", "run", "Cancelled", "TaskLost", "WorkersFailed", "WorkersUnavailable", "STORES",
            "PER_PASS", "MAX_SERVED_ATTEMPTS"]
 
 log = logging.getLogger("sparkgd")
@@ -88,6 +88,12 @@ class Engine:
         aggregator = Aggregator("tree", aggregation_depth)
         wait = SERVED_WAIT_SECONDS if wait_seconds is None else float(wait_seconds)
         explicit = store != "auto"
+        if spark_encrypts(sc):
+            # Spark encrypts its own traffic here: the hub's channel is authenticated
+            # but not encrypted, so passes go through Spark's jobs instead
+            log.info("sparkgd: Spark's network encryption is on: block files and one "
+                     "Spark job per pass, no sockets of sparkgd's own")
+            store, per_pass, explicit = "files", "jobs", False
         if store == "auto":
             # served needs every task running at once: not with executors coming and going
             store = "files" if dynamic_allocation(sc) else "served"
@@ -115,7 +121,7 @@ class Engine:
         try:
             try:
                 infos = store.materialize()
-            except (TaskLost, WorkersUnavailable):   # the caller starts over / uses files
+            except (TaskLost, WorkersUnavailable, Cancelled):   # start over / use files
                 raise
             except Exception as e:  # e.g. a corrupt file, or a cast Spark cannot make
                 raise SparkgdError(f"cannot read {source}: {_first_line(e)}") from None
@@ -134,13 +140,20 @@ class Engine:
     def bytes_communicated(self):
         return self.aggregator.bytes_communicated
 
+    @property
+    def rejected(self):
+        """Connections the hubs dropped: strangers, bad frames, stalled tasks."""
+        return self._store.rejected
+
     def evaluate(self, theta, loss, layout, sample=None):
         """One pass: ``[loss_sum, weight_sum, grad_sum...]`` over every row for ``theta``
         (``sample = (fraction, seed, iteration)``: over a Bernoulli mini-batch)."""
         theta = np.asarray(theta, dtype=np.float64)
         if self.kind != "jobs":
             try:
-                return self.aggregator.sum_parts(self._store.serve(theta, loss, layout, sample))
+                parts = self._store.serve(theta, loss, layout, sample)
+                self.aggregator.count_out(theta.size, len(parts))
+                return self.aggregator.sum_parts(parts)
             except WorkersUnavailable as e:
                 if self.kind == "served":
                     raise

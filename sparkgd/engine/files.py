@@ -47,7 +47,7 @@ import scipy.sparse as sp
 from ..data.arrow import BadInput, stored_dense, xyw_batches
 from ..data.facts import block_info, block_key, merge_infos
 from . import jobs, wire
-from .hub import Hub, WorkersFailed, driver_address
+from .hub import WorkersFailed
 from .slots import coalesced_parents, local_cores, task_layout
 
 
@@ -264,6 +264,7 @@ class FileStore:
         self.threads_per_task = 1
         self.certified = True       # a file-store pass never needs vouching for
         self._session = None
+        self._rejected = 0          # by the hubs of sessions already closed
         self.wait_seconds = 30.0
 
     @property
@@ -339,10 +340,15 @@ class FileStore:
             self.close_session()
             raise
 
+    @property
+    def rejected(self):
+        return self._rejected + (self._session.rejected if self._session is not None else 0)
+
     def close_session(self):
         session, self._session = self._session, None
         if session is not None:
             session.close()
+            self._rejected += session.rejected
 
     def release(self):
         """Stop the serving tasks, unpersist the handles and delete this fit's files on
@@ -369,7 +375,7 @@ class IncompleteInput(RuntimeError):
     """The driver refused a serving task: it did not get the blocks it should have."""
 
 
-def serve_partition(index, items, address, secret, threads):
+def serve_partition(index, items, address, secret, threads, timeout=60.0):
     """The body of one serving task: open the blocks once, then answer the driver
     until it says stop (or goes away). Captures plain values only.
 
@@ -386,15 +392,15 @@ def serve_partition(index, items, address, secret, threads):
     blocks = [b for _, b in pairs]
     ctx = TaskContext.get()
     attempt = ctx.attemptNumber() if ctx is not None else 0
-    sock = wire.connect(address, secret, index, attempt, keys)
-    if sock is None:
+    chan = wire.connect(address, secret, index, attempt, keys, timeout=timeout)
+    if chan is None:
         raise IncompleteInput(
             f"sparkgd: serving task {index} (attempt {attempt}) got {len(keys)} "
             f"block(s), not the ones it must hold: its input ended early")
     try:
-        wire.serve(sock, blocks, index, threads)
+        wire.serve(chan, blocks, index, threads)
     finally:
-        sock.close()
+        chan.close()
     yield index
 
 
@@ -406,16 +412,15 @@ class WorkerSession(jobs.ServingJob):
     """
 
     def __init__(self, rdd, threads=1, wait_seconds=30.0, expected=None):
-        super().__init__(rdd.context, "workers")
+        super().__init__(rdd.context, "workers", rdd.getNumPartitions(), 0, wait_seconds,
+                         expected)
         self.rdd = rdd
         self.num_tasks = rdd.getNumPartitions()
-        bind, host = driver_address(self._sc)
-        self.hub = hub = Hub(self.num_tasks, 0, bind, self._raise_if_ended,
-                             self._running_tasks, wait_seconds, expected)
-        address, secret = (host, hub.port), hub.secret
+        hub = self.hub
+        address, secret, timeout = self.address, hub.secret, self.connect_seconds
 
         def body(i, it):
-            return serve_partition(i, it, address, secret, threads)
+            return serve_partition(i, it, address, secret, threads, timeout)
 
         self._start(lambda: rdd.mapPartitionsWithIndex(body).collect(),
                     "sparkgd: serving gradient passes")

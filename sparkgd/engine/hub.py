@@ -1,32 +1,59 @@
 """The driver's end of the serving tasks' sockets: rendezvous, requests, replies.
 
-:class:`Hub` accepts the tasks of one serving job (checking each hello), sends every
-task the loss and layout (OP_CONFIG) and theta (OP_SUMS), and reads their sums back in
-task order. It knows nothing of Spark: the job that runs the tasks
-(:class:`sparkgd.engine.jobs.ServingJob`) tells it whether the job ended and how many
-tasks run.
+:class:`Hub` accepts the tasks of one serving job, sends every task the loss and
+layout (OP_CONFIG) and theta (OP_SUMS), and reads their sums back in task order. It
+never blocks on a peer: every socket is non-blocking and every peer has a deadline.
+
+* Handshakes (:mod:`.wire`) run as small state machines in the same loop as the
+  passes, so a stranger on the port -- idle, trickling a byte at a time, or sending
+  garbage -- costs the pass nothing but a few microseconds of bookkeeping, and is
+  dropped when its ``hello_seconds`` are up (or its first bytes are wrong).
+* A task that stops reading theta, stalls mid-reply, or neither answers nor sends its
+  heartbeat for ``deadline`` seconds is dropped: with blocks of its own (``strict``)
+  that is :class:`TaskLost` (the fit starts over); with block files
+  :class:`WorkersUnavailable` (the engine runs one Spark job per pass instead).
+* A frame with a wrong MAC, sequence number or pass number, a second reply, an op a
+  task may not send: the connection is dropped, as if the task were lost.
+
+Everything dropped is counted in :attr:`Hub.rejected`. The hub knows nothing of
+Spark: the job that runs the tasks (:class:`sparkgd.engine.jobs.ServingJob`) tells it
+whether the job ended and how many tasks run.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import selectors
 import socket
-import struct
 import time
+from collections import deque
 
-from .wire import (ACCEPT, OP_STOP, OP_SUMS, REJECT, pack_config, pack_request, read_hello,
-                   read_reply)
+import numpy as np
+
+from . import wire
 
 log = logging.getLogger("sparkgd")
 
+#: Seconds a peer may take to complete its hello.
+HELLO_SECONDS = 30.0
+#: Seconds a task may go without progress while the hub waits on it.
+DEADLINE_SECONDS = 60.0
+#: Handshakes in progress at once; beyond that the oldest is dropped.
+MAX_PENDING = 1024
+
 
 class WorkersUnavailable(RuntimeError):
-    """The cluster could not run every serving task at once."""
+    """The cluster could not run every serving task at once (or they cannot reach the
+    hub, or one stalled): passes must go another way."""
 
 
 class WorkersFailed(RuntimeError):
     """The serving job ended with an error (its message is the job's)."""
+
+
+class Cancelled(RuntimeError):
+    """The caller's job group or tag was cancelled while the fit ran."""
 
 
 class TaskLost(RuntimeError):
@@ -42,40 +69,131 @@ def driver_address(sc):
     return bind, host
 
 
+#: Spark conf: the port (or ``first-last`` range) hubs bind on the driver; default any.
+PORTS_CONF = "spark.sparkgd.hub.ports"
+
+
+def parse_ports(text):
+    """``""`` -> [0] (any free port); ``"40000"`` or ``"40000-40100"`` -> those ports."""
+    text = (text or "").strip()
+    if not text:
+        return [0]
+    lo, _, hi = text.partition("-")
+    try:
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise ValueError(f"{PORTS_CONF} must be a port or a range first-last, got {text!r}") \
+            from None
+    if not 0 < lo <= hi < 65536:
+        raise ValueError(f"{PORTS_CONF} must be a port or a range first-last, got {text!r}")
+    return list(range(lo, hi + 1))
+
+
+def listen(bind, ports=(0,)):
+    """A listening socket on ``bind`` (IPv4 or IPv6), the first free port of ``ports``."""
+    infos = socket.getaddrinfo(bind, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    last = None
+    for port in ports:
+        try:
+            s = socket.create_server((sockaddr[0], port), family=family,
+                                     backlog=socket.SOMAXCONN)
+            s.setblocking(False)
+            return s
+        except OSError as e:
+            last = e
+    raise OSError(f"no free port for the hub on {bind} in {ports[0]}-{ports[-1]}: {last}")
+
+
+class _Peer:
+    """One accepted connection: a handshake in progress, or a task."""
+
+    def __init__(self, sock, now, hello_seconds):
+        self.sock = sock
+        self.nonce = os.urandom(wire.NONCE)
+        self.index = self.attempt = None
+        self.key = None
+        self.hello = True
+        self.stage = "head"             # hello: head, body; task: head, payload
+        self.inbound = wire.Inbound(wire._HELLO.size + wire.TAG)
+        self.head = None
+        self.out = deque()              # memoryviews still to send
+        self.send_seq = self.recv_seq = 0
+        self.progress = now             # last byte moved either way
+        self.hello_deadline = now + hello_seconds
+        self.closed = False
+        self.close_when_sent = False
+        self.queue(wire._CHALLENGE.pack(wire.MAGIC, wire.VERSION, self.nonce))
+
+    def queue(self, *parts):
+        self.out.extend(memoryview(p).cast("B") for p in parts if len(p))
+
+    def frame(self, op, payload=b"", **fields):
+        self.queue(*wire.frame_parts(self.key, wire.TO_TASK, self.send_seq, op, payload,
+                                     **fields))
+        self.send_seq += 1
+
+    def flush(self, now):
+        """Send what the socket takes now; -> True when nothing is left."""
+        while self.out:
+            part = self.out[0]
+            try:
+                k = self.sock.send(part)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if k:
+                self.progress = now
+            if k < len(part):
+                self.out[0] = part[k:]
+                return False
+            self.out.popleft()
+        return True
+
+
 class Hub:
-    """The driver's end of the sockets: accepts tasks, hands out requests, reads
-    replies. Knows nothing of Spark: ``ended()`` raises if the tasks' job is over,
-    ``running()`` says how many tasks are running (both asked only while waiting).
+    """The driver's end of one serving job's sockets.
+
+    ``ended()`` raises if the tasks' job is over, ``running()`` says how many tasks
+    run (both asked only while waiting), ``failed()`` how many attempts failed.
+    ``expected``: per task index, the sorted block keys it must report (None: not
+    checked). ``strict``: a lost task or a second attempt of one raises TaskLost
+    instead of being waited for (tasks that built their own blocks: see ServedJob).
     """
 
     def __init__(self, num_tasks, size, bind, ended, running, wait_seconds=30.0,
-                 expected=None, strict=False, failed=None):
+                 expected=None, strict=False, failed=None, deadline=DEADLINE_SECONDS,
+                 hello_seconds=HELLO_SECONDS, ports=(0,)):
         self.num_tasks, self.size = int(num_tasks), int(size)
-        #: strict: a lost task or a second attempt of one raises TaskLost instead of
-        #: being waited for (tasks that built their own blocks: see ServedJob)
         self.strict = strict
-        self._failed = failed         # -> number of failed task attempts so far
+        self.expected = expected
+        self.wait_seconds = float(wait_seconds)
+        self.deadline = float(deadline)
+        self.hello_seconds = float(hello_seconds)
+        self._ended, self._running, self._failed = ended, running, failed
+        self.secret = os.urandom(32)
         self.facts = {}               # task index -> the facts bytes of its hello
         self.floats = {}              # task index -> the float64 array of its hello
-        #: per task index, the sorted block keys it must report (None: not checked)
-        self.expected = expected
-        self.refused = 0
-        self.wait_seconds = float(wait_seconds)
-        self.secret = os.urandom(16).hex().encode()
+        self.refused = 0              # tasks refused for reporting other blocks
+        self.rejected = 0             # connections dropped: strangers, bad frames, stalls
         self.reconnects = 0
         self.short = False            # gave up waiting for task slots
-        self._ended, self._running = ended, running
-        self._listener = socket.create_server((bind, 0), backlog=socket.SOMAXCONN)
-        self._listener.setblocking(False)
+        self.pass_no = 0
+        self._listener = listen(bind, ports)
         self.port = self._listener.getsockname()[1]
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listener, selectors.EVENT_READ, None)
-        self._conns = {}
-        self._seen = set()            # task indices that have ever been accepted
-        self._config = None           # the OP_CONFIG frame every (new) task gets first
+        self._pending = {}            # handshakes in progress: socket -> peer
+        self._tasks = {}              # task index -> its peer
+        self._seen = set()            # task indices ever accepted
+        self._config = None           # (payload) of OP_CONFIG, sent to every new task first
+        self._replies = {}
+        self._awaiting = set()
+        self._request = None          # the pass in progress: (theta, sample)
+
+    # ------------------------------------------------------------------ the passes
 
     def wait_for_tasks(self):
-        self._wait(lambda: len(self._conns) < self.num_tasks, None, set())
+        self._wait(lambda: len(self._tasks) < self.num_tasks)
         if self.strict:
             # a task Spark failed (its input broke upstream) may still have connected,
             # its Python side unaware: if the driver already knows, stop here
@@ -83,64 +201,62 @@ class Hub:
             if self._failed is not None and self._failed() > 0:
                 raise WorkersFailed("a task failed while the blocks were built")
 
+    def configure(self, config):
+        """Send every task the loss and layout to compute with (OP_CONFIG, JSON); a
+        task that connects later gets it first."""
+        import json
+
+        self._config = json.dumps(config).encode()
+        for peer in list(self._tasks.values()):
+            peer.frame(wire.OP_CONFIG, self._config)
+            self._push(peer)
+
     def evaluate(self, theta, sample=None):
         """Every task's sums for ``theta``, in task order."""
-        request = pack_request(OP_SUMS, theta, sample)
-        pending = set(range(self.num_tasks))
-        for i in sorted(self._conns):
-            self._send(i, request)
-        replies = {}
-        self._wait(lambda: bool(pending), request, pending, replies)
-        return [replies[i] for i in range(self.num_tasks)]
-
-    def _send(self, i, request):
+        theta = np.ascontiguousarray(theta, dtype="<f8")
+        self.pass_no += 1
+        self._request = (theta, sample)
+        self._replies = {}
+        self._awaiting = set(range(self.num_tasks))
         try:
-            self._conns[i].sendall(request)
-        except OSError:
-            self._drop(i)
-            self._lost(i)
+            for peer in list(self._tasks.values()):
+                self._send_request(peer)
+            self._wait(lambda: bool(self._awaiting))
+        finally:
+            self._request = None
+        return [self._replies[i] for i in range(self.num_tasks)]
 
-    def _lost(self, i, attempt=None):
-        if self.strict and self._listener is not None:
-            again = "" if attempt is None else f" (a new attempt, {attempt}, connected)"
-            raise TaskLost(f"serving task {i} was lost{again}")
+    def _send_request(self, peer):
+        theta, sample = self._request
+        fraction, seed, iteration = (1.0, 0, 0) if sample is None else sample
+        peer.frame(wire.OP_SUMS, theta, pass_no=self.pass_no, iteration=iteration,
+                   seed=seed, fraction=fraction)
+        peer.progress = time.monotonic()      # the deadline runs from the request
+        self._push(peer)
 
-    def configure(self, config):
-        """Send every task the loss and layout to compute with (OP_CONFIG); a task that
-        connects later gets it first."""
-        self._config = request = pack_config(config)
-        for i in sorted(self._conns):
-            self._send(i, request)
+    # ------------------------------------------------------------------ the loop
 
-    def _drop(self, i):
-        conn = self._conns.pop(i, None)
-        if conn is not None:
-            self._sel.unregister(conn)
-            conn.close()
-
-    def _wait(self, waiting, request, pending, replies=None):
-        """Serve the selector until ``waiting()`` is false: accept (re)connecting
-        tasks, hand them the request in progress, read replies."""
+    def _wait(self, waiting):
+        """Serve the selector until ``waiting()`` is false: handshakes, (re)connecting
+        tasks, requests out, replies in, deadlines."""
         short_since = None
         while waiting():
-            for key, _ in self._sel.select(timeout=0.25):
+            for key, mask in self._sel.select(timeout=0.1):
                 if key.data is None:
-                    self._accept(request, pending)
+                    self._accept()
                     continue
-                i = key.data
-                try:
-                    reply = read_reply(key.fileobj, self.size)
-                except (OSError, EOFError, ValueError):
-                    self._drop(i)   # its task is gone; a new attempt will connect
-                    self._lost(i)
+                peer = key.data
+                if peer.closed:       # dropped earlier in this round (a newer attempt)
                     continue
-                if replies is not None and i in pending:
-                    replies[i] = reply
-                    pending.discard(i)
+                if mask & selectors.EVENT_WRITE:
+                    self._push(peer)
+                if mask & selectors.EVENT_READ and not peer.closed:
+                    self._read(peer)
+            self._check_deadlines()
             if not waiting():
                 break
             self._ended()
-            if len(self._conns) < self.num_tasks:
+            if len(self._tasks) < self.num_tasks:
                 running = self._running()
                 # strict (served) jobs compute their input first, and upstream stages
                 # count as running tasks too: until a served task connects, only a job
@@ -157,57 +273,236 @@ class Hub:
                         f"only {running} of {self.num_tasks} serving tasks could run at "
                         f"once for {self.wait_seconds:g}s")
 
-    def _accept(self, request, pending):
-        try:
-            conn, _ = self._listener.accept()
-        except BlockingIOError:
+    def _accept(self):
+        now = time.monotonic()
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:   # e.g. out of file descriptors: the backlog keeps them
+                return
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            peer = _Peer(sock, now, self.hello_seconds)
+            if len(self._pending) >= MAX_PENDING:
+                oldest = min(self._pending.values(), key=lambda p: p.hello_deadline)
+                self._reject(oldest, "too many handshakes at once")
+            self._pending[sock] = peer
+            self._sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
+            self._push(peer)
+
+    def _push(self, peer):
+        """Send what can be sent; watch for writability only while something waits."""
+        if peer.closed:
             return
         try:
-            conn.setblocking(True)
-            conn.settimeout(30)
-            index, attempt, keys, facts, floats = read_hello(conn, self.secret)
-            if not 0 <= index < self.num_tasks:
-                raise ValueError(f"task index {index} out of range")
-            if self.strict and index in self._seen:
-                conn.sendall(REJECT)
-                conn.close()
-                self._lost(index, attempt)
-            if self.expected is not None and keys != self.expected[index]:
-                self.refused += 1
-                log.info("serving task %d (attempt %d) refused: %d of %d blocks as expected",
-                         index, attempt, len(set(keys) & set(self.expected[index])),
-                         len(self.expected[index]))
-                conn.sendall(REJECT)
-                raise ValueError("incomplete input")
-            conn.sendall(ACCEPT)
-            conn.settimeout(None)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, EOFError, ValueError, struct.error):
-            conn.close()
+            done = peer.flush(time.monotonic())
+        except OSError:
+            self._gone(peer, "connection reset")
             return
-        if index in self._conns:    # a newer attempt of a task we still had
-            self._drop(index)
-        if index in self._seen:
+        if done and peer.close_when_sent:
+            self._close(peer)
+            return
+        events = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
+        if self._sel.get_key(peer.sock).events != events:
+            self._sel.modify(peer.sock, events, peer)
+
+    def _read(self, peer):
+        try:
+            while not peer.closed and peer.inbound.fill(peer.sock):
+                peer.progress = time.monotonic()
+                if peer.hello:
+                    self._hello_piece(peer)
+                else:
+                    self._frame_piece(peer)
+            if peer.inbound.got:
+                peer.progress = time.monotonic()
+        except EOFError:
+            self._gone(peer, "connection closed")
+        except OSError:
+            self._gone(peer, "connection reset")
+        except (wire.ProtocolError, ValueError, UnicodeDecodeError) as e:
+            self._gone(peer, str(e), bad=True)
+
+    def _hello_piece(self, peer):
+        data = peer.inbound.buf
+        if peer.stage == "head":
+            head, got_tag = bytes(data[:wire._HELLO.size]), bytes(data[wire._HELLO.size:])
+            magic, _, index, attempt, nkeys, nfacts, nfloats = wire._HELLO.unpack(head)
+            if magic != wire.MAGIC or not hmac.compare_digest(
+                    got_tag, wire.hello_head_tag(self.secret, peer.nonce, head)):
+                raise wire.ProtocolError("not a task of this fit")
+            if nkeys > wire.MAX_FLOATS // 3 or nfacts > wire.MAX_JSON or \
+                    nfloats > wire.MAX_FLOATS:
+                raise wire.ProtocolError(f"hello with {nkeys} blocks, {nfacts} bytes of "
+                                         f"facts and {nfloats} values")
+            peer.head, peer.index, peer.attempt = head, index, attempt
+            peer.sizes = (24 * nkeys, nfacts, 8 * nfloats)
+            peer.stage = "body"
+            peer.inbound.expect(sum(peer.sizes) + wire.TAG)
+            return
+        view = memoryview(data)
+        a, b, c = peer.sizes
+        keys, facts, floats = view[:a], view[a:a + b], view[a + b:a + b + c]
+        if not hmac.compare_digest(bytes(view[a + b + c:]), wire.hello_tag(
+                self.secret, peer.nonce, peer.head, keys, facts, floats)):
+            raise wire.ProtocolError("a hello whose body does not match its tag")
+        task_nonce = wire._HELLO.unpack(peer.head)[1]
+        peer.key = wire.connection_key(self.secret, peer.nonce, task_nonce)
+        keys = sorted(tuple(int(v) for v in k) for k in
+                      np.frombuffer(keys, dtype="<i8").reshape(-1, 3))
+        self._admit(peer, keys, bytes(facts), np.frombuffer(floats, dtype="<f8").copy())
+
+    def _admit(self, peer, keys, facts, floats):
+        """A task proved it belongs to this fit: accept it, or refuse it."""
+        i, attempt = peer.index, peer.attempt
+        del self._pending[peer.sock]
+        peer.hello = False
+        peer.stage = "head"
+        peer.inbound.expect(wire._FRAME.size)
+        if not 0 <= i < self.num_tasks:
+            self._refuse(peer, f"task index {i} out of range")
+            return
+        if self.strict and i in self._seen:
+            self._refuse(peer, "a second attempt")
+            self._lost(i, attempt)
+            return
+        if self.expected is not None and keys != self.expected[i]:
+            self.refused += 1
+            log.info("serving task %d (attempt %d) refused: %d of %d blocks as expected",
+                     i, attempt, len(set(keys) & set(self.expected[i])),
+                     len(self.expected[i]))
+            self._refuse(peer, "incomplete input")
+            return
+        old = self._tasks.get(i)
+        if old is not None:           # a newer attempt of a task we still had
+            self._close(old)
+        if i in self._seen:
             self.reconnects += 1
-            log.info("serving task %d reconnected (attempt %d)", index, attempt)
-        self._seen.add(index)
-        self.facts[index] = facts
-        self.floats[index] = floats
-        self._conns[index] = conn
-        self._sel.register(conn, selectors.EVENT_READ, index)
+            log.info("serving task %d reconnected (attempt %d)", i, attempt)
+        self._seen.add(i)
+        self.facts[i], self.floats[i] = facts, floats
+        self._tasks[i] = peer
+        peer.frame(wire.OP_ACCEPT, fraction=self.deadline / 4)   # the heartbeat interval
         if self._config is not None:
-            self._send(index, self._config)
-        if request is not None and index in pending:
-            self._send(index, request)
+            peer.frame(wire.OP_CONFIG, self._config)
+        self._push(peer)
+        if self._request is not None and i in self._awaiting:
+            self._send_request(peer)
+
+    def _refuse(self, peer, why):
+        log.debug("sparkgd: hub refused a task: %s", why)
+        peer.frame(wire.OP_REJECT)
+        peer.close_when_sent = True
+        peer.hello_deadline = time.monotonic() + self.hello_seconds
+        self._pending[peer.sock] = peer      # its deadline still runs until it is sent
+        self._push(peer)
+
+    def _frame_piece(self, peer):
+        if peer.stage == "head":
+            peer.head = bytes(peer.inbound.buf)
+            size = wire.parse_head(peer.head, 8 * max(self.size, 0))[-1]
+            peer.stage = "payload"
+            peer.inbound.expect(size + wire.TAG)
+            return
+        data = memoryview(peer.inbound.buf)
+        frame = wire.check_frame(peer.key, wire.TO_HUB, peer.recv_seq, peer.head,
+                                 data[:-wire.TAG], data[-wire.TAG:])
+        peer.recv_seq += 1
+        peer.stage = "head"
+        peer.inbound.expect(wire._FRAME.size)
+        if frame.op == wire.OP_ALIVE:
+            return
+        i = peer.index
+        if frame.op != wire.OP_REPLY or frame.pass_no != self.pass_no or \
+                i not in self._awaiting or len(frame.payload) != 8 * self.size:
+            raise wire.ProtocolError(
+                f"task {i}: op {frame.op} for pass {frame.pass_no} ({len(frame.payload)} "
+                f"bytes) where pass {self.pass_no} is {'awaited' if i in self._awaiting else 'done'}")
+        self._replies[i] = np.frombuffer(frame.payload[:8 * self.size], dtype="<f8")
+        self._awaiting.discard(i)
+
+    def _check_deadlines(self):
+        now = time.monotonic()
+        for peer in [p for p in self._pending.values() if now > p.hello_deadline]:
+            self._reject(peer, f"no hello within {self.hello_seconds:g}s")
+        for i, peer in list(self._tasks.items()):
+            if peer.closed or now - peer.progress <= self.deadline:
+                continue
+            if peer.out:
+                why = "stopped reading"
+            elif peer.inbound.mid_piece or peer.stage == "payload":
+                why = "stalled mid-reply"
+            elif i in self._awaiting:
+                why = "did not answer"
+            else:
+                continue
+            self._gone(peer, f"{why} for {self.deadline:g}s", stalled=True)
+
+    # ------------------------------------------------------------------ endings
+
+    def _close(self, peer):
+        if peer.closed:
+            return
+        peer.closed = True
+        self._pending.pop(peer.sock, None)
+        if self._tasks.get(peer.index) is peer:
+            del self._tasks[peer.index]
+        try:
+            self._sel.unregister(peer.sock)
+        except (KeyError, ValueError):
+            pass
+        peer.sock.close()
+
+    def _reject(self, peer, why):
+        """A stranger (or a refused task) is dropped."""
+        self.rejected += 1
+        log.debug("sparkgd: hub dropped a connection: %s", why)
+        self._close(peer)
+
+    def _gone(self, peer, why, bad=False, stalled=False):
+        """A connection ended or misbehaved; a task's loss is handled as such."""
+        is_task = not peer.hello and self._tasks.get(peer.index) is peer
+        if bad or stalled or not is_task:
+            self.rejected += 1
+        self._close(peer)
+        if not is_task:
+            log.debug("sparkgd: hub dropped a connection: %s", why)
+            return
+        log.info("sparkgd: serving task %d: %s", peer.index, why)
+        if stalled and not self.strict and self._listener is not None:
+            raise WorkersUnavailable(f"serving task {peer.index} {why}")
+        self._lost(peer.index)
+
+    def _lost(self, i, attempt=None):
+        if self.strict and self._listener is not None:
+            again = "" if attempt is None else f" (a new attempt, {attempt}, connected)"
+            raise TaskLost(f"serving task {i} was lost{again}")
 
     def close(self):
         """Tell every connected task to stop; close the sockets."""
-        stop = pack_request(OP_STOP)
         listener, self._listener = self._listener, None   # no TaskLost while stopping
         if listener is None:
             return
-        for i in list(self._conns):
-            self._send(i, stop)
-            self._drop(i)
+        for peer in list(self._tasks.values()):
+            peer.frame(wire.OP_STOP)
+            try:
+                peer.sock.setblocking(True)
+                peer.sock.settimeout(1.0)
+                while peer.out:
+                    part = peer.out.popleft()
+                    peer.sock.sendall(part)
+            except OSError:
+                pass
+            self._close(peer)
+        for peer in list(self._pending.values()):
+            self._close(peer)
         self._sel.close()
         listener.close()
+        if self.rejected:
+            log.info("sparkgd: the hub dropped %d connection(s) or frame(s) that were not "
+                     "this fit's tasks speaking its protocol", self.rejected)

@@ -18,41 +18,90 @@ import uuid
 import numpy as np
 
 from .. import kernels
+from ..errors import SparkgdError
 from ..stats import block_moments, merge_moments
-from .hub import WorkersFailed
+from .hub import (DEADLINE_SECONDS, HELLO_SECONDS, PORTS_CONF, Cancelled, Hub, WorkersFailed,
+                  WorkersUnavailable, driver_address, parse_ports)
+from .wire import UNREACHABLE_MARKER
+
+
+#: Spark conf (seconds): how long a task may go silent while the hub waits on it
+#: (stalled mid-reply, not reading, not answering; a computing task sends a heartbeat).
+DEADLINE_CONF = "spark.sparkgd.hub.deadline"
+#: Spark conf (seconds): how long a connection may take to complete its hello (and a
+#: task to connect at all).
+HELLO_CONF = "spark.sparkgd.hub.helloTimeout"
+
+
+def conf_seconds(conf, key, default):
+    text = conf.get(key, None)
+    if text is None:
+        return float(default)
+    try:
+        value = float(str(text).strip().rstrip("s"))
+    except ValueError:
+        raise SparkgdError(f"{key} must be a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise SparkgdError(f"{key} must be > 0 seconds, got {text!r}")
+    return value
 
 
 class ServingJob:
-    """A Spark job that runs in a driver thread for the length of a fit, under its own
-    job group, while :class:`Hub` talks to its tasks."""
+    """A Spark job that runs in a driver thread for the length of a fit while
+    :class:`~sparkgd.engine.hub.Hub` talks to its tasks.
 
-    def __init__(self, sc, kind):
+    The thread is a PySpark ``InheritableThread``: the job carries the caller's job
+    group and tags, so cancelling them stops the fit (:class:`Cancelled`); it also
+    carries a tag of its own, which :meth:`close` cancels when tasks do not end.
+    """
+
+    def __init__(self, sc, kind, num_tasks, size, wait_seconds=30.0, expected=None,
+                 strict=False):
         self._sc = sc
-        self._group = f"sparkgd-{kind}-{uuid.uuid4().hex[:12]}"
+        self._tag = f"sparkgd-{kind}-{uuid.uuid4().hex[:12]}"
         self._error = None
+        self._cancelling = False
         self._done = threading.Event()
         self._thread = None
-        self.hub = None
         self.config = None
+        conf = sc.getConf()
+        bind, host = driver_address(sc)
+        self.connect_seconds = conf_seconds(conf, HELLO_CONF, HELLO_SECONDS)
+        try:
+            ports = parse_ports(conf.get(PORTS_CONF, ""))
+        except ValueError as e:
+            raise SparkgdError(str(e)) from None
+        self.hub = Hub(num_tasks, size, bind, self._raise_if_ended, self._running_tasks,
+                       wait_seconds, expected, strict=strict,
+                       failed=self._failed_tasks if strict else None,
+                       deadline=conf_seconds(conf, DEADLINE_CONF, DEADLINE_SECONDS),
+                       hello_seconds=self.connect_seconds, ports=ports)
+        self.address = (host, self.hub.port)
 
     def _start(self, action, description):
+        from pyspark import InheritableThread
+
+        sc, tag = self._sc, self._tag
+
         def run():
             try:
-                self._sc.setJobGroup(self._group, description, interruptOnCancel=True)
+                sc.addJobTag(tag)
+                sc.setInterruptOnCancel(True)
+                sc.setJobDescription(description)
                 action()
             except BaseException as e:  # reported by the hub's next wait
                 self._error = e
             finally:
                 self._done.set()
 
-        self._thread = threading.Thread(target=run, name=self._group, daemon=True)
+        self._thread = InheritableThread(target=run, name=tag, daemon=True)
         self._thread.start()
 
     def _stage_sum(self, field):
         st = self._sc.statusTracker()
         total = 0
-        for job_id in st.getJobIdsForGroup(self._group):
-            job = st.getJobInfo(job_id)
+        for job_id in self._sc._jsc.sc().statusTracker().getJobIdsForTag(self._tag):
+            job = st.getJobInfo(int(job_id))
             for stage_id in (job.stageIds if job else []):
                 stage = st.getStageInfo(stage_id)
                 total += getattr(stage, field) if stage else 0
@@ -70,7 +119,15 @@ class ServingJob:
         e = self._error
         if e is None:
             raise WorkersFailed("the serving tasks ended before the fit did")
-        raise WorkersFailed(str(e).strip() or type(e).__name__) from None
+        text = str(e).strip() or type(e).__name__
+        if UNREACHABLE_MARKER in text:
+            host, port = self.address
+            raise WorkersUnavailable(
+                f"executors cannot reach the driver's hub at {host}:{port} (allow it on "
+                f"the firewall, or pin the port with {PORTS_CONF})")
+        if "cancel" in text.lower() and not self._cancelling:
+            raise Cancelled(f"the fit was cancelled: {text.splitlines()[0]}")
+        raise WorkersFailed(text) from None
 
     def configure(self, loss, layout):
         """Tell the tasks what to compute (again only when it changed)."""
@@ -86,16 +143,23 @@ class ServingJob:
         """Every task's sums for ``theta``, in task order."""
         return self.hub.evaluate(theta, sample)
 
+    @property
+    def rejected(self):
+        return self.hub.rejected
+
+    def cancel(self):
+        self._cancelling = True
+        self._sc.cancelJobsWithTag(self._tag)
+
     def close(self):
         """Stop every task, wait for the job (cancel it if it does not end)."""
-        if self.hub is not None:
-            self.hub.close()
+        self.hub.close()
         if self._thread is None:
             return
-        if self.hub is None or not self.hub.short:
+        if not self.hub.short:
             self._thread.join(timeout=30)
         if self._thread.is_alive():   # tasks that never got a slot, or hung ones
-            self._sc.cancelJobGroup(self._group)
+            self.cancel()
             self._thread.join(timeout=30)
 
 
@@ -121,9 +185,11 @@ def pass_sums(store, theta, loss, layout, sample, aggregator):
         return aggregator.sum(partials, 2 + layout.size)
 
     try:
-        return store.run(job)
+        total = store.run(job)
     finally:
         bc.destroy()
+    aggregator.count_out(theta.size, store.num_tasks)   # the broadcast, once per task
+    return total
 
 
 def _moments_task(blocks, d):

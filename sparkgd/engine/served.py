@@ -29,13 +29,13 @@ from ..data.arrow import BadInput, stack_csr, stored_dense, xyw_batches
 from ..data.facts import block_info, merge_infos
 from ..stats import block_moments, merge_moments
 from . import jobs, wire
-from .hub import Hub, TaskLost, WorkersFailed, WorkersUnavailable, driver_address
+from .hub import TaskLost, WorkersFailed, WorkersUnavailable
 from .slots import coalesced_input_partitions
 
 log = logging.getLogger("sparkgd")
 
 
-def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
+def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1, timeout=60.0):
     """mapInArrow body of a task that builds its blocks and then serves them.
 
     X of each Arrow batch is kept in this worker's memory for the whole fit: dense X
@@ -75,16 +75,16 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1):
         facts = {} if info is None else dict(info, part=index, seq=0, pid=os.getpid())
     except BadInput as e:
         blocks, facts, moments = [], {"error": str(e)}, None
-    sock = wire.connect(address, secret, index, attempt, facts=json.dumps(facts).encode(),
-                        floats=moments)
-    if sock is None:
+    chan = wire.connect(address, secret, index, attempt, facts=json.dumps(facts).encode(),
+                        floats=moments, timeout=timeout)
+    if chan is None:
         raise TaskLost(f"sparkgd: serving task {index} (attempt {attempt}) was refused")
     try:
         # with bad input too: stay until the driver has everyone's facts and says stop
         # (leaving early would look like a lost task)
-        wire.serve(sock, blocks, index, threads)
+        wire.serve(chan, blocks, index, threads)
     finally:
-        sock.close()
+        chan.close()
     yield pa.RecordBatch.from_pydict({"rows": [facts.get("n", 0)]})
 
 
@@ -108,16 +108,14 @@ class ServedJob(jobs.ServingJob):
 
     def __init__(self, frame, spec, dtype="float64", wait_seconds=30.0, threads=1):
         sc = frame.sparkSession.sparkContext
-        super().__init__(sc, "served")
+        super().__init__(sc, "served", 0, 0, wait_seconds, strict=True)
         self.certified = False
         self.lost = False
-        bind, host = driver_address(sc)
-        self.hub = hub = Hub(0, 0, bind, self._raise_if_ended, self._running_tasks,
-                             wait_seconds, strict=True, failed=self._failed_tasks)
-        address, secret = (host, hub.port), hub.secret
+        hub = self.hub
+        address, secret, timeout = self.address, hub.secret, self.connect_seconds
 
         def body(it, _spec=spec, _dtype=dtype, _threads=threads):
-            return serve_arrow_partition(it, _spec, _dtype, address, secret, _threads)
+            return serve_arrow_partition(it, _spec, _dtype, address, secret, _threads, timeout)
 
         try:
             # One RDD, counted and run: with adaptive execution, planning the query
@@ -160,7 +158,7 @@ class ServedJob(jobs.ServingJob):
         if self.lost and self._thread is not None and self._thread.is_alive():
             # its passes are void: do not wait for Spark's retries of a lost task
             self.hub.close()
-            self._sc.cancelJobGroup(self._group)
+            self.cancel()
         super().close()
         self.certified = not self.lost and self._done.is_set() and self._error is None
 
@@ -205,6 +203,10 @@ class ServedStore:
         """One pass -> every task's sums, in task order."""
         self.job.configure(loss, layout)     # sent once (again if another loss asks)
         return self.job.evaluate(theta, sample)
+
+    @property
+    def rejected(self):
+        return self.job.rejected if self.job is not None else 0
 
     @property
     def certified(self):

@@ -92,3 +92,15 @@ def coalesced_input_partitions(rdd):
 def dynamic_allocation(sc):
     """Whether executors come and go (``spark.dynamicAllocation.enabled``)."""
     return sc.getConf().get("spark.dynamicAllocation.enabled", "false").strip().lower() == "true"
+
+
+#: Spark confs that turn on encryption of Spark's own traffic.
+ENCRYPTION_CONFS = ("spark.network.crypto.enabled", "spark.ssl.enabled", "spark.ssl.rpc.enabled",
+                    "spark.authenticate.enableSaslEncryption")
+
+
+def spark_encrypts(sc):
+    """Whether Spark encrypts its network traffic (then sparkgd opens no channel of its
+    own, which is authenticated but not encrypted)."""
+    conf = sc.getConf()
+    return any(conf.get(k, "false").strip().lower() == "true" for k in ENCRYPTION_CONFS)

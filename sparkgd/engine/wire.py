@@ -1,34 +1,94 @@
 """Both ends of the wire between the driver's hub and the serving tasks.
 
-Frames: fixed ``struct`` headers followed by raw little-endian float64 or JSON, both
-length-checked; nothing received is unpickled or eval'd. A task proves it belongs to
-this fit with a random per-session secret it got in its closure.
+The handshake proves a task holds this fit's secret without sending it, and binds
+everything after it to this one connection::
 
-The task's end lives here too: :func:`connect` (the hello and the driver's verdict)
-and :func:`serve` (answer requests with :func:`sparkgd.kernels.partition_sums` until
-the driver says stop).
+    hub  -> task   CHALLENGE  magic, version, the hub's nonce (16 random bytes)
+    task -> hub    HELLO      magic, the task's nonce, task index, attempt, body sizes
+                              + tag(secret; both nonces, header)  -- checked before
+                                the hub reads (or allocates) any of the body
+                              + body: block keys (int64), facts (JSON), floats (float64)
+                              + tag(secret; both nonces, header, body)
+    hub  -> task   ACCEPT or REJECT, the first frame (below)
+
+Then every message, either way, is a frame::
+
+    header: op, sequence number, pass number, iteration, seed, fraction, payload bytes
+    payload (raw little-endian float64, or JSON for OP_CONFIG)
+    HMAC-SHA256(connection key; direction, header, payload)
+
+The connection key is ``HMAC(secret; both nonces)``: a hello or frame recorded on one
+connection is worthless on any other. Sequence numbers (one per direction, from 0)
+refuse a replayed, dropped or reordered frame within a connection, and a reply
+carries the pass number of the request it answers. Lengths are checked before
+anything is allocated; nothing received is unpickled or eval'd.
+
+The task's end lives here too: :func:`connect` (the handshake), :func:`serve` (answer
+requests with :func:`sparkgd.kernels.partition_sums` until the driver says stop, with
+a heartbeat while a pass computes, so the hub can tell a slow pass from a dead task).
+The driver's end is :class:`sparkgd.engine.hub.Hub`, which speaks the same frames
+without ever blocking (:class:`Inbound`).
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
+import os
 import socket
 import struct
+import threading
+from dataclasses import dataclass
 
 import numpy as np
 
 MAGIC = b"SGDW"
-_HELLO = struct.Struct("<4s32siiQQQ")    # magic, secret, task index, attempt, blocks, facts,
-# floats; then (partition, position, rows) as 3 int64 per block, the facts (JSON bytes)
-# and an array of float64 (the feature moments: as JSON they would cost ~20 bytes a value);
-# the driver answers one byte
-ACCEPT, REJECT = b"\x01", b"\x00"
-_REQUEST = struct.Struct("<BqdqQ")       # op, iteration, fraction, seed, len(theta)
-_REPLY = struct.Struct("<Q")             # len(sums)
-OP_STOP, OP_SUMS, OP_CONFIG = 0, 1, 2    # OP_CONFIG: len = bytes of JSON, no reply
-#: refuse absurd lengths before allocating (2**31 float64 = 16 GiB)
-_MAX_FLOATS = 1 << 31
-_MAX_JSON = 1 << 26
+VERSION = 2
+NONCE = 16
+TAG = 32                                     # HMAC-SHA256
+_CHALLENGE = struct.Struct("<4sH16s")        # magic, version, hub nonce
+_HELLO = struct.Struct("<4s16siiQQQ")        # magic, task nonce, index, attempt, keys,
+# facts bytes, floats; + tag; then the body: (partition, position, rows) as 3 int64 per
+# block, the facts (JSON), the floats (float64: the feature moments at any width); + tag
+_FRAME = struct.Struct("<B3xQQqQdQ")         # op, seq, pass, iteration, seed, fraction, bytes
+OP_STOP, OP_SUMS, OP_CONFIG, OP_REPLY, OP_ACCEPT, OP_REJECT, OP_ALIVE = range(7)
+TO_TASK, TO_HUB = b"D", b"T"                 # the direction a frame's MAC covers
+#: refuse absurd sizes before allocating (2**31 float64 = 16 GiB)
+MAX_FLOATS = 1 << 31
+MAX_JSON = 1 << 26
+MAX_PAYLOAD = 8 * MAX_FLOATS
+SEED_MOD = 1 << 64
+
+
+class ProtocolError(ValueError):
+    """Bytes that are not a frame of this connection: wrong tag, sequence, size or op."""
+
+
+class HubUnreachable(ConnectionError):
+    """A serving task could not reach the driver's hub (firewall, wrong address)."""
+
+
+#: In a task's error message: the driver then falls back to passes without sockets.
+UNREACHABLE_MARKER = "sparkgd-hub-unreachable"
+
+
+def tag(key, *parts):
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def connection_key(secret, hub_nonce, task_nonce):
+    return tag(secret, b"sparkgd-connection", hub_nonce, task_nonce)
+
+
+def hello_head_tag(secret, hub_nonce, head):
+    return tag(secret, b"sparkgd-hello-head", hub_nonce, head)
+
+
+def hello_tag(secret, hub_nonce, head, *body):
+    return tag(secret, b"sparkgd-hello", hub_nonce, head, *body)
 
 
 def recv_exact(sock, n):
@@ -44,112 +104,218 @@ def recv_exact(sock, n):
     return buf
 
 
-def pack_hello(secret, index, attempt, keys=(), facts=b"", floats=None):
-    """The hello as a list of buffers (for ``sendall`` each: no copy of ``floats``)."""
-    keys = np.asarray(list(keys), dtype="<i8").reshape(-1, 3)
-    floats = np.zeros(0) if floats is None else np.ascontiguousarray(floats, dtype="<f8")
-    return [_HELLO.pack(MAGIC, secret, int(index), int(attempt), keys.shape[0], len(facts),
-                        floats.size) + keys.tobytes() + facts, memoryview(floats).cast("B")]
+def as_bytes(payload):
+    """A payload as a byte view: arrays little-endian, without a copy."""
+    if isinstance(payload, np.ndarray):
+        payload = np.ascontiguousarray(payload, dtype=payload.dtype.newbyteorder("<"))
+        return memoryview(payload).cast("B") if payload.size else memoryview(b"")
+    return memoryview(payload).cast("B") if len(payload) else memoryview(b"")
 
 
-def send_hello(sock, *args, **kwargs):
-    for part in pack_hello(*args, **kwargs):
-        sock.sendall(part)
+def frame_parts(key, direction, seq, op, payload=b"", pass_no=0, iteration=0, seed=0,
+                fraction=1.0):
+    """One frame as buffers to send in order: header, payload, MAC."""
+    body = as_bytes(payload)
+    head = _FRAME.pack(op, seq, pass_no, int(iteration), int(seed) % SEED_MOD,
+                       float(fraction), body.nbytes)
+    return [head, body, tag(key, direction, head, body)]
 
 
-def read_hello(sock, secret):
-    """-> (index, attempt, sorted block keys, facts bytes, floats); ValueError unless magic
-    and secret match."""
-    magic, got, index, attempt, count, nfacts, nfloats = _HELLO.unpack(
-        recv_exact(sock, _HELLO.size))
-    if magic != MAGIC or not hmac.compare_digest(got, secret):
-        raise ValueError("not a sparkgd task of this session")
-    if count > _MAX_FLOATS // 3 or nfacts > _MAX_JSON or nfloats > _MAX_FLOATS:
-        raise ValueError(f"hello with {count} blocks, {nfacts} bytes of facts and "
-                         f"{nfloats} values")
-    keys = np.frombuffer(recv_exact(sock, 24 * count), dtype="<i8").reshape(-1, 3)
-    facts = bytes(recv_exact(sock, nfacts)) if nfacts else b""
-    floats = np.frombuffer(recv_exact(sock, 8 * nfloats), dtype="<f8") if nfloats \
-        else np.zeros(0)
-    return index, attempt, sorted(tuple(int(v) for v in k) for k in keys), facts, floats
+@dataclass
+class Frame:
+    op: int
+    seq: int
+    pass_no: int
+    iteration: int
+    seed: int
+    fraction: float
+    payload: bytearray
+
+    def floats(self):
+        return np.frombuffer(self.payload, dtype="<f8")
 
 
-def pack_request(op, theta=None, sample=None):
-    """``sample``: None (full pass) or (fraction, seed, iteration)."""
-    fraction, seed, iteration = (1.0, 0, 0) if sample is None else sample
-    theta = np.zeros(0) if theta is None else np.ascontiguousarray(theta, dtype="<f8")
-    return _REQUEST.pack(op, int(iteration), float(fraction), int(seed), theta.size) \
-        + theta.tobytes()
+def parse_head(head, max_payload=MAX_PAYLOAD):
+    op, seq, pass_no, iteration, seed, fraction, size = _FRAME.unpack(head)
+    if op > OP_ALIVE or size > max_payload:
+        raise ProtocolError(f"bad frame header (op {op}, {size} bytes)")
+    return op, seq, pass_no, iteration, seed, fraction, size
 
 
-def pack_config(config):
-    """What a serving task that built its own blocks computes: loss and layout (JSON)."""
-    body = json.dumps(config).encode()
-    return _REQUEST.pack(OP_CONFIG, 0, 1.0, 0, len(body)) + body
+def check_frame(key, direction, expected_seq, head, payload, mac):
+    """-> the Frame, or ProtocolError when its MAC or sequence number is wrong."""
+    op, seq, pass_no, iteration, seed, fraction, _ = parse_head(head)
+    if not hmac.compare_digest(bytes(mac), tag(key, direction, head, payload)):
+        raise ProtocolError("frame with a wrong MAC")
+    if seq != expected_seq:
+        raise ProtocolError(f"frame {seq} where {expected_seq} was due (replayed or lost)")
+    return Frame(op, seq, pass_no, iteration, seed, fraction, payload)
 
 
-def read_request(sock):
-    """-> (op, theta, sample or None); for OP_CONFIG, (op, config dict, None)."""
-    op, iteration, fraction, seed, size = _REQUEST.unpack(recv_exact(sock, _REQUEST.size))
-    if op == OP_CONFIG and size <= _MAX_JSON:
-        return op, json.loads(bytes(recv_exact(sock, size))), None
-    if op not in (OP_STOP, OP_SUMS) or size > _MAX_FLOATS:
-        raise ValueError(f"bad request header (op {op}, {size} values)")
-    theta = np.frombuffer(recv_exact(sock, 8 * size), dtype="<f8") if size else np.zeros(0)
-    sample = None if fraction >= 1.0 else (fraction, seed, iteration)
-    return op, theta, sample
+class Inbound:
+    """Reads one connection's bytes without blocking: a fixed-size piece at a time, into
+    a buffer allocated for exactly it (large payloads land without copies)."""
 
+    def __init__(self, size):
+        self.expect(size)
+        self.bytes = 0          # received in all
 
-def pack_reply(sums):
-    sums = np.ascontiguousarray(sums, dtype="<f8")
-    return _REPLY.pack(sums.size) + sums.tobytes()
+    def expect(self, size):
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.got = 0
 
+    @property
+    def mid_piece(self):
+        return 0 < self.got < len(self.buf)
 
-def read_reply(sock, size):
-    (n,) = _REPLY.unpack(recv_exact(sock, _REPLY.size))
-    if n != size:
-        raise ValueError(f"reply of {n} values, expected {size}")
-    return np.frombuffer(recv_exact(sock, 8 * n), dtype="<f8")
+    def fill(self, sock):
+        """Read what is there; -> True when the piece is complete. EOFError on close."""
+        while self.got < len(self.buf):
+            try:
+                k = sock.recv_into(self.view[self.got:], len(self.buf) - self.got)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if k == 0:
+                raise EOFError("connection closed")
+            self.got += k
+            self.bytes += k
+        return True
 
 
 # ----------------------------------------------------------------- the task's end
 
-def connect(address, secret, index, attempt, keys=(), facts=b"", floats=None):
-    """Open the task's connection and say hello; -> the socket, or None when the driver
-    refused the task."""
-    sock = socket.create_connection(tuple(address), timeout=60)
+class Channel:
+    """The task's end of an authenticated connection (blocking)."""
+
+    def __init__(self, sock, key):
+        self.sock, self.key = sock, key
+        self.send_seq = self.recv_seq = 0
+        self.heartbeat = 0.0
+        self._lock = threading.Lock()
+
+    def send(self, op, payload=b"", **fields):
+        with self._lock:
+            parts = frame_parts(self.key, TO_HUB, self.send_seq, op, payload, **fields)
+            self.send_seq += 1
+            for p in parts:
+                self.sock.sendall(p)
+
+    def recv(self):
+        head = bytes(recv_exact(self.sock, _FRAME.size))
+        size = parse_head(head)[-1]
+        payload = recv_exact(self.sock, size) if size else bytearray()
+        mac = recv_exact(self.sock, TAG)
+        frame = check_frame(self.key, TO_TASK, self.recv_seq, head, payload, mac)
+        self.recv_seq += 1
+        return frame
+
+    def close(self):
+        self.sock.close()
+
+
+def connect(address, secret, index, attempt, keys=(), facts=b"", floats=None, timeout=60.0):
+    """The task's handshake; -> an open :class:`Channel`, or None when the hub refused
+    the task. :class:`HubUnreachable` when no connection can be made."""
+    try:
+        sock = socket.create_connection(tuple(address), timeout=timeout)
+    except OSError as e:
+        raise HubUnreachable(f"{UNREACHABLE_MARKER}: task {index} cannot reach the driver "
+                             f"at {address[0]}:{address[1]} ({e})") from None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        send_hello(sock, secret, index, attempt, keys, facts, floats)
-        if recv_exact(sock, 1) != ACCEPT:
+        magic, version, hub_nonce = _CHALLENGE.unpack(recv_exact(sock, _CHALLENGE.size))
+        if magic != MAGIC or version != VERSION:
+            raise ProtocolError("not a sparkgd hub of this version")
+        nonce = os.urandom(NONCE)
+        for part in hello_parts(secret, hub_nonce, nonce, index, attempt, keys, facts,
+                                floats):
+            sock.sendall(part)
+        chan = Channel(sock, connection_key(secret, hub_nonce, nonce))
+        verdict = chan.recv()
+        if verdict.op == OP_REJECT:
             sock.close()
             return None
+        if verdict.op != OP_ACCEPT:
+            raise ProtocolError(f"op {verdict.op} where the hub's verdict was due")
+        chan.heartbeat = verdict.fraction
         sock.settimeout(None)
+        return chan
     except BaseException:
         sock.close()
         raise
-    return sock
 
 
-def serve(sock, blocks, index, threads):
+def hello_parts(secret, hub_nonce, nonce, index, attempt, keys=(), facts=b"", floats=None):
+    """The hello, as buffers to send in order (the floats without a copy)."""
+    keys = np.asarray(list(keys), dtype="<i8").reshape(-1, 3)
+    floats = np.zeros(0) if floats is None else np.ascontiguousarray(floats, dtype="<f8")
+    body = [as_bytes(keys.ravel()), memoryview(facts), as_bytes(floats)]
+    head = _HELLO.pack(MAGIC, nonce, int(index), int(attempt), keys.shape[0], len(facts),
+                       floats.size)
+    return [head, hello_head_tag(secret, hub_nonce, head), *body,
+            hello_tag(secret, hub_nonce, head, *body)]
+
+
+class _Heartbeat:
+    """While a pass computes, an OP_ALIVE frame every ``interval`` seconds: the hub
+    then tells a slow pass from a stalled task."""
+
+    def __init__(self, chan):
+        self.chan = chan
+        self.busy = threading.Event()
+        self.done = threading.Event()
+        self.thread = None
+        if chan.heartbeat > 0:
+            self.thread = threading.Thread(target=self._run, name="sparkgd-heartbeat",
+                                           daemon=True)
+            self.thread.start()
+
+    def _run(self):
+        while not self.done.is_set():
+            self.busy.wait()
+            if self.done.wait(self.chan.heartbeat) or not self.busy.is_set():
+                continue
+            try:
+                self.chan.send(OP_ALIVE)
+            except OSError:
+                return
+
+    def stop(self):
+        self.done.set()
+        self.busy.set()
+
+
+def serve(chan, blocks, index, threads):
     """Answer the driver until it says stop (or goes away): OP_CONFIG sets the loss and
     layout, OP_SUMS gets this task's ``[loss_sum, weight_sum, grad...]``."""
     from .. import kernels
 
     loss = layout = None
-    while True:
-        try:
-            op, theta, sample = read_request(sock)
-        except EOFError:      # the driver ended the session (or died)
-            return
-        if op == OP_STOP:
-            return
-        if op == OP_CONFIG:
-            loss = kernels.make_loss(theta["loss"], **theta["params"])
-            layout = kernels.Layout(*theta["layout"])
-            continue
-        if sample is not None:
-            sample = sample + (index,)
-        sums = kernels.partition_sums(blocks, theta, loss, layout, sample=sample,
-                                      threads=threads)
-        sock.sendall(pack_reply(sums))
+    beat = _Heartbeat(chan)
+    try:
+        while True:
+            try:
+                frame = chan.recv()
+            except EOFError:      # the driver ended the session (or died)
+                return
+            if frame.op == OP_STOP:
+                return
+            if frame.op == OP_CONFIG:
+                config = json.loads(bytes(frame.payload))
+                loss = kernels.make_loss(config["loss"], **config["params"])
+                layout = kernels.Layout(*config["layout"])
+                continue
+            if frame.op != OP_SUMS or loss is None:
+                raise ProtocolError(f"op {frame.op} where a request was due")
+            sample = None if frame.fraction >= 1.0 else \
+                (frame.fraction, frame.seed, frame.iteration, index)
+            beat.busy.set()
+            try:
+                sums = kernels.partition_sums(blocks, frame.floats(), loss, layout,
+                                              sample=sample, threads=threads)
+            finally:
+                beat.busy.clear()
+            chan.send(OP_REPLY, sums, pass_no=frame.pass_no)
+    finally:
+        beat.stop()
