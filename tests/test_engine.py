@@ -5,6 +5,7 @@ faults on demand: a task that vanishes mid-evaluation, an intruder with a wrong
 secret); the engine on the shared local[2] session against one Spark job per pass.
 """
 import json
+import os
 import socket
 import threading
 import time
@@ -31,7 +32,7 @@ ACCEPTED, REFUSED, FAILED = "accepted", "refused", "failed"
 
 
 def send_frame(sock, op, payload=b"", seq=0, key=KEY, **fields):
-    for part in wire.frame_parts(key, wire.TO_TASK, seq, op, payload, **fields):
+    for part in wire.frame_parts(wire.Mac(key), wire.TO_TASK, seq, op, payload, **fields):
         sock.sendall(part)
 
 
@@ -58,7 +59,7 @@ def test_altered_replayed_and_oversized_frames_are_refused():
     a, b = socket.socketpair()
     with a, b:
         chan = wire.Channel(b, KEY)
-        head, body, mac = wire.frame_parts(KEY, wire.TO_TASK, 0, wire.OP_SUMS,
+        head, body, mac = wire.frame_parts(wire.Mac(KEY), wire.TO_TASK, 0, wire.OP_SUMS,
                                            np.arange(4.0), pass_no=1)
         altered = bytearray(body)
         altered[3] ^= 1
@@ -69,7 +70,7 @@ def test_altered_replayed_and_oversized_frames_are_refused():
     a, b = socket.socketpair()
     with a, b:
         chan = wire.Channel(b, KEY)
-        parts = wire.frame_parts(KEY, wire.TO_TASK, 0, wire.OP_SUMS, np.arange(4.0))
+        parts = wire.frame_parts(wire.Mac(KEY), wire.TO_TASK, 0, wire.OP_SUMS, np.arange(4.0))
         for _ in range(2):                    # the same frame again: a replay
             for part in parts:
                 a.sendall(part)
@@ -85,7 +86,7 @@ def test_altered_replayed_and_oversized_frames_are_refused():
     a, b = socket.socketpair()
     with a, b:                                # a frame MACed for the other direction
         chan = wire.Channel(b, KEY)
-        for part in wire.frame_parts(KEY, wire.TO_HUB, 0, wire.OP_STOP):
+        for part in wire.frame_parts(wire.Mac(KEY), wire.TO_HUB, 0, wire.OP_STOP):
             a.sendall(part)
         with pytest.raises(wire.ProtocolError, match="wrong MAC"):
             chan.recv()
@@ -662,3 +663,234 @@ def test_objectives_sharing_served_blocks_and_an_empty_task(spark):
 
 def objective_for(engine, layout, loss):
     return DistributedObjective(engine, kernels.make_loss(loss), layout, Penalty(layout, 0.1))
+
+
+# ------------------------------------------------ the hub under a fit
+
+def fuzz(hubs_seen, done, counts, n=10_000):
+    """Bad frames at the served hub: random bytes, truncated hellos, hellos that claim
+    absurd sizes, hellos under a wrong secret, and hellos replayed from another
+    connection -- one per connection, ``n`` in all -- with 100 idle and 10 trickling
+    connections held open throughout."""
+    deadline = time.monotonic() + 120
+    while not hubs_seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    hub = hubs_seen[-1]
+    addr = ("127.0.0.1", hub.port)
+    rng = np.random.default_rng(0)
+    idle = [socket.create_connection(addr) for _ in range(100)]
+    trickle = [socket.create_connection(addr) for _ in range(10)]
+    previous_nonce = os.urandom(wire.NONCE)
+    sent = 0
+    try:
+        while sent < n:
+            kind = sent % 5
+            try:
+                with socket.create_connection(addr, timeout=10) as s:
+                    if kind == 0:
+                        s.sendall(rng.bytes(int(rng.integers(1, 200))))
+                    else:
+                        nonce = wire._CHALLENGE.unpack(
+                            wire.recv_exact(s, wire._CHALLENGE.size))[2]
+                        secret = b"x" * 32 if kind == 3 else hub.secret
+                        for_nonce = previous_nonce if kind == 4 else nonce
+                        parts = wire.hello_parts(secret, for_nonce, os.urandom(16), 0, 0,
+                                                 floats=np.ones(50))
+                        if kind == 1:       # truncated mid-body, then closed
+                            s.sendall(b"".join(bytes(p) for p in parts[:3]) + b"\x00" * 7)
+                            previous_nonce = nonce
+                            sent += 1
+                            continue
+                        elif kind == 2:     # a valid head claiming 2^40 floats
+                            head = wire._HELLO.pack(wire.MAGIC, os.urandom(16), 0, 0, 0, 0,
+                                                    1 << 40)
+                            s.sendall(head + wire.hello_head_tag(secret, nonce, head))
+                        else:
+                            s.sendall(b"".join(bytes(p) for p in parts))
+                        previous_nonce = nonce
+                        s.settimeout(10)
+                        while s.recv(4096):   # until the hub drops it
+                            pass
+            except OSError:
+                pass
+            sent += 1
+            if sent % 100 == 0:
+                for t in trickle:
+                    try:
+                        t.send(b"\x01")
+                    except OSError:
+                        pass
+    finally:
+        counts["frames"] = sent
+        done.set()
+        for s in idle + trickle:
+            s.close()
+
+
+def test_fuzzing_the_hub_during_a_fit_changes_nothing(spark, data, monkeypatch, caplog):
+    """10,000 bad frames, and idle and trickling strangers, reach the served hub while
+    a fit runs: the model is exactly the undisturbed one, every bad connection is
+    dropped, counted in the summary and logged."""
+    import logging
+
+    est = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight", tol=1e-10)
+    reference = est.fit(data)
+    hubs_seen, done, counts = [], threading.Event(), {}
+    real_init, real_eval = Hub.__init__, served.ServedJob.evaluate
+
+    def spy_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        hubs_seen.append(self)
+
+    def eval_while_fuzzing(self, theta, sample=None):
+        # extra passes of the same theta keep the hub serving the fuzzer (the sums, and
+        # so the fit, do not change)
+        limit = time.monotonic() + 180
+        while (not done.is_set() or self.hub.rejected < counts["frames"]) and \
+                time.monotonic() < limit:
+            real_eval(self, theta, sample)
+        return real_eval(self, theta, sample)
+
+    monkeypatch.setattr(Hub, "__init__", spy_init)
+    monkeypatch.setattr(served.ServedJob, "evaluate", eval_while_fuzzing)
+    fuzzer = threading.Thread(target=fuzz, args=(hubs_seen, done, counts), daemon=True)
+    fuzzer.start()
+    with caplog.at_level(logging.INFO, logger="sparkgd"):
+        model = est.fit(data)
+    fuzzer.join(10)
+    assert counts["frames"] == 10_000
+    np.testing.assert_array_equal(model.coefficients, reference.coefficients)
+    assert model.intercept == reference.intercept
+    assert model.summary.objectiveHistory == reference.summary.objectiveHistory
+    assert model.summary.droppedConnections >= 10_000
+    assert reference.summary.droppedConnections == 0
+    assert "the hub dropped" in caplog.text and "starting the fit over" not in caplog.text
+    assert wait_idle(spark)
+
+
+def test_executors_that_cannot_reach_the_hub_fall_back_to_jobs(spark, data, monkeypatch,
+                                                               caplog):
+    """Tasks told a driver address they cannot reach (a firewall): the served build and
+    the serving session give up at once, and the fit runs one Spark job per pass."""
+    import logging
+
+    from sparkgd.engine import jobs
+
+    est = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight", tol=1e-10)
+    reference = est.fit(data)
+    monkeypatch.setattr(jobs, "driver_address", lambda sc: ("127.0.0.1", "127.0.0.2"))
+    with caplog.at_level(logging.WARNING, logger="sparkgd"):
+        model = est.fit(data)
+    assert caplog.text.count("cannot reach the driver's hub") == 2   # served, then files
+    assert "one Spark job per pass" in caplog.text
+    np.testing.assert_allclose(model.coefficients, reference.coefficients, rtol=1e-9)
+    assert wait_idle(spark)
+
+
+def test_cancelling_the_callers_job_group_stops_the_fit(spark, data, monkeypatch):
+    from pyspark import InheritableThread
+
+    from sparkgd.engine import Cancelled
+
+    sc = spark.sparkContext
+    started = threading.Event()
+    real_eval = served.ServedJob.evaluate
+
+    def signalling(self, theta, sample=None):
+        started.set()
+        time.sleep(0.02)
+        return real_eval(self, theta, sample)
+
+    monkeypatch.setattr(served.ServedJob, "evaluate", signalling)
+    out = {}
+
+    def user():
+        sc.setJobGroup("a-users-group", "a long fit", interruptOnCancel=True)
+        try:
+            sparkgd.LogisticRegression(optimizer="gd", stepSize=0.01, tol=0.0,
+                                       maxIter=100_000).fit(data)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            out["error"] = e
+
+    t = InheritableThread(target=user, daemon=True)
+    t.start()
+    assert started.wait(120)
+    sc.cancelJobGroup("a-users-group")
+    t.join(60)
+    assert not t.is_alive() and isinstance(out.get("error"), Cancelled), out
+    assert wait_idle(spark)
+
+
+def test_with_spark_encryption_on_no_socket_of_ours_opens(spark, data, monkeypatch):
+    """The hub's channel is authenticated, not encrypted: where Spark encrypts its own
+    traffic, passes go through Spark's jobs instead."""
+    import sparkgd.engine as engine_mod
+    from sparkgd.engine import slots
+
+    class Conf:
+        def __init__(self, **kv):
+            self.kv = {k.replace("_", "."): v for k, v in kv.items()}
+
+        def get(self, key, default=None):
+            return self.kv.get(key, default)
+
+    class Sc:
+        def __init__(self, **kv):
+            self.conf = Conf(**kv)
+
+        def getConf(self):
+            return self.conf
+
+    assert not slots.spark_encrypts(Sc())
+    assert slots.spark_encrypts(Sc(spark_network_crypto_enabled="true"))
+    assert slots.spark_encrypts(Sc(spark_ssl_enabled="TRUE"))
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a hub was opened")
+
+    reference = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight").fit(data)
+    monkeypatch.setattr(engine_mod, "spark_encrypts", lambda sc: True)
+    monkeypatch.setattr(Hub, "__init__", no_hub)
+    spec = resolve_input(data.schema, weight_col="weight")
+    with Engine.open(data, spec) as engine:
+        assert engine.kind == "jobs" and engine._store.kind == "files"
+    model = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight").fit(data)
+    np.testing.assert_allclose(model.coefficients, reference.coefficients, rtol=1e-9)
+
+
+def test_seeds_beyond_int64_reach_the_tasks_whole(spark, data):
+    """A mini-batch seed >= 2^63 draws the same rows through the sockets and through a
+    Spark job, and other rows than the seed's low bits alone would."""
+    spec = resolve_input(data.schema, weight_col="weight")
+    theta = np.linspace(-1, 1, 6)
+    big = 2 ** 63 + 5
+    with Engine.open(data, spec, store="files") as engine:
+        obj = objective(engine, "workers")
+        served_f, served_g = obj.smooth(theta, (0.4, big, 2))
+        engine.kind = "jobs"
+        job_f, job_g = obj.smooth(theta, (0.4, big, 2))
+        low_f, _ = obj.smooth(theta, (0.4, 5, 2))
+    assert abs(served_f - job_f) <= 1e-12 * abs(job_f)
+    np.testing.assert_allclose(served_g, job_g, rtol=1e-12, atol=1e-15)
+    assert served_f != low_f
+
+
+def test_served_build_at_two_million_features(spark):
+    """The hellos carry 2 x 2,000,000 moments per task as raw float64 (32 MB each);
+    facts, moments and a pass equal SciPy's."""
+    from test_distributed import numpy_objective
+
+    d = 2_000_000
+    X, y, w, df = sparse_df(spark, n=200, d=d, k=5, seed=9, partitions=2)
+    spec = resolve_input(df.schema, weight_col="weight")
+    theta = np.random.default_rng(3).normal(size=d + 1) * 0.01
+    with served_engine(df, spec) as engine:
+        assert engine.facts.num_features == d and engine.num_tasks == 2
+        mean, _ = engine.moments(d)
+        np.testing.assert_allclose(mean, np.asarray(X.T @ w).ravel() / w.sum(),
+                                   rtol=1e-12, atol=1e-17)
+        f, g = objective(engine, d=d)(theta)
+    assert engine.certified
+    f_ref, g_ref = numpy_objective(theta, X, y, w, "logistic", True, 0.1)
+    assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)

@@ -121,8 +121,8 @@ class Engine:
         try:
             try:
                 infos = store.materialize()
-            except (TaskLost, WorkersUnavailable, Cancelled):   # start over / use files
-                raise
+            except (TaskLost, WorkersUnavailable, Cancelled, SparkgdError):
+                raise                 # start over / use files / the caller's own error
             except Exception as e:  # e.g. a corrupt file, or a cast Spark cannot make
                 raise SparkgdError(f"cannot read {source}: {_first_line(e)}") from None
             _facts.check(infos, spec, source)

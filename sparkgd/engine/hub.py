@@ -112,7 +112,7 @@ class _Peer:
         self.sock = sock
         self.nonce = os.urandom(wire.NONCE)
         self.index = self.attempt = None
-        self.key = None
+        self.mac = None
         self.hello = True
         self.stage = "head"             # hello: head, body; task: head, payload
         self.inbound = wire.Inbound(wire._HELLO.size + wire.TAG)
@@ -129,25 +129,20 @@ class _Peer:
         self.out.extend(memoryview(p).cast("B") for p in parts if len(p))
 
     def frame(self, op, payload=b"", **fields):
-        self.queue(*wire.frame_parts(self.key, wire.TO_TASK, self.send_seq, op, payload,
+        self.queue(*wire.frame_parts(self.mac, wire.TO_TASK, self.send_seq, op, payload,
                                      **fields))
         self.send_seq += 1
 
     def flush(self, now):
         """Send what the socket takes now; -> True when nothing is left."""
-        while self.out:
-            part = self.out[0]
-            try:
-                k = self.sock.send(part)
-            except (BlockingIOError, InterruptedError):
-                return False
-            if k:
-                self.progress = now
-            if k < len(part):
-                self.out[0] = part[k:]
-                return False
-            self.out.popleft()
-        return True
+        if not self.out:
+            return True
+        before = sum(len(v) for v in self.out)
+        rest = wire.send_some(self.sock, list(self.out))
+        if sum(len(v) for v in rest) < before:
+            self.progress = now
+        self.out = deque(rest)
+        return not self.out
 
 
 class Hub:
@@ -317,8 +312,8 @@ class Hub:
                 peer.progress = time.monotonic()
                 if peer.hello:
                     self._hello_piece(peer)
-                else:
-                    self._frame_piece(peer)
+                elif self._frame_piece(peer):
+                    return    # a whole frame: the selector says when more is there
             if peer.inbound.got:
                 peer.progress = time.monotonic()
         except EOFError:
@@ -352,7 +347,7 @@ class Hub:
                 self.secret, peer.nonce, peer.head, keys, facts, floats)):
             raise wire.ProtocolError("a hello whose body does not match its tag")
         task_nonce = wire._HELLO.unpack(peer.head)[1]
-        peer.key = wire.connection_key(self.secret, peer.nonce, task_nonce)
+        peer.mac = wire.Mac(wire.connection_key(self.secret, peer.nonce, task_nonce))
         keys = sorted(tuple(int(v) for v in k) for k in
                       np.frombuffer(keys, dtype="<i8").reshape(-1, 3))
         self._admit(peer, keys, bytes(facts), np.frombuffer(floats, dtype="<f8").copy())
@@ -408,15 +403,15 @@ class Hub:
             size = wire.parse_head(peer.head, 8 * max(self.size, 0))[-1]
             peer.stage = "payload"
             peer.inbound.expect(size + wire.TAG)
-            return
+            return False
         data = memoryview(peer.inbound.buf)
-        frame = wire.check_frame(peer.key, wire.TO_HUB, peer.recv_seq, peer.head,
+        frame = wire.check_frame(peer.mac, wire.TO_HUB, peer.recv_seq, peer.head,
                                  data[:-wire.TAG], data[-wire.TAG:])
         peer.recv_seq += 1
         peer.stage = "head"
         peer.inbound.expect(wire._FRAME.size)
         if frame.op == wire.OP_ALIVE:
-            return
+            return True
         i = peer.index
         if frame.op != wire.OP_REPLY or frame.pass_no != self.pass_no or \
                 i not in self._awaiting or len(frame.payload) != 8 * self.size:
@@ -425,6 +420,7 @@ class Hub:
                 f"bytes) where pass {self.pass_no} is {'awaited' if i in self._awaiting else 'done'}")
         self._replies[i] = np.frombuffer(frame.payload[:8 * self.size], dtype="<f8")
         self._awaiting.discard(i)
+        return True
 
     def _check_deadlines(self):
         now = time.monotonic()

@@ -129,6 +129,16 @@ class ServingJob:
             raise Cancelled(f"the fit was cancelled: {text.splitlines()[0]}")
         raise WorkersFailed(text) from None
 
+    #: How long a lost task's job gets to show whether the caller cancelled it.
+    CANCEL_GRACE_SECONDS = 3.0
+
+    def raise_if_cancelled(self):
+        """After a lost task: if the caller cancelled the job (which also kills its
+        tasks), raise :class:`Cancelled` rather than let the fit start over."""
+        if self._done.wait(self.CANCEL_GRACE_SECONDS) and self._error is not None and \
+                "cancel" in str(self._error).lower() and not self._cancelling:
+            raise Cancelled(f"the fit was cancelled: {str(self._error).strip().splitlines()[0]}")
+
     def configure(self, loss, layout):
         """Tell the tasks what to compute (again only when it changed)."""
         config = {"loss": loss.name, "params": loss.params(),

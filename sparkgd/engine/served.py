@@ -148,6 +148,7 @@ class ServedJob(jobs.ServingJob):
             return self.hub.evaluate(theta, sample)
         except TaskLost:
             self.lost = True
+            self.raise_if_cancelled()
             raise
         except WorkersFailed as e:  # the job ended under the fit: its blocks are gone
             self.lost = True
