@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from .kernels import row_chunks
+
 
 #: A feature whose standard deviation is below this fraction of its mean's
 #: magnitude is constant up to rounding (a timestamp column, std 1e4 around
@@ -40,16 +42,17 @@ def block_moments(X, w, d):
         mean = (X.T @ w) / W
         m2 = X.multiply(X).T @ w - W * mean * mean
     else:
-        # row chunks for both sums: a float32 block is widened a chunk at a time
-        step = max(256, (4 << 20) // (8 * max(d, 1)))
+        # the kernel's row chunks for both sums: a float32 block is widened a chunk at
+        # a time, and no block-sized centred copy is made
+        chunks = row_chunks(X, w, w)
         total = np.zeros(d)
-        for s in range(0, n, step):
-            total += w[s:s + step] @ X[s:s + step]
+        for Xc, wc, _ in chunks:
+            total += wc @ Xc
         mean = total / W
         m2 = np.zeros(d)
-        for s in range(0, n, step):
-            diff = X[s:s + step] - mean
-            m2 += np.einsum("ij,ij,i->j", diff, diff, w[s:s + step], optimize=False)
+        for Xc, wc, _ in chunks:
+            diff = Xc - mean
+            m2 += np.einsum("ij,ij,i->j", diff, diff, wc, optimize=False)
     out[2:2 + d] = mean
     out[2 + d:] = np.maximum(m2, 0.0)
     return out
