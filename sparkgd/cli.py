@@ -77,6 +77,9 @@ def build_parser(default_data=None):
                         "squared, huber, hinge (linear SVM)")
     p.add_argument("--epsilon", type=_float, default=1.35, help="huber epsilon")
     p.add_argument("--optimizer", default="lbfgs", help=", ".join(OPTIMIZERS))
+    p.add_argument("--compression", default="none",
+                   help="what serving tasks send: none, fp16, topk:<fraction> (error feedback) "
+                        "or qsgd:<bits>; lossy ones need a first-order optimizer")
     p.add_argument("--max-iter", type=_int, default=100)
     p.add_argument("--tol", type=_float, default=1e-6)
     p.add_argument("--reg-param", type=_float, default=0.0)
@@ -178,7 +181,7 @@ def make_estimator(args):
         fitIntercept=not args.no_intercept, standardization=args.standardization,
         aggregationDepth=args.aggregation_depth, optimizer=args.optimizer,
         stepSize=args.step_size, miniBatchFraction=args.mini_batch_fraction, seed=args.seed,
-        dtype=args.dtype,
+        dtype=args.dtype, compression=args.compression,
         initialModel=_strip_file(args.initial_model) if args.initial_model else None)
     cls = getattr(estimators, LOSS_ESTIMATOR[args.loss])
     if cls is estimators.LinearRegression:

@@ -56,11 +56,12 @@ class Aggregator:
         """Theta (``size`` float64) sent from the driver to ``receivers`` tasks."""
         self.bytes_communicated += 8 * int(size) * int(receivers)
 
-    def sum_parts(self, parts):
+    def sum_parts(self, parts, nbytes=None):
         """Partial results that reached the driver directly (one per serving task,
         :mod:`sparkgd.workers`), added in task order."""
         total = np.zeros_like(parts[0])
         for part in parts:
             total += part
-        self.bytes_communicated += 8 * sum(p.size for p in parts)
+        self.bytes_communicated += sum(8 * p.size for p in parts) if nbytes is None \
+            else int(nbytes) * len(parts)   # what each part took on the wire
         return total

@@ -34,7 +34,7 @@ from pyspark.ml.param.shared import (
     HasWeightCol,
 )
 
-from . import data, engine, kernels, optim, stats
+from . import codecs, data, engine, kernels, optim, stats
 from .errors import SparkgdError
 from .modes import sync
 from .penalties import Penalty
@@ -72,13 +72,19 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
         "how the cached blocks store dense features: float64, or float32 (half the "
         "memory and bytes read per pass; sums stay float64)",
         typeConverter=TypeConverters.toString)
+    compression = Param(
+        Params._dummy(), "compression",
+        "how serving tasks encode the partial gradients they send: none, fp16, "
+        "topk:<fraction> (with error feedback) or qsgd:<bits>; lossy ones need a "
+        "first-order optimizer", typeConverter=TypeConverters.toString)
 
     def __init__(self, *args):
         super().__init__(*args)
         self._setDefault(featuresCol="features", labelCol="label", predictionCol="prediction",
                          maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0,
                          fitIntercept=True, standardization=False, aggregationDepth=2,
-                         optimizer="lbfgs", miniBatchFraction=1.0, seed=0, dtype="float64")
+                         optimizer="lbfgs", miniBatchFraction=1.0, seed=0, dtype="float64",
+                         compression="none")
 
     def getFeatureCols(self):
         return self.getOrDefault(self.featureCols) if self.isDefined(self.featureCols) else None
@@ -91,6 +97,9 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
 
     def getDtype(self):
         return self.getOrDefault(self.dtype)
+
+    def getCompression(self):
+        return self.getOrDefault(self.compression)
 
     def getInitialModel(self):
         return self.getOrDefault(self.initialModel) if self.isDefined(self.initialModel) \
@@ -140,6 +149,14 @@ def _validate_common(est):
     if est.getOptimizer() not in optim.OPTIMIZERS:
         fail(f"unknown optimizer '{est.getOptimizer()}'; expected one of "
              + ", ".join(optim.OPTIMIZERS))
+    try:
+        codec = codecs.parse(est.getCompression())
+    except ValueError as e:
+        fail(str(e))
+    if codec.lossy and est.getOptimizer() == "lbfgs":
+        fail(f"compression {est.getCompression()} is lossy and lbfgs needs exact gradients "
+             "(its curvature pairs and line search); use optimizer gd, sgd, momentum, "
+             "nesterov or adam, or compression none")
     if est.isSet(est.stepSize):
         number("stepSize", est.getStepSize(), 0, low_open=True)
     number("miniBatchFraction", est.getMiniBatchFraction(), 0, 1, low_open=True,
@@ -271,7 +288,8 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                 constant_scale=0.0 if standardize else 1.0,
                 l2=penalty.l2_weights[:layout.d] if line_search else None,
                 curvature=loss.curvature)
-        objective = sync.DistributedObjective(engine, loss, layout, penalty)
+        objective = sync.DistributedObjective(engine, loss, layout, penalty,
+                                              codec=codecs.parse(self.getCompression()))
         result = sync.fit(objective, x0, optimizer=optimizer, max_iter=self.getMaxIter(),
                           tol=self.getTol(), step_size=step, precondition=pre,
                           mini_batch_fraction=self.getMiniBatchFraction(),
@@ -290,7 +308,8 @@ _COMMON_DOC = """
     Shared params (Spark ML names): featuresCol, featureCols, labelCol, weightCol,
     predictionCol, maxIter, tol, regParam, elasticNetParam, fitIntercept,
     standardization (default False), aggregationDepth, optimizer, stepSize,
-    miniBatchFraction, seed, initialModel, dtype (float64 or float32 block storage).
+    miniBatchFraction, seed, initialModel, dtype (float64 or float32 block storage),
+    compression (none, fp16, topk:<fraction>, qsgd:<bits>: what serving tasks send).
 """
 
 
@@ -309,7 +328,8 @@ class LinearRegression(_SparkgdEstimator):
                  weightCol=None, featureCols=None, maxIter=100, tol=1e-6, regParam=0.0,
                  elasticNetParam=0.0, fitIntercept=True, standardization=False,
                  aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
-                 seed=0, initialModel=None, dtype="float64", loss="squared", epsilon=1.35):
+                 seed=0, initialModel=None, dtype="float64",
+                 compression="none", loss="squared", epsilon=1.35):
         super().__init__()
         self._setDefault(loss="squared", epsilon=1.35)
         self.setParams(**self._input_kwargs)
@@ -319,7 +339,8 @@ class LinearRegression(_SparkgdEstimator):
                   weightCol=None, featureCols=None, maxIter=100, tol=1e-6, regParam=0.0,
                   elasticNetParam=0.0, fitIntercept=True, standardization=False,
                   aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
-                  seed=0, initialModel=None, dtype="float64", loss="squared", epsilon=1.35):
+                  seed=0, initialModel=None, dtype="float64",
+                  compression="none", loss="squared", epsilon=1.35):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -359,7 +380,8 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                  weightCol=None, featureCols=None, maxIter=100, tol=1e-6, regParam=0.0,
                  elasticNetParam=0.0, fitIntercept=True, standardization=False,
                  aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
-                 seed=0, initialModel=None, dtype="float64", threshold=0.5, family="auto"):
+                 seed=0, initialModel=None, dtype="float64",
+                 compression="none", threshold=0.5, family="auto"):
         super().__init__()
         self._setDefault(probabilityCol="probability", rawPredictionCol="rawPrediction",
                          threshold=0.5, family="auto")
@@ -371,7 +393,8 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                   weightCol=None, featureCols=None, maxIter=100, tol=1e-6, regParam=0.0,
                   elasticNetParam=0.0, fitIntercept=True, standardization=False,
                   aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
-                  seed=0, initialModel=None, dtype="float64", threshold=0.5, family="auto"):
+                  seed=0, initialModel=None, dtype="float64",
+                  compression="none", threshold=0.5, family="auto"):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -440,7 +463,7 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                  maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0, fitIntercept=True,
                  standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
                  miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
-                 threshold=0.0):
+                 compression="none", threshold=0.0):
         super().__init__()
         self._setDefault(rawPredictionCol="rawPrediction", threshold=0.0)
         self.setParams(**self._input_kwargs)
@@ -451,7 +474,7 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                   maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0, fitIntercept=True,
                   standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
                   miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
-                  threshold=0.0):
+                  compression="none", threshold=0.0):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 

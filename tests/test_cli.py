@@ -53,6 +53,8 @@ def test_trains_on_the_sample_in_process(spark, tmp_path, capsys):
     (["--format", "libsvm", "--num-features", "0"], "--num-features must be >= 1 (got 0)"),
     (["--optimizer", "newton"], "unknown optimizer 'newton'; expected one of lbfgs"),
     (["--dtype", "float16"], "unknown dtype 'float16'; expected float64 or float32"),
+    (["--compression", "zip"], "unknown compression 'zip'; expected none, fp16"),
+    (["--compression", "fp16"], "--compression fp16 is lossy and lbfgs needs exact"),
     (["--initial-model", "/nonexistent"], "--initial-model '/nonexistent': not a saved sparkgd"),
     (["--format", "libsvm", "--weight-col", "w"], "--format libsvm has only 'label'"),
     (["--format", "libsvm"], "cannot read --data"),
@@ -126,13 +128,14 @@ def test_every_loss_and_optimizer_option_reaches_the_estimator(spark, tmp_path, 
     code, stdout, err = run_cli(capsys, "--data", str(data), "--loss", "multinomial",
                                 "--optimizer", "adam", "--step-size", "0.05", "--max-iter", "5",
                                 "--reg-param", "0.01", "--elastic-net-param", "0.5",
-                                "--standardization", "--output", str(out))
+                                "--standardization", "--compression", "qsgd:8",
+                                "--output", str(out))
     assert code == 0, err
     meta = json.load(open(out / "metadata.json"))
     assert meta["loss"] == "multinomial" and meta["numClasses"] == 3
     p = meta["params"]
     assert (p["optimizer"], p["stepSize"], p["elasticNetParam"], p["standardization"],
-            p["family"]) == ("adam", 0.05, 0.5, True, "multinomial")
+            p["family"], p["compression"]) == ("adam", 0.05, 0.5, True, "multinomial", "qsgd:8")
     # warm start from it, with a model of the wrong width refused
     code, _, err = run_cli(capsys, "--initial-model", str(out), "--output", str(tmp_path / "x"))
     assert code == 2 and "initialModel has 3 features but the data has 10" in err

@@ -28,6 +28,7 @@ import logging
 
 import numpy as np
 
+from .. import codecs
 from ..comm import Aggregator
 from ..data import facts as _facts
 from ..data.schema import project
@@ -145,15 +146,18 @@ class Engine:
         """Connections the hubs dropped: strangers, bad frames, stalled tasks."""
         return self._store.rejected
 
-    def evaluate(self, theta, loss, layout, sample=None):
+    def evaluate(self, theta, loss, layout, sample=None, codec=codecs.NONE):
         """One pass: ``[loss_sum, weight_sum, grad_sum...]`` over every row for ``theta``
-        (``sample = (fraction, seed, iteration)``: over a Bernoulli mini-batch)."""
+        (``sample = (fraction, seed, iteration)``: over a Bernoulli mini-batch).
+
+        ``codec``: how serving tasks encode their gradient sums (the two leading sums
+        always travel as float64); one Spark job per pass sends them unencoded."""
         theta = np.asarray(theta, dtype=np.float64)
         if self.kind != "jobs":
             try:
-                parts = self._store.serve(theta, loss, layout, sample)
+                parts = self._store.serve(theta, loss, layout, sample, codec)
                 self.aggregator.count_out(theta.size, len(parts))
-                return self.aggregator.sum_parts(parts)
+                return self.aggregator.sum_parts(parts, 16 + codec.nbytes(layout.size))
             except WorkersUnavailable as e:
                 if self.kind == "served":
                     raise

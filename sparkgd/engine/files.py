@@ -321,20 +321,20 @@ class FileStore:
             self._handles.unpersist(blocking=True)
             self._cached = False
 
-    def serve(self, theta, loss, layout, sample):
+    def serve(self, theta, loss, layout, sample, codec):
         """One pass through the serving tasks -> their sums, in task order (the job is
         started on first use, and again when a rebuild handed over a new RDD)."""
-        return self.run(lambda rdd: self._serve(rdd, theta, loss, layout, sample),
+        return self.run(lambda rdd: self._serve(rdd, theta, loss, layout, sample, codec),
                         serving=True)
 
-    def _serve(self, rdd, theta, loss, layout, sample):
+    def _serve(self, rdd, theta, loss, layout, sample, codec):
         session = self._session
         if session is None or session.rdd is not rdd:
             self.close_session()
             session = self._session = WorkerSession(rdd, self.threads_per_task,
                                                     self.wait_seconds, self.task_keys)
         try:
-            session.configure(loss, layout)
+            session.configure(loss, layout, codec)
             return session.evaluate(theta, sample)
         except WorkersFailed:
             self.close_session()

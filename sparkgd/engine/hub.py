@@ -31,6 +31,7 @@ from collections import deque
 
 import numpy as np
 
+from .. import codecs
 from . import wire
 
 log = logging.getLogger("sparkgd")
@@ -159,6 +160,7 @@ class Hub:
                  expected=None, strict=False, failed=None, deadline=DEADLINE_SECONDS,
                  hello_seconds=HELLO_SECONDS, ports=(0,)):
         self.num_tasks, self.size = int(num_tasks), int(size)
+        self.codec = codecs.NONE
         self.strict = strict
         self.expected = expected
         self.wait_seconds = float(wait_seconds)
@@ -195,6 +197,22 @@ class Hub:
             self._ended()
             if self._failed is not None and self._failed() > 0:
                 raise WorkersFailed("a task failed while the blocks were built")
+
+    def expect(self, size, codec):
+        """Replies from now on: ``size`` float64 sums, the gradient part (all but the
+        first two) encoded with ``codec``."""
+        self.size, self.codec = int(size), codec
+
+    @property
+    def reply_bytes(self):
+        return 8 * self.size if self.codec.name == "none" else \
+            16 + self.codec.nbytes(self.size - 2)
+
+    def _decode(self, payload):
+        if self.codec.name == "none":
+            return np.frombuffer(payload, dtype="<f8")
+        head = np.frombuffer(payload[:16], dtype="<f8")
+        return np.concatenate([head, codecs.decode(self.codec, payload[16:], self.size - 2)])
 
     def configure(self, config):
         """Send every task the loss and layout to compute with (OP_CONFIG, JSON); a
@@ -320,7 +338,7 @@ class Hub:
             self._gone(peer, "connection closed")
         except OSError:
             self._gone(peer, "connection reset")
-        except (wire.ProtocolError, ValueError, UnicodeDecodeError) as e:
+        except (wire.ProtocolError, ValueError, UnicodeDecodeError) as e:  # CodecError too
             self._gone(peer, str(e), bad=True)
 
     def _hello_piece(self, peer):
@@ -400,7 +418,7 @@ class Hub:
     def _frame_piece(self, peer):
         if peer.stage == "head":
             peer.head = bytes(peer.inbound.buf)
-            size = wire.parse_head(peer.head, 8 * max(self.size, 0))[-1]
+            size = wire.parse_head(peer.head, max(self.reply_bytes, 0))[-1]
             peer.stage = "payload"
             peer.inbound.expect(size + wire.TAG)
             return False
@@ -414,11 +432,11 @@ class Hub:
             return True
         i = peer.index
         if frame.op != wire.OP_REPLY or frame.pass_no != self.pass_no or \
-                i not in self._awaiting or len(frame.payload) != 8 * self.size:
+                i not in self._awaiting or len(frame.payload) != self.reply_bytes:
             raise wire.ProtocolError(
                 f"task {i}: op {frame.op} for pass {frame.pass_no} ({len(frame.payload)} "
                 f"bytes) where pass {self.pass_no} is {'awaited' if i in self._awaiting else 'done'}")
-        self._replies[i] = np.frombuffer(frame.payload[:8 * self.size], dtype="<f8")
+        self._replies[i] = self._decode(frame.payload)    # CodecError: dropped
         self._awaiting.discard(i)
         return True
 

@@ -17,7 +17,7 @@ import uuid
 
 import numpy as np
 
-from .. import kernels
+from .. import codecs, kernels
 from ..errors import SparkgdError
 from ..stats import block_moments, merge_moments
 from .hub import (DEADLINE_SECONDS, HELLO_SECONDS, PORTS_CONF, Cancelled, Hub, WorkersFailed,
@@ -139,13 +139,15 @@ class ServingJob:
                 "cancel" in str(self._error).lower() and not self._cancelling:
             raise Cancelled(f"the fit was cancelled: {str(self._error).strip().splitlines()[0]}")
 
-    def configure(self, loss, layout):
-        """Tell the tasks what to compute (again only when it changed)."""
+    def configure(self, loss, layout, codec=codecs.NONE):
+        """Tell the tasks what to compute and how to encode it (again only when it
+        changed: a new configuration also clears the tasks' error-feedback residuals)."""
         config = {"loss": loss.name, "params": loss.params(),
-                  "layout": [layout.d, layout.k, layout.fit_intercept]}
+                  "layout": [layout.d, layout.k, layout.fit_intercept],
+                  "compression": str(codec)}
         if config == self.config:
             return
-        self.hub.size = 2 + layout.size
+        self.hub.expect(2 + layout.size, codec)
         self.hub.configure(config)
         self.config = config
 

@@ -136,9 +136,9 @@ class ServedJob(jobs.ServingJob):
                 facts["moments"] = hub.floats[i]
             self.facts.append(facts)
 
-    def configure(self, loss, layout):
+    def configure(self, loss, layout, codec):
         try:
-            super().configure(loss, layout)
+            super().configure(loss, layout, codec)
         except TaskLost:
             self.lost = True
             raise
@@ -200,9 +200,9 @@ class ServedStore:
             self.num_partitions = coalesced_input_partitions(self.job.rdd) or self.num_tasks
         return [f for f in self.job.facts if f]
 
-    def serve(self, theta, loss, layout, sample):
+    def serve(self, theta, loss, layout, sample, codec):
         """One pass -> every task's sums, in task order."""
-        self.job.configure(loss, layout)     # sent once (again if another loss asks)
+        self.job.configure(loss, layout, codec)  # sent once (again if anything changed)
         return self.job.evaluate(theta, sample)
 
     @property

@@ -335,9 +335,10 @@ class _Heartbeat:
 def serve(chan, blocks, index, threads):
     """Answer the driver until it says stop (or goes away): OP_CONFIG sets the loss and
     layout, OP_SUMS gets this task's ``[loss_sum, weight_sum, grad...]``."""
-    from .. import kernels
+    from .. import codecs, kernels
 
     loss = layout = None
+    codec, residual = codecs.NONE, None
     beat = _Heartbeat(chan)
     try:
         while True:
@@ -351,6 +352,8 @@ def serve(chan, blocks, index, threads):
                 config = json.loads(bytes(frame.payload))
                 loss = kernels.make_loss(config["loss"], **config["params"])
                 layout = kernels.Layout(*config["layout"])
+                codec = codecs.parse(config.get("compression", "none"))
+                residual = None     # error feedback starts afresh with a new objective
                 continue
             if frame.op != OP_SUMS or loss is None:
                 raise ProtocolError(f"op {frame.op} where a request was due")
@@ -362,6 +365,13 @@ def serve(chan, blocks, index, threads):
                                               sample=sample, threads=threads)
             finally:
                 beat.busy.clear()
+            if codec.name != "none":
+                # the loss and weight sums as they are, the gradient encoded; what top-k
+                # did not send stays here (lost with the task, which ends the fit's use
+                # of it: a served task's loss starts the fit over)
+                data, residual = codecs.encode(codec, sums[2:], residual,
+                                               seed=(frame.seed, frame.pass_no, index))
+                sums = np.ascontiguousarray(sums[:2], dtype="<f8").tobytes() + data
             chan.send(OP_REPLY, sums, pass_no=frame.pass_no)
     finally:
         beat.stop()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import optim
+from .. import codecs, optim
 
 log = logging.getLogger("sparkgd")
 
@@ -26,20 +26,22 @@ log = logging.getLogger("sparkgd")
 class DistributedObjective:
     """The smooth part of F (loss + L2) and its gradient, one pass of ``engine`` each.
 
-    ``penalty`` is a :class:`~sparkgd.penalties.Penalty`.
+    ``penalty`` is a :class:`~sparkgd.penalties.Penalty`; ``codec`` (a
+    :class:`~sparkgd.codecs.Codec`) how the tasks encode their partial gradients.
     """
 
-    def __init__(self, engine, loss, layout, penalty):
+    def __init__(self, engine, loss, layout, penalty, codec=codecs.NONE):
         self.engine = engine
         self.loss = loss
         self.layout = layout
         self.penalty = penalty
+        self.codec = codec
         self.evaluations = 0
 
     def smooth(self, theta, sample=None):
         """``sample = (fraction, seed, iteration)``: a mini-batch estimate instead."""
         theta = np.asarray(theta, dtype=np.float64)
-        total = self.engine.evaluate(theta, self.loss, self.layout, sample)
+        total = self.engine.evaluate(theta, self.loss, self.layout, sample, self.codec)
         self.evaluations += 1
         weight = total[1]
         if weight <= 0:  # an empty mini-batch: no loss information, only the penalty
