@@ -235,7 +235,8 @@ def run(args):
     print(f"sparkgd: done: {s.totalIterations} iterations, objective "
           f"{s.objectiveHistory[-1]:.12g}, {s.trainingSeconds:.2f}s training, "
           f"{time.perf_counter() - started:.2f}s with data preparation, "
-          f"{s.bytesCommunicated} bytes communicated ({s.message})")
+          f"{s.bytesCommunicated} bytes communicated, {s.driverBytes} of them through the "
+          f"driver ({s.message})")
     model.save(args.output, overwrite=True)
     print(f"sparkgd: model ({model.numFeatures} features) saved to {args.output}")
     return model

@@ -2,7 +2,8 @@
 
 One place owns how partial results travel and how many bytes they cost.
 ``bytesCommunicated`` counts every vector sent: theta out to each task, the
-per-partition results, and the intermediate sums of a tree.
+per-partition results, and the intermediate sums of a tree; ``driverBytes`` those
+into and out of the driver alone.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class Aggregator:
             raise ValueError(f"unknown topology {topology!r}; expected one of {TOPOLOGIES}")
         self.topology = topology
         self.depth = int(depth)
-        self.bytes_communicated = 0
+        self.bytes_communicated = 0     # every link
+        self.driver_bytes = 0           # the driver's links alone (in and out)
 
     def sum(self, partials, size):
         """``partials``: an RDD with one float64 vector of ``size`` per partition."""
@@ -50,11 +52,17 @@ class Aggregator:
         total = partials.treeAggregate(zero, _add, _add, depth=self.depth)
         levels = tree_levels(partials.getNumPartitions(), self.depth)
         self.bytes_communicated += 8 * size * sum(levels)
+        self.driver_bytes += 8 * size * levels[-1]     # the last level reaches the driver
         return total
 
     def count_out(self, size, receivers):
         """Theta (``size`` float64) sent from the driver to ``receivers`` tasks."""
-        self.bytes_communicated += 8 * int(size) * int(receivers)
+        self.count_driver(8 * int(size) * int(receivers))
+
+    def count_driver(self, nbytes):
+        """Bytes on a link of the driver's (they count on both tallies)."""
+        self.bytes_communicated += int(nbytes)
+        self.driver_bytes += int(nbytes)
 
     def sum_parts(self, parts, nbytes=None):
         """Partial results that reached the driver directly (one per serving task,
@@ -62,6 +70,6 @@ class Aggregator:
         total = np.zeros_like(parts[0])
         for part in parts:
             total += part
-        self.bytes_communicated += sum(8 * p.size for p in parts) if nbytes is None \
-            else int(nbytes) * len(parts)   # what each part took on the wire
+        self.count_driver(sum(8 * p.size for p in parts) if nbytes is None
+                          else int(nbytes) * len(parts))   # what each took on the wire
         return total

@@ -249,6 +249,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         summary = TrainingSummary(
             objectiveHistory=result.objective_history, totalIterations=result.iterations,
             trainingSeconds=result.seconds, bytesCommunicated=result.bytes_communicated,
+            driverBytes=result.driver_bytes,
             numEvaluations=result.evaluations, converged=result.converged,
             message=result.message, numRows=facts.num_rows,
             numPartitions=facts.num_partitions, droppedConnections=fit.dropped)

@@ -13,6 +13,8 @@ class TrainingSummary:
     trainingSeconds: float = 0.0
     #: bytes sent on every link (theta out, partial results back, tree levels), whole fit
     bytesCommunicated: int = 0
+    #: the part of it into and out of the driver
+    driverBytes: int = 0
     numEvaluations: int = 0
     converged: bool = False
     message: str = ""

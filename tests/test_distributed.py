@@ -188,3 +188,26 @@ def test_moments_from_block_facts_equal_the_pass_and_numpy(spark, store):
     np.testing.assert_allclose(std[[0, 1, 3]], ref_std[[0, 1, 3]], rtol=1e-9)
     np.testing.assert_allclose(pass_std[[0, 1, 3]], ref_std[[0, 1, 3]], rtol=1e-9)
     assert std[2] == pass_std[2] == 0.0
+
+
+def test_driver_bytes_count_the_drivers_links_only(spark, weighted_logistic):
+    """Served tasks talk to the driver alone: driverBytes is all of bytesCommunicated.
+    One Spark job per pass over 8 tasks: treeAggregate sums on executors first, and only
+    its last level reaches the driver."""
+    import sparkgd
+
+    X, y, w, df = weighted_logistic
+    s = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight").fit(df).summary
+    assert s.driverBytes == s.bytesCommunicated > 0
+    spec = resolve_input(df.schema, weight_col="weight")
+    layout = kernels.Layout(X.shape[1], 1, True)
+    with Engine.open(df, spec, store="files", per_pass="jobs", num_partitions=8) as engine:
+        engine._store.rdd = engine._store.rdd.repartition(8)   # 8 tasks per pass
+        obj = DistributedObjective(engine, kernels.make_loss("logistic"), layout,
+                                   Penalty(layout, 0.1))
+        obj(np.zeros(layout.size))
+        levels = tree_levels(8, 2)
+        assert levels == [8, 2]
+        out = 8 * layout.size * 8
+        assert engine.bytes_communicated == out + 8 * (2 + layout.size) * sum(levels)
+        assert engine.driver_bytes == out + 8 * (2 + layout.size) * levels[-1]

@@ -142,6 +142,10 @@ class Engine:
         return self.aggregator.bytes_communicated
 
     @property
+    def driver_bytes(self):
+        return self.aggregator.driver_bytes
+
+    @property
     def rejected(self):
         """Connections the hubs dropped: strangers, bad frames, stalled tasks."""
         return self._store.rejected
@@ -173,7 +177,7 @@ class Engine:
         parts = self.facts.moment_parts()
         if parts is None:
             parts = jobs.moment_parts(self._store, d)
-        self.aggregator.bytes_communicated += 8 * (2 + 2 * d) * len(parts)
+        self.aggregator.count_driver(8 * (2 + 2 * d) * len(parts))
         return moments_from_parts(parts, d)
 
     @property

@@ -60,6 +60,7 @@ class FitResult:
     iterations: int
     seconds: float
     bytes_communicated: int
+    driver_bytes: int
     evaluations: int
     converged: bool
     message: str
@@ -96,13 +97,13 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
             f, g = objective.smooth(to_theta(u), sample=(mini_batch_fraction, seed, iteration))
             return f, (g if pre is None else pre.grad_to_u(g))
 
-    last = [start]
+    last = [start, objective.engine.bytes_communicated]
 
     def progress(it, f, gnorm, step):
-        now = time.perf_counter()
-        log.info("iter %4d  objective %.12g  |grad| %.3e  step %.3e  %.2fs",
-                 it, f, gnorm, step, now - last[0])
-        last[0] = now
+        now, sent = time.perf_counter(), objective.engine.bytes_communicated
+        log.info("iter %4d  objective %.12g  |grad| %.3e  step %.3e  %.2fs  %d bytes",
+                 it, f, gnorm, step, now - last[0], sent - last[1])
+        last[0], last[1] = now, sent
 
     res = optim.minimize(optimizer, fun, u0, max_iter=max_iter, tol=tol, step_size=step_size,
                          l1=l1_u, callback=progress, batch_fun=batch_fun)
@@ -111,4 +112,5 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
         theta=theta, objective_history=[float(v) for v in res.history],
         iterations=res.iterations, seconds=time.perf_counter() - start,
         bytes_communicated=objective.engine.bytes_communicated,
+        driver_bytes=objective.engine.driver_bytes,
         evaluations=objective.evaluations, converged=res.converged, message=res.message)
