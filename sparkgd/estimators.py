@@ -602,7 +602,8 @@ class LogisticRegressionModel(_SparkgdModel, HasProbabilityCol, HasRawPrediction
             p1 = F.lit(1.0) / (F.lit(1.0) + F.exp(-z))
             raw = F.array(-z, z)
             prob = F.array(F.lit(1.0) - p1, p1)
-            pred = F.when(p1 > F.lit(float(self.getThreshold())), 1.0).otherwise(0.0)
+            thr = F.lit(float(self.getThreshold()))
+            pred = F.when(p1 > thr, 1.0).when(p1 <= thr, 0.0)     # null margin: null
         else:
             top = F.array_max(z)
             e = F.transform(z, lambda v: F.exp(v - top))
@@ -610,8 +611,11 @@ class LogisticRegressionModel(_SparkgdModel, HasProbabilityCol, HasRawPrediction
             raw = z
             prob = F.transform(e, lambda v: v / total)
             pred = (F.array_position(z, top) - 1).cast("double")
-        out = out.withColumn(self.getRawPredictionCol(), array_to_vector(raw))
-        out = out.withColumn(self.getProbabilityCol(), array_to_vector(prob))
+        # a null margin (a LIBSVM comment line) scores null; array_to_vector cannot take it
+        out = out.withColumn(self.getRawPredictionCol(),
+                             F.when(z.isNotNull(), array_to_vector(raw)))
+        out = out.withColumn(self.getProbabilityCol(),
+                             F.when(z.isNotNull(), array_to_vector(prob)))
         out = out.withColumn(self.getPredictionCol(), pred)
         return out.drop("__sparkgd_margin")
 
@@ -629,9 +633,11 @@ class LinearSVCModel(_SparkgdModel, HasRawPredictionCol, HasThreshold):
 
         out = dataset.withColumn("__sparkgd_margin", self._margin_column(dataset))
         z = F.col("__sparkgd_margin")
-        out = out.withColumn(self.getRawPredictionCol(), array_to_vector(F.array(-z, z)))
+        out = out.withColumn(self.getRawPredictionCol(),
+                             F.when(z.isNotNull(), array_to_vector(F.array(-z, z))))
         out = out.withColumn(self.getPredictionCol(),
-                             F.when(z > F.lit(float(self.getThreshold())), 1.0).otherwise(0.0))
+                             F.when(z > F.lit(float(self.getThreshold())), 1.0)
+                             .when(z <= F.lit(float(self.getThreshold())), 0.0))
         return out.drop("__sparkgd_margin")
 
 

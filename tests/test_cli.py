@@ -204,6 +204,31 @@ def test_libsvm_is_parsed_in_the_tasks_and_matches_scipy(spark, tmp_path):
         read_libsvm(spark, str(tmp_path / "a"), num_features=1000))
     assert wide.numFeatures == 1000
 
+    # transform on the same text: one row per line, the margins SciPy's, the comment and
+    # blank lines null
+    scored = model.transform(df).select("features", "rawPrediction", "probability",
+                                        "prediction").collect()
+    assert len(scored) == len(lines) + 2
+    blank = [r for r in scored if not r["features"].strip() or r["features"].startswith("#")]
+    assert len(blank) == 2 and all(r["prediction"] is None and r["probability"] is None
+                                   for r in blank)
+    got = {r["features"]: (r["rawPrediction"][1], r["prediction"]) for r in scored
+           if r not in blank}
+    z = X @ model.coefficients + model.intercept
+    for i, line in enumerate(lines):
+        margin, pred = got[line.strip()] if line.strip() in got else got[line]
+        assert abs(margin - z[i]) <= 1e-9 * max(1.0, abs(z[i]))
+        assert pred == float(z[i] > 0)
+    svc = sparkgd.LinearSVC(maxIter=5).fit(df).transform(df).select("rawPrediction",
+                                                                    "prediction").collect()
+    assert sum(r["prediction"] is None and r["rawPrediction"] is None for r in svc) == 2
+    multi = sparkgd.LogisticRegression(family="multinomial", maxIter=5).fit(df)
+    assert sum(r["probability"] is None for r in multi.transform(df).collect()) == 2
+    narrow = sparkgd.LogisticRegression(maxIter=2).fit(spark.createDataFrame(
+        [([1.0, 2.0], 0.0), ([0.5, -1.0], 1.0)], "features array<double>, label double"))
+    with pytest.raises(Exception, match="beyond num_features=2"):
+        narrow.transform(df).collect()
+
 
 def test_libsvm_bad_line_names_its_file_and_line(spark, tmp_path, capsys):
     """Even when Spark splits the file (the bad line is far past the first split)."""
