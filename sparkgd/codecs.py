@@ -74,7 +74,7 @@ class Codec:
 
     def __str__(self):
         if self.name == "topk":
-            return f"topk:{self.fraction:g}"
+            return f"topk:{self.fraction!r}"   # exact: the tasks parse it back
         if self.name == "qsgd":
             return f"qsgd:{self.bits}"
         return self.name

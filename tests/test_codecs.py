@@ -20,6 +20,10 @@ def test_parse_accepts_the_contracts_values_and_says_what_is_wrong():
     assert parse("topk:0.01") == codecs.Codec("topk", fraction=0.01)
     assert parse("qsgd:8") == codecs.Codec("qsgd", bits=8)
     assert str(parse("topk:0.1")) == "topk:0.1" and str(parse("qsgd:4")) == "qsgd:4"
+    # the hub sends str(codec) to the tasks: it must parse back to the same k
+    for f in (0.1234567, 1 / 3, 0.33333333, 1e-7):
+        codec = codecs.Codec("topk", fraction=f)
+        assert parse(str(codec)) == codec
     for bad, msg in (("gzip", "unknown compression"), ("topk:0", "fraction in"),
                      ("topk:1.5", "fraction in"), ("topk:x", "unknown compression"),
                      ("qsgd:1", "bits in 2..16"), ("qsgd:17", "bits in 2..16")):

@@ -344,8 +344,8 @@ def serve(chan, blocks, index, threads):
         while True:
             try:
                 frame = chan.recv()
-            except EOFError:      # the driver ended the session (or died)
-                return
+            except (EOFError, ConnectionResetError, BrokenPipeError):
+                return            # the driver ended the session (or died, or replaced us)
             if frame.op == OP_STOP:
                 return
             if frame.op == OP_CONFIG:
