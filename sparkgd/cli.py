@@ -80,6 +80,10 @@ def build_parser(default_data=None):
     p.add_argument("--compression", default="none",
                    help="what serving tasks send: none, fp16, topk:<fraction> (error feedback) "
                         "or qsgd:<bits>; lossy ones need a first-order optimizer")
+    p.add_argument("--topology", default="tree",
+                   help="how serving tasks combine a pass: tree (fan-in from "
+                        "--aggregation-depth), star (every task to the driver) or ring "
+                        "(reduce-scatter among the tasks)")
     p.add_argument("--max-iter", type=_int, default=100)
     p.add_argument("--tol", type=_float, default=1e-6)
     p.add_argument("--reg-param", type=_float, default=0.0)
@@ -181,7 +185,7 @@ def make_estimator(args):
         fitIntercept=not args.no_intercept, standardization=args.standardization,
         aggregationDepth=args.aggregation_depth, optimizer=args.optimizer,
         stepSize=args.step_size, miniBatchFraction=args.mini_batch_fraction, seed=args.seed,
-        dtype=args.dtype, compression=args.compression,
+        dtype=args.dtype, compression=args.compression, topology=args.topology,
         initialModel=_strip_file(args.initial_model) if args.initial_model else None)
     cls = getattr(estimators, LOSS_ESTIMATOR[args.loss])
     if cls is estimators.LinearRegression:

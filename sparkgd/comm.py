@@ -1,9 +1,13 @@
-"""Communication: per-partition partial results -> the driver's total.
+"""Communication: per-partition partial results -> the driver's total, and the tally
+of what travelled.
 
-One place owns how partial results travel and how many bytes they cost.
-``bytesCommunicated`` counts every vector sent: theta out to each task, the
-per-partition results, and the intermediate sums of a tree; ``driverBytes`` those
-into and out of the driver alone.
+``bytesCommunicated`` counts the payload bytes of every link: theta out to the tasks,
+their results, and everything between tasks (a tree's intermediate sums, a ring's
+chunks); ``driverBytes`` those into and out of the driver alone. Serving tasks report
+what they moved (:mod:`sparkgd.engine.collective`); for one Spark job per pass this
+module runs the reduction itself: ``tree`` as ``treeAggregate``, ``star`` as a flat
+reduce (every partition's vector to the driver, added in partition order). ``ring``
+has no Spark-job form: there it is ``tree`` (the engine says so).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import math
 
 import numpy as np
 
-TOPOLOGIES = ("tree",)
+TOPOLOGIES = ("tree", "star", "ring")
 
 
 def _add(a, b):
@@ -48,6 +52,13 @@ class Aggregator:
 
     def sum(self, partials, size):
         """``partials``: an RDD with one float64 vector of ``size`` per partition."""
+        if self.topology == "star":
+            parts = partials.collect()
+            total = np.zeros(size)
+            for part in parts:            # partition order
+                total += part
+            self.count_driver(8 * size * len(parts))
+            return total
         zero = np.zeros(size)
         total = partials.treeAggregate(zero, _add, _add, depth=self.depth)
         levels = tree_levels(partials.getNumPartitions(), self.depth)
@@ -64,12 +75,15 @@ class Aggregator:
         self.bytes_communicated += int(nbytes)
         self.driver_bytes += int(nbytes)
 
-    def sum_parts(self, parts, nbytes=None):
-        """Partial results that reached the driver directly (one per serving task,
-        :mod:`sparkgd.workers`), added in task order."""
-        total = np.zeros_like(parts[0])
-        for part in parts:
+    def count_links(self, nbytes):
+        """Bytes between tasks (they count on ``bytesCommunicated`` only)."""
+        self.bytes_communicated += int(nbytes)
+
+    @staticmethod
+    def sum_parts(parts):
+        """Partial results that reached the driver (one per serving task with
+        ``star``, the total with ``tree`` and ``ring``), added in task order."""
+        total = np.array(parts[0], dtype=np.float64)
+        for part in parts[1:]:
             total += part
-        self.count_driver(sum(8 * p.size for p in parts) if nbytes is None
-                          else int(nbytes) * len(parts))   # what each took on the wire
         return total

@@ -35,6 +35,7 @@ from pyspark.ml.param.shared import (
 )
 
 from . import codecs, data, engine, kernels, optim, stats
+from .comm import TOPOLOGIES
 from .errors import SparkgdError
 from .modes import sync
 from .penalties import Penalty
@@ -77,6 +78,11 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
         "how serving tasks encode the partial gradients they send: none, fp16, "
         "topk:<fraction> (with error feedback) or qsgd:<bits>; lossy ones need a "
         "first-order optimizer", typeConverter=TypeConverters.toString)
+    topology = Param(
+        Params._dummy(), "topology",
+        "how serving tasks combine a pass: tree (default; fan-in from aggregationDepth, "
+        "as treeAggregate), star (every task to the driver) or ring (reduce-scatter "
+        "among the tasks)", typeConverter=TypeConverters.toString)
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -84,7 +90,7 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
                          maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0,
                          fitIntercept=True, standardization=False, aggregationDepth=2,
                          optimizer="lbfgs", miniBatchFraction=1.0, seed=0, dtype="float64",
-                         compression="none")
+                         compression="none", topology="tree")
 
     def getFeatureCols(self):
         return self.getOrDefault(self.featureCols) if self.isDefined(self.featureCols) else None
@@ -100,6 +106,9 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
 
     def getCompression(self):
         return self.getOrDefault(self.compression)
+
+    def getTopology(self):
+        return self.getOrDefault(self.topology)
 
     def getInitialModel(self):
         return self.getOrDefault(self.initialModel) if self.isDefined(self.initialModel) \
@@ -149,6 +158,9 @@ def _validate_common(est):
     if est.getOptimizer() not in optim.OPTIMIZERS:
         fail(f"unknown optimizer '{est.getOptimizer()}'; expected one of "
              + ", ".join(optim.OPTIMIZERS))
+    if est.getTopology() not in TOPOLOGIES:
+        fail(f"unknown topology '{est.getTopology()}'; expected one of "
+             + ", ".join(TOPOLOGIES))
     try:
         codec = codecs.parse(est.getCompression())
     except ValueError as e:
@@ -242,7 +254,8 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                                   self.getLabelCol(), weight_col or None, source=source)
         optim.preload(self.getOptimizer())   # overlaps the block build
         fit = engine.run(dataset, spec, self._train, source=source, dtype=self.getDtype(),
-                         aggregation_depth=self.getAggregationDepth())
+                         aggregation_depth=self.getAggregationDepth(),
+                         topology=self.getTopology())
         coef, intercept = fit.layout.split(fit.result.theta)
         coef, intercept = self._identify(coef.copy(), intercept.copy())
         result, facts = fit.result, fit.facts
@@ -289,8 +302,11 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                 constant_scale=0.0 if standardize else 1.0,
                 l2=penalty.l2_weights[:layout.d] if line_search else None,
                 curvature=loss.curvature)
-        objective = sync.DistributedObjective(engine, loss, layout, penalty,
-                                              codec=codecs.parse(self.getCompression()))
+        codec = codecs.parse(self.getCompression())
+        step = self.getStepSize() if self.isSet(self.stepSize) else None
+        objective = sync.DistributedObjective(
+            engine, loss, layout, penalty, codec=codec,
+            theta_codec=sync.theta_codec_for(codec, self.getOptimizer(), step))
         result = sync.fit(objective, x0, optimizer=optimizer, max_iter=self.getMaxIter(),
                           tol=self.getTol(), step_size=step, precondition=pre,
                           mini_batch_fraction=self.getMiniBatchFraction(),
@@ -310,7 +326,8 @@ _COMMON_DOC = """
     predictionCol, maxIter, tol, regParam, elasticNetParam, fitIntercept,
     standardization (default False), aggregationDepth, optimizer, stepSize,
     miniBatchFraction, seed, initialModel, dtype (float64 or float32 block storage),
-    compression (none, fp16, topk:<fraction>, qsgd:<bits>: what serving tasks send).
+    compression (none, fp16, topk:<fraction>, qsgd:<bits>: what serving tasks send),
+    topology (tree, star, ring: how they combine a pass).
 """
 
 
@@ -330,7 +347,7 @@ class LinearRegression(_SparkgdEstimator):
                  elasticNetParam=0.0, fitIntercept=True, standardization=False,
                  aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                  seed=0, initialModel=None, dtype="float64",
-                 compression="none", loss="squared", epsilon=1.35):
+                 compression="none", topology="tree", loss="squared", epsilon=1.35):
         super().__init__()
         self._setDefault(loss="squared", epsilon=1.35)
         self.setParams(**self._input_kwargs)
@@ -341,7 +358,7 @@ class LinearRegression(_SparkgdEstimator):
                   elasticNetParam=0.0, fitIntercept=True, standardization=False,
                   aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                   seed=0, initialModel=None, dtype="float64",
-                  compression="none", loss="squared", epsilon=1.35):
+                  compression="none", topology="tree", loss="squared", epsilon=1.35):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -382,7 +399,7 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                  elasticNetParam=0.0, fitIntercept=True, standardization=False,
                  aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                  seed=0, initialModel=None, dtype="float64",
-                 compression="none", threshold=0.5, family="auto"):
+                 compression="none", topology="tree", threshold=0.5, family="auto"):
         super().__init__()
         self._setDefault(probabilityCol="probability", rawPredictionCol="rawPrediction",
                          threshold=0.5, family="auto")
@@ -395,7 +412,7 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                   elasticNetParam=0.0, fitIntercept=True, standardization=False,
                   aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                   seed=0, initialModel=None, dtype="float64",
-                  compression="none", threshold=0.5, family="auto"):
+                  compression="none", topology="tree", threshold=0.5, family="auto"):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -464,7 +481,7 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                  maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0, fitIntercept=True,
                  standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
                  miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
-                 compression="none", threshold=0.0):
+                 compression="none", topology="tree", threshold=0.0):
         super().__init__()
         self._setDefault(rawPredictionCol="rawPrediction", threshold=0.0)
         self.setParams(**self._input_kwargs)
@@ -475,7 +492,7 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                   maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0, fitIntercept=True,
                   standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
                   miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
-                  compression="none", threshold=0.0):
+                  compression="none", topology="tree", threshold=0.0):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 

@@ -6,7 +6,7 @@ from scipy.optimize import minimize as scipy_minimize
 from sparkgd import kernels
 from sparkgd.comm import tree_levels
 from sparkgd.data import resolve_input
-from sparkgd.engine import Engine
+from sparkgd.engine import Engine, collective
 from sparkgd.modes.sync import DistributedObjective
 from sparkgd.penalties import Penalty
 
@@ -56,8 +56,11 @@ def test_loss_and_gradient_match_numpy(spark, weighted_logistic, partitions, dep
             f_ref, g_ref = numpy_objective(theta, X, y, w, "logistic", True, 0.1)
             assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
             np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-14 * np.abs(g_ref).max())
-        per_eval = 8 * (2 + layout.size) * sum(tree_levels(engine.num_tasks, depth)) \
-            + 8 * layout.size * engine.num_tasks      # theta out to every task
+        # serving tasks (here one: local mode has one executor): theta to the tree's
+        # root and down it, the sums up it (collective.pass_bytes, also checked there)
+        assert engine.kind == "workers"
+        per_eval = sum(collective.pass_bytes("tree", engine.num_tasks, layout.size,
+                                             depth=depth).values())
         assert engine.bytes_communicated == 2 * per_eval
 
 
@@ -191,16 +194,21 @@ def test_moments_from_block_facts_equal_the_pass_and_numpy(spark, store):
 
 
 def test_driver_bytes_count_the_drivers_links_only(spark, weighted_logistic):
-    """Served tasks talk to the driver alone: driverBytes is all of bytesCommunicated.
+    """Served tasks in a star talk to the driver alone: driverBytes is all of
+    bytesCommunicated; in the default tree of two, the rest is the link between them.
     One Spark job per pass over 8 tasks: treeAggregate sums on executors first, and only
     its last level reaches the driver."""
     import sparkgd
 
     X, y, w, df = weighted_logistic
-    s = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight").fit(df).summary
-    assert s.driverBytes == s.bytesCommunicated > 0
-    spec = resolve_input(df.schema, weight_col="weight")
     layout = kernels.Layout(X.shape[1], 1, True)
+    s = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight",
+                                   topology="star").fit(df).summary
+    assert s.driverBytes == s.bytesCommunicated > 0
+    s = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight").fit(df).summary
+    link = collective.pass_bytes("tree", 2, layout.size)["peers"]     # local[2]: 2 tasks
+    assert s.bytesCommunicated - s.driverBytes == s.numEvaluations * link > 0
+    spec = resolve_input(df.schema, weight_col="weight")
     with Engine.open(df, spec, store="files", per_pass="jobs", num_partitions=8) as engine:
         engine._store.rdd = engine._store.rdd.repartition(8)   # 8 tasks per pass
         obj = DistributedObjective(engine, kernels.make_loss("logistic"), layout,

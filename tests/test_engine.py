@@ -17,7 +17,8 @@ import sparkgd
 from sparkgd import kernels
 from sparkgd.data import resolve_input
 from sparkgd.data.arrow import stack_csr
-from sparkgd.engine import Engine, files, served, wire
+from sparkgd.codecs import NONE
+from sparkgd.engine import Engine, collective, files, served, wire
 from sparkgd.engine.hub import Hub, TaskLost, WorkersFailed, WorkersUnavailable
 from sparkgd.modes.sync import DistributedObjective
 from sparkgd.penalties import Penalty
@@ -138,12 +139,12 @@ class FakeTask(threading.Thread):
                     return
                 if f.op == wire.OP_STOP:
                     return
-                if f.op == wire.OP_CONFIG:
+                if f.op in (wire.OP_CONFIG, wire.OP_PEERS):
                     continue
                 self.requests += 1
                 if self.vanish:
                     return
-                theta = f.floats()
+                theta = collective.apply_theta(f.payload, None, NONE, (len(f.payload) - 1) // 8)
                 out = np.zeros(self.hub.size)
                 out[: theta.size] = self.value * theta
                 if self.behave is not None and self.behave(self, chan, f, out):
@@ -326,8 +327,8 @@ def test_serving_tasks_match_one_job_per_pass(spark, data):
         session = engine._store._session
         assert session is not None and session.num_tasks == engine.num_tasks == 1  # local
         # 12 passes (6 served, 6 jobs; 1 task: a tree of one level): theta out (6 floats),
-        # the sums back (8)
-        assert engine.bytes_communicated == 12 * (6 + 8) * 8
+        # the sums back (8); a served theta message has a byte more (full or difference)
+        assert engine.bytes_communicated == 12 * (6 + 8) * 8 + 6
     assert engine._store._session is None and wait_idle(spark, 10)   # released with it
 
 
@@ -401,8 +402,11 @@ def test_served_store_matches_numpy_and_the_file_store(spark, data):
                                            enumerate(obj.smooth(theta, (0.4, 5, 2))))
             assert fs != f
         moments_bytes = 8 * (2 + 2 * 5) * 2
-        # 9 passes to 2 tasks: theta out (6 floats), the sums back (8)
-        assert engine.bytes_communicated == 2 * 9 * 8 * (6 + 8) + moments_bytes
+        # 9 passes over a tree of 2 tasks: theta to task 0 and on to task 1 (a kind
+        # byte and 6 floats a link), the sums (8) up from 1 to 0 and on to the driver
+        per_pass = (1 + 8 * 6) * 2 + 8 * 8 * 2
+        assert per_pass == sum(collective.pass_bytes("tree", 2, 6).values())
+        assert engine.bytes_communicated == 9 * per_pass + moments_bytes
     assert engine.certified and wait_idle(spark, 10)
     with Engine.open(data, spec, store="files") as engine:
         on_files = objective(engine)(thetas[0])
@@ -908,7 +912,8 @@ def test_gd_with_compressed_gradients_reaches_the_optimum(spark, data, spec, bou
     step gd gets within ``bound`` of lbfgs's optimum (top-k here sends 1 of 6 values a
     task, error feedback carries the rest; its delayed coordinates need half the step:
     at 1.0 it circles 2e-3 above), and the bytes are exactly what the
-    codec says: theta out (6 floats) and 16 + the encoding back, per task and pass."""
+    codec says: on the default tree of two tasks, theta in full the first pass and then
+    its encoded change, the sums' 16 bytes + the encoded gradient up each link."""
     from sparkgd import codecs
 
     kw = dict(regParam=0.1, weightCol="weight")
@@ -919,7 +924,10 @@ def test_gd_with_compressed_gradients_reaches_the_optimum(spark, data, spec, bou
     assert (s.objectiveHistory[-1] - best) / best <= bound, (s.objectiveHistory[-1], best)
     codec = codecs.parse(spec)
     tasks = 2                                  # 3 partitions on local[2]: two served tasks
-    assert s.bytesCommunicated == s.numEvaluations * tasks * (8 * 6 + 16 + codec.nbytes(6))
+    full, delta = (sum(collective.pass_bytes("tree", tasks, 6, codec, delta=x).values())
+                   for x in (False, True))
+    assert delta == 2 * (1 + codec.nbytes(6)) + 2 * (16 + codec.nbytes(6))
+    assert s.bytesCommunicated == full + (s.numEvaluations - 1) * delta
     assert wait_idle(spark)
 
 

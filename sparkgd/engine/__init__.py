@@ -67,12 +67,15 @@ class Engine:
         self.facts = facts
         self.aggregator = aggregator
         self.kind = kind
+        self.topology = aggregator.topology
 
     @classmethod
     def open(cls, dataset, spec, *, source="the DataFrame", store="auto", dtype="float64",
-             num_partitions=None, aggregation_depth=2, per_pass="auto", wait_seconds=None):
+             num_partitions=None, aggregation_depth=2, per_pass="auto", wait_seconds=None,
+             topology="tree"):
         """Build the blocks of ``dataset`` (read as ``spec``, from
         :func:`~sparkgd.data.resolve_input`) and check what executors found.
+        ``topology``: how a pass's sums are combined (:mod:`.collective`).
 
         Raises SparkgdError (after freeing what was built) when the input is bad or
         empty; TaskLost when a served build lost a task (start over)."""
@@ -86,9 +89,14 @@ class Engine:
         if num_partitions:
             frame = frame.repartition(int(num_partitions))
         sc = frame.sparkSession.sparkContext
-        aggregator = Aggregator("tree", aggregation_depth)
+        aggregator = Aggregator(topology, aggregation_depth)
         wait = SERVED_WAIT_SECONDS if wait_seconds is None else float(wait_seconds)
         explicit = store != "auto"
+        if spark_encrypts(sc) and topology == "ring":
+            raise SparkgdError(
+                "topology ring needs links between serving tasks, which sparkgd does not "
+                "open while Spark encrypts its own traffic (spark.network.crypto.enabled or "
+                "spark.io.encryption.enabled): use topology tree or star")
         if spark_encrypts(sc):
             # Spark encrypts its own traffic here: the hub's channel is authenticated
             # but not encrypted, so passes go through Spark's jobs instead
@@ -150,7 +158,8 @@ class Engine:
         """Connections the hubs dropped: strangers, bad frames, stalled tasks."""
         return self._store.rejected
 
-    def evaluate(self, theta, loss, layout, sample=None, codec=codecs.NONE):
+    def evaluate(self, theta, loss, layout, sample=None, codec=codecs.NONE,
+                 theta_codec=codecs.NONE):
         """One pass: ``[loss_sum, weight_sum, grad_sum...]`` over every row for ``theta``
         (``sample = (fraction, seed, iteration)``: over a Bernoulli mini-batch).
 
@@ -159,15 +168,22 @@ class Engine:
         theta = np.asarray(theta, dtype=np.float64)
         if self.kind != "jobs":
             try:
-                parts = self._store.serve(theta, loss, layout, sample, codec)
-                self.aggregator.count_out(theta.size, len(parts))
-                return self.aggregator.sum_parts(parts, 16 + codec.nbytes(layout.size))
+                parts = self._store.serve(theta, loss, layout, sample, codec, self.topology,
+                                          self.aggregator.depth, theta_codec)
+                moved = self._store.last_bytes
+                self.aggregator.count_driver(moved["driver_out"] + moved["driver_in"])
+                self.aggregator.count_links(moved["peers"])
+                return self.aggregator.sum_parts(parts)
             except WorkersUnavailable as e:
                 if self.kind == "served":
                     raise
                 log.warning("sparkgd: %s; falling back to one Spark job per pass", e)
                 self._store.close_session()
                 self.kind = "jobs"
+        if self.topology == "ring":
+            log.warning("sparkgd: one Spark job per pass has no ring: its passes use "
+                        "treeAggregate (topology tree)")
+            self.topology = self.aggregator.topology = "tree"
         return jobs.pass_sums(self._store, theta, loss, layout, sample, self.aggregator)
 
     def moments(self, d):
@@ -197,7 +213,7 @@ class Engine:
 
 
 def run(dataset, spec, train, *, source="the DataFrame", dtype="float64",
-        aggregation_depth=2):
+        aggregation_depth=2, topology="tree"):
     """``train(engine)`` on an engine over ``dataset``; its result once the engine
     vouches for every pass.
 
@@ -210,7 +226,8 @@ def run(dataset, spec, train, *, source="the DataFrame", dtype="float64",
     for attempt in range(1, MAX_SERVED_ATTEMPTS + 2):
         try:
             with Engine.open(dataset, spec, source=source, store=store, dtype=dtype,
-                             aggregation_depth=aggregation_depth) as engine:
+                             aggregation_depth=aggregation_depth,
+                             topology=topology) as engine:
                 result = train(engine)
             if not engine.certified:
                 raise TaskLost("the serving job did not end cleanly")

@@ -44,9 +44,10 @@ import uuid
 import numpy as np
 import scipy.sparse as sp
 
+from .. import codecs
 from ..data.arrow import BadInput, stored_dense, xyw_batches
 from ..data.facts import block_info, block_key, merge_infos
-from . import jobs, wire
+from . import jobs, task, wire
 from .hub import WorkersFailed
 from .slots import coalesced_parents, local_cores, task_layout
 
@@ -321,20 +322,27 @@ class FileStore:
             self._handles.unpersist(blocking=True)
             self._cached = False
 
-    def serve(self, theta, loss, layout, sample, codec):
-        """One pass through the serving tasks -> their sums, in task order (the job is
-        started on first use, and again when a rebuild handed over a new RDD)."""
-        return self.run(lambda rdd: self._serve(rdd, theta, loss, layout, sample, codec),
-                        serving=True)
+    def serve(self, theta, loss, layout, sample, codec, topology="star", depth=2,
+              theta_codec=None):
+        """One pass through the serving tasks -> the sums (see
+        :meth:`~sparkgd.engine.hub.Hub.evaluate`; the job is started on first use, and
+        again when a rebuild handed over a new RDD)."""
+        return self.run(lambda rdd: self._serve(rdd, theta, loss, layout, sample, codec,
+                                                topology, depth, theta_codec), serving=True)
 
-    def _serve(self, rdd, theta, loss, layout, sample, codec):
+    @property
+    def last_bytes(self):
+        return self._session.hub.last_bytes
+
+    def _serve(self, rdd, theta, loss, layout, sample, codec, topology, depth, theta_codec):
         session = self._session
         if session is None or session.rdd is not rdd:
             self.close_session()
             session = self._session = WorkerSession(rdd, self.threads_per_task,
                                                     self.wait_seconds, self.task_keys)
         try:
-            session.configure(loss, layout, codec)
+            session.configure(loss, layout, codec, topology, depth,
+                              theta_codec or codecs.NONE)
             return session.evaluate(theta, sample)
         except WorkersFailed:
             self.close_session()
@@ -398,7 +406,7 @@ def serve_partition(index, items, address, secret, threads, timeout=60.0):
             f"sparkgd: serving task {index} (attempt {attempt}) got {len(keys)} "
             f"block(s), not the ones it must hold: its input ended early")
     try:
-        wire.serve(chan, blocks, index, threads)
+        task.serve(chan, blocks, index, threads, secret)
     finally:
         chan.close()
     yield index

@@ -22,6 +22,7 @@ whether the job ended and how many tasks run.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
 import selectors
@@ -32,6 +33,7 @@ from collections import deque
 import numpy as np
 
 from .. import codecs
+from . import collective as co
 from . import wire
 
 log = logging.getLogger("sparkgd")
@@ -42,6 +44,24 @@ HELLO_SECONDS = 30.0
 DEADLINE_SECONDS = 60.0
 #: Handshakes in progress at once; beyond that the oldest is dropped.
 MAX_PENDING = 1024
+#: Largest small message a task sends (its address, why a link failed).
+MAX_NOTE = 4096
+#: Passes redone in a row over failed links between tasks before the topology is star.
+MAX_PEER_FAILURES = 3
+
+
+def _address(payload):
+    """OP_ADDRESS -> [host, port], or None (the task cannot listen)."""
+    try:
+        a = json.loads(bytes(payload)).get("address")
+    except (ValueError, AttributeError):
+        raise wire.ProtocolError("an address that is not JSON") from None
+    if a is None:
+        return None
+    if not (isinstance(a, list) and len(a) == 2 and isinstance(a[0], str) and
+            isinstance(a[1], int) and 0 < a[1] < 65536 and len(a[0]) < 256):
+        raise wire.ProtocolError(f"a bad address {a!r}")
+    return a
 
 
 class WorkersUnavailable(RuntimeError):
@@ -88,22 +108,6 @@ def parse_ports(text):
     if not 0 < lo <= hi < 65536:
         raise ValueError(f"{PORTS_CONF} must be a port or a range first-last, got {text!r}")
     return list(range(lo, hi + 1))
-
-
-def listen(bind, ports=(0,)):
-    """A listening socket on ``bind`` (IPv4 or IPv6), the first free port of ``ports``."""
-    infos = socket.getaddrinfo(bind, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, sockaddr = infos[0]
-    last = None
-    for port in ports:
-        try:
-            s = socket.create_server((sockaddr[0], port), family=family,
-                                     backlog=socket.SOMAXCONN)
-            s.setblocking(False)
-            return s
-        except OSError as e:
-            last = e
-    raise OSError(f"no free port for the hub on {bind} in {ports[0]}-{ports[-1]}: {last}")
 
 
 class _Peer:
@@ -160,7 +164,7 @@ class Hub:
                  expected=None, strict=False, failed=None, deadline=DEADLINE_SECONDS,
                  hello_seconds=HELLO_SECONDS, ports=(0,)):
         self.num_tasks, self.size = int(num_tasks), int(size)
-        self.codec = codecs.NONE
+        self.codec = self.theta_codec = codecs.NONE
         self.strict = strict
         self.expected = expected
         self.wait_seconds = float(wait_seconds)
@@ -175,7 +179,23 @@ class Hub:
         self.reconnects = 0
         self.short = False            # gave up waiting for task slots
         self.pass_no = 0
-        self._listener = listen(bind, ports)
+        self.topology, self.depth = "star", 2
+        self.addresses = {}           # task index -> [host, port] it listens on for tasks
+        self.epoch = 0
+        self.peer_failures = 0        # passes redone after a link between tasks failed
+        self.stale = 0                # replies to a pass already redone (ignored)
+        self.bytes_out = self.bytes_in = self.peer_bytes = 0   # payload bytes, every pass
+        self.last_bytes = {"driver_out": 0, "driver_in": 0, "peers": 0}
+        self._peers_current = False   # the tasks know this epoch's topology and addresses
+        self._failures_in_row = 0
+        self.fell_back = False        # links between tasks failed: star for good
+        self._started = False         # the pass in progress was sent (this epoch)
+        self._abandoned = set()       # pass numbers sent, then redone (replies ignored)
+        self._held = None             # the theta every task in _holders holds
+        self._holders = set()
+        self._candidate = None        # the theta the pass in progress computes at
+        self._messages = None
+        self._listener = wire.listen(bind, ports)
         self.port = self._listener.getsockname()[1]
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listener, selectors.EVENT_READ, None)
@@ -198,52 +218,169 @@ class Hub:
             if self._failed is not None and self._failed() > 0:
                 raise WorkersFailed("a task failed while the blocks were built")
 
-    def expect(self, size, codec):
+    def expect(self, size, codec, theta_codec=codecs.NONE):
         """Replies from now on: ``size`` float64 sums, the gradient part (all but the
-        first two) encoded with ``codec``."""
-        self.size, self.codec = int(size), codec
+        first two) encoded with ``codec``; theta sent with ``theta_codec`` (lossy: as
+        the difference from what the tasks hold)."""
+        self.size, self.codec, self.theta_codec = int(size), codec, theta_codec
+
+    def set_topology(self, topology, depth=2):
+        """How the tasks combine a pass from now on (:mod:`.collective`)."""
+        if topology not in co.TOPOLOGIES:
+            raise ValueError(f"unknown topology {topology!r}")
+        if self.fell_back:
+            return
+        if (topology, int(depth)) != (self.topology, self.depth):
+            self.topology, self.depth = topology, int(depth)
+            self._peers_current = False
 
     @property
     def reply_bytes(self):
-        return 8 * self.size if self.codec.name == "none" else \
-            16 + self.codec.nbytes(self.size - 2)
+        """The largest reply: a whole message of sums."""
+        return co.sums_bytes(self.codec, self.size - 2)
 
-    def _decode(self, payload):
+    def _reply_size(self, i):
+        n = self.size - 2
+        if self.topology == "star" or (self.topology == "tree" and i == 0):
+            return co.sums_bytes(self.codec, n)
+        if self.topology == "tree":
+            return 0
+        b = co.chunk_bounds(n, self.num_tasks)
+        c = co.ring_final_chunk(i, self.num_tasks)
+        return co.chunk_bytes(self.codec, b[c], b[c + 1])
+
+    def _decode(self, i, payload):
+        """Task ``i``'s reply -> its float64 sums (a ring task: its chunk's totals)."""
+        if not len(payload):
+            return None
         if self.codec.name == "none":
             return np.frombuffer(payload, dtype="<f8")
-        head = np.frombuffer(payload[:16], dtype="<f8")
-        return np.concatenate([head, codecs.decode(self.codec, payload[16:], self.size - 2)])
+        n = self.size - 2
+        if self.topology == "ring":
+            b = co.chunk_bounds(n, self.num_tasks)
+            c = co.ring_final_chunk(i, self.num_tasks)
+            return co.unpack_sums(payload, self.codec, b[c + 1] - b[c], with_head=(c == 0))
+        return co.unpack_sums(payload, self.codec, n)
 
     def configure(self, config):
         """Send every task the loss and layout to compute with (OP_CONFIG, JSON); a
         task that connects later gets it first."""
-        import json
-
         self._config = json.dumps(config).encode()
+        self._held, self._holders = None, set()     # the tasks forget theta too
         for peer in list(self._tasks.values()):
             peer.frame(wire.OP_CONFIG, self._config)
             self._push(peer)
 
     def evaluate(self, theta, sample=None):
-        """Every task's sums for ``theta``, in task order."""
+        """The sums for ``theta``: star, every task's in task order; tree and ring, one
+        vector, the total (:mod:`.collective`). ``last_bytes``: what the pass moved."""
         theta = np.ascontiguousarray(theta, dtype="<f8")
-        self.pass_no += 1
+        before = (self.bytes_out, self.bytes_in, self.peer_bytes)
         self._request = (theta, sample)
-        self._replies = {}
-        self._awaiting = set(range(self.num_tasks))
+        self._started = False
         try:
-            for peer in list(self._tasks.values()):
-                self._send_request(peer)
-            self._wait(lambda: bool(self._awaiting))
+            self._try_start()
+            self._wait(lambda: not self._started or bool(self._awaiting))
         finally:
             self._request = None
-        return [self._replies[i] for i in range(self.num_tasks)]
+        self._held, self._holders = self._candidate, set(range(self.num_tasks))
+        self._failures_in_row = 0
+        self.last_bytes = {"driver_out": self.bytes_out - before[0],
+                           "driver_in": self.bytes_in - before[1],
+                           "peers": self.peer_bytes - before[2]}
+        if self.topology == "star":
+            return [self._replies[i] for i in range(self.num_tasks)]
+        if self.topology == "tree":
+            return [self._replies[0]]
+        total = np.empty(self.size)
+        b = co.chunk_bounds(self.size - 2, self.num_tasks)
+        for i in range(self.num_tasks):
+            c, part = co.ring_final_chunk(i, self.num_tasks), self._replies[i]
+            if c == 0:
+                total[:2], part = part[:2], part[2:]
+            total[2 + b[c]:2 + b[c + 1]] = part
+        return [total]
+
+    def _try_start(self):
+        """Send the pass in progress, unless it is out already or cannot be yet (tree
+        and ring: until every task is connected and listening)."""
+        if self._request is None or self._started:
+            return
+        theta = self._request[0]
+        if self.topology != "star":
+            if len(self._tasks) < self.num_tasks or \
+                    any(i not in self.addresses for i in range(self.num_tasks)):
+                return
+            if any(not self.addresses[i] for i in range(self.num_tasks)):
+                log.warning("sparkgd: a serving task cannot listen for other tasks; they "
+                            "send to the driver directly (topology star)")
+                self.topology, self._peers_current, self.fell_back = "star", False, True
+        if not self._peers_current:
+            self._new_epoch()
+        self.pass_no += 1
+        self._replies = {}
+        self._awaiting = set(range(self.num_tasks))
+        self._messages = self._theta_messages(theta)
+        self._started = True
+        for peer in list(self._tasks.values()):
+            self._send_request(peer)
+
+    def _new_epoch(self):
+        """Tell every task the topology and where the others listen; theta goes in full
+        to all at the next pass."""
+        self.epoch += 1
+        self._holders = set()
+        config = {"topology": self.topology, "epoch": self.epoch,
+                  "num_tasks": self.num_tasks,
+                  "fan_in": co.fan_in(self.num_tasks, self.depth),
+                  "addresses": [self.addresses.get(i) for i in range(self.num_tasks)]
+                  if self.topology != "star" else []}
+        payload = json.dumps(config).encode()
+        for peer in list(self._tasks.values()):
+            peer.frame(wire.OP_PEERS, payload)
+            self._push(peer)
+        self._peers_current = True
+
+    def _theta_messages(self, theta):
+        """-> what each task is sent for ``theta``, and (in ``_candidate``) the theta
+        the tasks will compute at: theta itself, or, with a lossy codec, what the tasks
+        hold plus the encoded difference (:func:`~.collective.pack_theta`)."""
+        codec, n, p = self.theta_codec, theta.size, self.num_tasks
+        held = self._held if (codec.lossy and self._held is not None and
+                              self._held.size == n) else None
+        seed = (self.pass_no,)
+        if self.topology == "star":
+            delta, cand = co.pack_theta(theta, held, codec, seed)
+            full = delta if held is None else co.pack_theta(cand, None, codec)[0]
+            self._candidate = cand
+            return {"delta": delta, "full": full}
+        everyone = held is not None and self._holders >= set(range(p))
+        if self.topology == "tree":
+            msg, self._candidate = co.pack_theta(theta, held if everyone else None, codec, seed)
+            return {0: msg}
+        b = co.chunk_bounds(n, p)
+        msgs, cand = {}, np.empty(n)
+        for c in range(p):
+            lo, hi = b[c], b[c + 1]
+            msgs[c], cand[lo:hi] = co.pack_theta(theta[lo:hi], held[lo:hi] if everyone else
+                                                 None, codec, seed + (c,))
+        self._candidate = cand
+        return msgs
 
     def _send_request(self, peer):
-        theta, sample = self._request
+        if not self._started:
+            return
+        i = peer.index
+        _, sample = self._request
+        m = self._messages
+        if self.topology == "star":
+            payload = m["delta"] if i in self._holders else m["full"]
+        else:
+            payload = m.get(i, b"")
         fraction, seed, iteration = (1.0, 0, 0) if sample is None else sample
-        peer.frame(wire.OP_SUMS, theta, pass_no=self.pass_no, iteration=iteration,
+        peer.frame(wire.OP_SUMS, payload, pass_no=self.pass_no, iteration=iteration,
                    seed=seed, fraction=fraction)
+        self.bytes_out += len(payload)
         peer.progress = time.monotonic()      # the deadline runs from the request
         self._push(peer)
 
@@ -266,6 +403,7 @@ class Hub:
                 if mask & selectors.EVENT_READ and not peer.closed:
                     self._read(peer)
             self._check_deadlines()
+            self._try_start()
             if not waiting():
                 break
             self._ended()
@@ -400,9 +538,16 @@ class Hub:
         self._seen.add(i)
         self.facts[i], self.floats[i] = facts, floats
         self._tasks[i] = peer
+        self._holders.discard(i)
+        self.addresses.pop(i, None)       # it says where it listens next
         peer.frame(wire.OP_ACCEPT, fraction=self.deadline / 4)   # the heartbeat interval
         if self._config is not None:
             peer.frame(wire.OP_CONFIG, self._config)
+        if self.topology != "star":
+            # links are made anew (the pass in progress too, once it says where it listens)
+            self._redo()
+        elif self._peers_current:
+            peer.frame(wire.OP_PEERS, json.dumps({"topology": "star"}).encode())
         self._push(peer)
         if self._request is not None and i in self._awaiting:
             self._send_request(peer)
@@ -418,7 +563,7 @@ class Hub:
     def _frame_piece(self, peer):
         if peer.stage == "head":
             peer.head = bytes(peer.inbound.buf)
-            size = wire.parse_head(peer.head, max(self.reply_bytes, 0))[-1]
+            size = wire.parse_head(peer.head, max(self.reply_bytes, MAX_NOTE))[-1]
             peer.stage = "payload"
             peer.inbound.expect(size + wire.TAG)
             return False
@@ -431,14 +576,52 @@ class Hub:
         if frame.op == wire.OP_ALIVE:
             return True
         i = peer.index
-        if frame.op != wire.OP_REPLY or frame.pass_no != self.pass_no or \
-                i not in self._awaiting or len(frame.payload) != self.reply_bytes:
+        if frame.op == wire.OP_ADDRESS and len(frame.payload) <= MAX_NOTE:
+            self.addresses[i] = _address(frame.payload)
+            return True
+        if frame.op in (wire.OP_REPLY, wire.OP_PEER_FAIL):
+            if not 0 <= frame.iteration < wire.MAX_PAYLOAD * self.num_tasks:
+                raise wire.ProtocolError(f"task {i}: {frame.iteration} bytes to other tasks")
+            if frame.pass_no in self._abandoned:    # an answer to a pass since redone
+                self.stale += 1
+                self.peer_bytes += frame.iteration
+                return True
+        awaited = frame.pass_no == self.pass_no and self._started and i in self._awaiting
+        if frame.op == wire.OP_PEER_FAIL and awaited and len(frame.payload) <= MAX_NOTE:
+            self.peer_bytes += frame.iteration
+            self._peer_failed(i, bytes(frame.payload).decode("utf-8", "replace"))
+            return True
+        if frame.op != wire.OP_REPLY or not awaited or \
+                len(frame.payload) != self._reply_size(i):
             raise wire.ProtocolError(
                 f"task {i}: op {frame.op} for pass {frame.pass_no} ({len(frame.payload)} "
                 f"bytes) where pass {self.pass_no} is {'awaited' if i in self._awaiting else 'done'}")
-        self._replies[i] = self._decode(frame.payload)    # CodecError: dropped
+        self._replies[i] = self._decode(i, frame.payload)    # CodecError: dropped
+        self.bytes_in += len(frame.payload)
+        self.peer_bytes += frame.iteration
         self._awaiting.discard(i)
         return True
+
+    def _peer_failed(self, i, why):
+        """A task's link to another failed mid-pass: hand out a new epoch and redo the
+        pass; after ``MAX_PEER_FAILURES`` in a row with every task connected, the tasks
+        send to the driver directly (star) for the rest of the fit."""
+        self.peer_failures += 1
+        log.info("sparkgd: pass %d redone: %s", self.pass_no, why)
+        if len(self._tasks) == self.num_tasks:
+            self._failures_in_row += 1
+            if self._failures_in_row >= MAX_PEER_FAILURES and self.topology != "star":
+                log.warning("sparkgd: links between serving tasks failed %d times in a row "
+                            "(last: %s); the tasks send to the driver directly (topology "
+                            "star) from now on", self._failures_in_row, why)
+                self.topology, self.fell_back = "star", True
+        self._redo()
+
+    def _redo(self):
+        """Hand out a new epoch, and send the pass in progress again (when it can be)."""
+        if self._started:
+            self._abandoned.add(self.pass_no)
+        self._peers_current = self._started = False
 
     def _check_deadlines(self):
         now = time.monotonic()
@@ -451,7 +634,7 @@ class Hub:
                 why = "stopped reading"
             elif peer.inbound.mid_piece or peer.stage == "payload":
                 why = "stalled mid-reply"
-            elif i in self._awaiting:
+            elif self._started and i in self._awaiting:
                 why = "did not answer"
             else:
                 continue
@@ -490,6 +673,9 @@ class Hub:
         log.info("sparkgd: serving task %d: %s", peer.index, why)
         if stalled and not self.strict and self._listener is not None:
             raise WorkersUnavailable(f"serving task {peer.index} {why}")
+        self._holders.discard(peer.index)
+        if self.topology != "star":     # the others' links to it are gone: redo the pass
+            self._redo()
         self._lost(peer.index)
 
     def _lost(self, i, attempt=None):

@@ -139,15 +139,18 @@ class ServingJob:
                 "cancel" in str(self._error).lower() and not self._cancelling:
             raise Cancelled(f"the fit was cancelled: {str(self._error).strip().splitlines()[0]}")
 
-    def configure(self, loss, layout, codec=codecs.NONE):
+    def configure(self, loss, layout, codec=codecs.NONE, topology="star", depth=2,
+                  theta_codec=codecs.NONE):
         """Tell the tasks what to compute and how to encode it (again only when it
-        changed: a new configuration also clears the tasks' error-feedback residuals)."""
+        changed: a new configuration also clears the tasks' error-feedback residuals),
+        and how to combine a pass (:mod:`.collective`)."""
+        self.hub.set_topology(topology, depth)
         config = {"loss": loss.name, "params": loss.params(),
                   "layout": [layout.d, layout.k, layout.fit_intercept],
-                  "compression": str(codec)}
+                  "compression": str(codec), "theta_compression": str(theta_codec)}
         if config == self.config:
             return
-        self.hub.expect(2 + layout.size, codec)
+        self.hub.expect(2 + layout.size, codec, theta_codec)
         self.hub.configure(config)
         self.config = config
 

@@ -25,10 +25,11 @@ import os
 
 import scipy.sparse as sp
 
+from .. import codecs
 from ..data.arrow import BadInput, stack_csr, stored_dense, xyw_batches
 from ..data.facts import block_info, merge_infos
 from ..stats import block_moments, merge_moments
-from . import jobs, wire
+from . import jobs, task, wire
 from .hub import TaskLost, WorkersFailed, WorkersUnavailable
 from .slots import coalesced_input_partitions
 
@@ -82,7 +83,7 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1, time
     try:
         # with bad input too: stay until the driver has everyone's facts and says stop
         # (leaving early would look like a lost task)
-        wire.serve(chan, blocks, index, threads)
+        task.serve(chan, blocks, index, threads, secret)
     finally:
         chan.close()
     yield pa.RecordBatch.from_pydict({"rows": [facts.get("n", 0)]})
@@ -136,9 +137,10 @@ class ServedJob(jobs.ServingJob):
                 facts["moments"] = hub.floats[i]
             self.facts.append(facts)
 
-    def configure(self, loss, layout, codec):
+    def configure(self, loss, layout, codec, topology="star", depth=2, theta_codec=None):
         try:
-            super().configure(loss, layout, codec)
+            super().configure(loss, layout, codec, topology, depth,
+                              theta_codec or codecs.NONE)
         except TaskLost:
             self.lost = True
             raise
@@ -200,10 +202,16 @@ class ServedStore:
             self.num_partitions = coalesced_input_partitions(self.job.rdd) or self.num_tasks
         return [f for f in self.job.facts if f]
 
-    def serve(self, theta, loss, layout, sample, codec):
-        """One pass -> every task's sums, in task order."""
-        self.job.configure(loss, layout, codec)  # sent once (again if anything changed)
+    def serve(self, theta, loss, layout, sample, codec, topology="star", depth=2,
+              theta_codec=None):
+        """One pass -> the sums (see :meth:`~sparkgd.engine.hub.Hub.evaluate`)."""
+        self.job.configure(loss, layout, codec, topology, depth,  # sent when it changed
+                           theta_codec or codecs.NONE)
         return self.job.evaluate(theta, sample)
+
+    @property
+    def last_bytes(self):
+        return self.job.hub.last_bytes
 
     @property
     def rejected(self):

@@ -23,17 +23,15 @@ refuse a replayed, dropped or reordered frame within a connection, and a reply
 carries the pass number of the request it answers. Lengths are checked before
 anything is allocated; nothing received is unpickled or eval'd.
 
-The task's end lives here too: :func:`connect` (the handshake), :func:`serve` (answer
-requests with :func:`sparkgd.kernels.partition_sums` until the driver says stop, with
-a heartbeat while a pass computes, so the hub can tell a slow pass from a dead task).
-The driver's end is :class:`sparkgd.engine.hub.Hub`, which speaks the same frames
-without ever blocking (:class:`Inbound`).
+The task's handshake lives here too (:func:`connect`); what a task does with its
+frames is :mod:`.task`, its links to other tasks :mod:`.peers`. The driver's end is
+:class:`sparkgd.engine.hub.Hub`, which speaks the same frames without ever blocking
+(:class:`Inbound`).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import socket
 import struct
@@ -51,7 +49,13 @@ _HELLO = struct.Struct("<4s16siiQQQ")        # magic, task nonce, index, attempt
 # facts bytes, floats; + tag; then the body: (partition, position, rows) as 3 int64 per
 # block, the facts (JSON), the floats (float64: the feature moments at any width); + tag
 _FRAME = struct.Struct("<B3xQQqQdQ")         # op, seq, pass, iteration, seed, fraction, bytes
-OP_STOP, OP_SUMS, OP_CONFIG, OP_REPLY, OP_ACCEPT, OP_REJECT, OP_ALIVE = range(7)
+(OP_STOP, OP_SUMS, OP_CONFIG, OP_REPLY, OP_ACCEPT, OP_REJECT, OP_ALIVE, OP_PEERS, OP_ADDRESS,
+ OP_PEER_FAIL) = range(10)
+# OP_PEERS (hub -> task, JSON): the topology of this epoch and every task's address;
+# OP_ADDRESS (task -> hub, JSON): where the task listens for other tasks;
+# OP_PEER_FAIL (task -> hub, text): a link to another task failed during the pass.
+# OP_REPLY and OP_PEER_FAIL carry in ``iteration`` the payload bytes the task sent to
+# other tasks during the pass.
 TO_TASK, TO_HUB = b"D", b"T"                 # the direction a frame's MAC covers
 #: refuse absurd sizes before allocating (2**31 float64 = 16 GiB)
 MAX_FLOATS = 1 << 31
@@ -103,6 +107,23 @@ def hello_head_tag(secret, hub_nonce, head):
 
 def hello_tag(secret, hub_nonce, head, *body):
     return tag(secret, b"sparkgd-hello", hub_nonce, head, *body)
+
+
+def listen(bind, ports=(0,)):
+    """A listening socket on ``bind`` (IPv4 or IPv6), the first free port of ``ports``
+    (non-blocking: the hub's; a task's peer listener sets its own timeouts)."""
+    infos = socket.getaddrinfo(bind, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    last = None
+    for port in ports:
+        try:
+            s = socket.create_server((sockaddr[0], port), family=family,
+                                     backlog=socket.SOMAXCONN)
+            s.setblocking(False)
+            return s
+        except OSError as e:
+            last = e
+    raise OSError(f"no free port on {bind} in {ports[0]}-{ports[-1]}: {last}")
 
 
 def recv_exact(sock, n):
@@ -186,7 +207,7 @@ class Frame:
 
 def parse_head(head, max_payload=MAX_PAYLOAD):
     op, seq, pass_no, iteration, seed, fraction, size = _FRAME.unpack(head)
-    if op > OP_ALIVE or size > max_payload:
+    if op > OP_PEER_FAIL or size > max_payload:
         raise ProtocolError(f"bad frame header (op {op}, {size} bytes)")
     return op, seq, pass_no, iteration, seed, fraction, size
 
@@ -235,25 +256,29 @@ class Inbound:
 # ----------------------------------------------------------------- the task's end
 
 class Channel:
-    """The task's end of an authenticated connection (blocking)."""
+    """A task's end of an authenticated connection (blocking): to the hub, or to
+    another task (:mod:`.peers`, with directions of its own)."""
 
-    def __init__(self, sock, key):
+    def __init__(self, sock, key, send_dir=TO_HUB, recv_dir=TO_TASK):
         self.sock, self.mac = sock, Mac(key)
+        self.send_dir, self.recv_dir = send_dir, recv_dir
         self.send_seq = self.recv_seq = 0
         self.heartbeat = 0.0
         self._lock = threading.Lock()
 
     def send(self, op, payload=b"", **fields):
         with self._lock:
-            parts = frame_parts(self.mac, TO_HUB, self.send_seq, op, payload, **fields)
+            parts = frame_parts(self.mac, self.send_dir, self.send_seq, op, payload, **fields)
             self.send_seq += 1
             send_parts(self.sock, parts)
 
-    def recv(self):
+    def recv(self, max_payload=MAX_PAYLOAD):
+        """The next frame; ProtocolError before allocating more than ``max_payload``."""
         head = bytes(recv_exact(self.sock, _FRAME.size))
-        size = parse_head(head)[-1]
+        size = parse_head(head, max_payload)[-1]
         rest = memoryview(recv_exact(self.sock, size + TAG))    # payload and MAC at once
-        frame = check_frame(self.mac, TO_TASK, self.recv_seq, head, rest[:size], rest[size:])
+        frame = check_frame(self.mac, self.recv_dir, self.recv_seq, head, rest[:size],
+                            rest[size:])
         self.recv_seq += 1
         return frame
 
@@ -301,77 +326,3 @@ def hello_parts(secret, hub_nonce, nonce, index, attempt, keys=(), facts=b"", fl
                        floats.size)
     return [head, hello_head_tag(secret, hub_nonce, head), *body,
             hello_tag(secret, hub_nonce, head, *body)]
-
-
-class _Heartbeat:
-    """While a pass computes, an OP_ALIVE frame every ``interval`` seconds: the hub
-    then tells a slow pass from a stalled task."""
-
-    def __init__(self, chan):
-        self.chan = chan
-        self.busy = threading.Event()
-        self.done = threading.Event()
-        self.thread = None
-        if chan.heartbeat > 0:
-            self.thread = threading.Thread(target=self._run, name="sparkgd-heartbeat",
-                                           daemon=True)
-            self.thread.start()
-
-    def _run(self):
-        while not self.done.is_set():
-            self.busy.wait()
-            if self.done.wait(self.chan.heartbeat) or not self.busy.is_set():
-                continue
-            try:
-                self.chan.send(OP_ALIVE)
-            except OSError:
-                return
-
-    def stop(self):
-        self.done.set()
-        self.busy.set()
-
-
-def serve(chan, blocks, index, threads):
-    """Answer the driver until it says stop (or goes away): OP_CONFIG sets the loss and
-    layout, OP_SUMS gets this task's ``[loss_sum, weight_sum, grad...]``."""
-    from .. import codecs, kernels
-
-    loss = layout = None
-    codec, residual = codecs.NONE, None
-    beat = _Heartbeat(chan)
-    try:
-        while True:
-            try:
-                frame = chan.recv()
-            except (EOFError, ConnectionResetError, BrokenPipeError):
-                return            # the driver ended the session (or died, or replaced us)
-            if frame.op == OP_STOP:
-                return
-            if frame.op == OP_CONFIG:
-                config = json.loads(bytes(frame.payload))
-                loss = kernels.make_loss(config["loss"], **config["params"])
-                layout = kernels.Layout(*config["layout"])
-                codec = codecs.parse(config.get("compression", "none"))
-                residual = None     # error feedback starts afresh with a new objective
-                continue
-            if frame.op != OP_SUMS or loss is None:
-                raise ProtocolError(f"op {frame.op} where a request was due")
-            sample = None if frame.fraction >= 1.0 else \
-                (frame.fraction, frame.seed, frame.iteration, index)
-            beat.busy.set()
-            try:
-                sums = kernels.partition_sums(blocks, frame.floats(), loss, layout,
-                                              sample=sample, threads=threads)
-            finally:
-                beat.busy.clear()
-            if codec.name != "none":
-                # the loss and weight sums as they are, the gradient encoded; what top-k
-                # did not send stays here (lost with the task, which ends the fit's use
-                # of it: a served task's loss starts the fit over)
-                data, residual = codecs.encode(codec, sums[2:], residual,
-                                               seed=(frame.seed, frame.pass_no, index))
-                sums = np.ascontiguousarray(sums[:2], dtype="<f8").tobytes() + data
-            chan.send(OP_REPLY, sums, pass_no=frame.pass_no)
-    finally:
-        beat.stop()

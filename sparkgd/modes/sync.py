@@ -27,21 +27,27 @@ class DistributedObjective:
     """The smooth part of F (loss + L2) and its gradient, one pass of ``engine`` each.
 
     ``penalty`` is a :class:`~sparkgd.penalties.Penalty`; ``codec`` (a
-    :class:`~sparkgd.codecs.Codec`) how the tasks encode their partial gradients.
+    :class:`~sparkgd.codecs.Codec`) how the tasks encode their partial gradients, and
+    ``theta_codec`` how theta goes to them: lossy only for optimizers that take fixed
+    steps (:func:`theta_codec_for`), since a line search must see F at the exact
+    points it asks for.
     """
 
-    def __init__(self, engine, loss, layout, penalty, codec=codecs.NONE):
+    def __init__(self, engine, loss, layout, penalty, codec=codecs.NONE,
+                 theta_codec=codecs.NONE):
         self.engine = engine
         self.loss = loss
         self.layout = layout
         self.penalty = penalty
         self.codec = codec
+        self.theta_codec = theta_codec
         self.evaluations = 0
 
     def smooth(self, theta, sample=None):
         """``sample = (fraction, seed, iteration)``: a mini-batch estimate instead."""
         theta = np.asarray(theta, dtype=np.float64)
-        total = self.engine.evaluate(theta, self.loss, self.layout, sample, self.codec)
+        total = self.engine.evaluate(theta, self.loss, self.layout, sample, self.codec,
+                                     self.theta_codec)
         self.evaluations += 1
         weight = total[1]
         if weight <= 0:  # an empty mini-batch: no loss information, only the penalty
@@ -51,6 +57,16 @@ class DistributedObjective:
         return self.penalty.add_l2(f, grad, theta)
 
     __call__ = smooth
+
+
+def theta_codec_for(codec, optimizer, step_size):
+    """The codec theta travels with: ``codec`` when the optimizer takes fixed steps
+    (gd with a stepSize, sgd, momentum, nesterov, adam) -- the tasks then compute at
+    what they hold, theta up to the encoding of its last change, and what the encoding
+    left out goes with the next change (error feedback on the driver) -- else exact
+    (lbfgs and backtracking gd compare F at the points they ask for)."""
+    fixed = optimizer in optim.STOCHASTIC or (optimizer == "gd" and step_size is not None)
+    return codec if fixed else codecs.NONE
 
 
 @dataclass

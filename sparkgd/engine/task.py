@@ -1,0 +1,241 @@
+"""What a serving task does with the hub's frames, until the driver says stop.
+
+* OP_CONFIG: the loss, the layout and the codec to compute and send with;
+* OP_PEERS: the topology of this epoch and where the other tasks listen (:mod:`.peers`);
+* OP_SUMS: one pass. Theta arrives (from the hub, or from another task,
+  :mod:`.collective` says which), :func:`sparkgd.kernels.partition_sums` computes this
+  task's ``[loss_sum, weight_sum, grad...]``, and the sums go where the topology sends
+  them; every task then answers the hub (OP_REPLY), with the sums if they go there.
+
+A heartbeat (OP_ALIVE) goes to the hub, and up the task's outgoing link, while a pass
+computes, so a slow pass is told from a dead task. When a link to another task fails,
+the task closes all its links and says so (OP_PEER_FAIL): the hub redoes the pass.
+"""
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+
+from .. import codecs, kernels
+from . import collective as co
+from . import peers, wire
+
+
+class _Heartbeat:
+    """While a pass computes, an OP_ALIVE frame every ``interval`` seconds to the hub
+    and up this task's outgoing link."""
+
+    def __init__(self, chan, links):
+        self.chan, self.links = chan, links
+        self.busy = threading.Event()
+        self.done = threading.Event()
+        self.thread = None
+        if chan.heartbeat > 0:
+            self.thread = threading.Thread(target=self._run, name="sparkgd-heartbeat",
+                                           daemon=True)
+            self.thread.start()
+
+    def _run(self):
+        while not self.done.is_set():
+            self.busy.wait()
+            if self.done.wait(self.chan.heartbeat) or not self.busy.is_set():
+                continue
+            try:
+                self.chan.send(wire.OP_ALIVE)
+            except OSError:
+                return
+            try:
+                self.links.alive()
+            except OSError:
+                pass          # the pass itself will find out
+
+    def stop(self):
+        self.done.set()
+        self.busy.set()
+
+
+class _State:
+    """What a task keeps between passes."""
+
+    def __init__(self, index):
+        self.index = index
+        self.loss = self.layout = None
+        self.codec = self.theta_codec = codecs.NONE
+        self.held = None          # the theta this task holds (differences apply to it)
+        self.residual = None      # error feedback: what it has not sent yet
+
+    def configure(self, config):
+        self.loss = kernels.make_loss(config["loss"], **config["params"])
+        self.layout = kernels.Layout(*config["layout"])
+        self.codec = codecs.parse(config.get("compression", "none"))
+        self.theta_codec = codecs.parse(config.get("theta_compression", "none"))
+        self.held = None
+        self.residual = None      # error feedback starts afresh with a new objective
+
+    def residual_for(self, n):
+        if self.codec.error_feedback and (self.residual is None or self.residual.size != n):
+            self.residual = np.zeros(n)
+        return self.residual
+
+    def pack(self, head, grad, seed, lo=None, hi=None):
+        """Encode sums (a chunk ``[lo, hi)`` of the gradient's residual when given)."""
+        res = self.residual_for(self.layout.size)
+        if res is None:
+            return co.pack_sums(head, grad, self.codec, None, seed)[0]
+        part = res if lo is None else res[lo:hi]
+        data, new = co.pack_sums(head, grad, self.codec, part, seed)
+        part[...] = new
+        return data
+
+
+def serve(chan, blocks, index, threads, secret):
+    """Answer the driver until it says stop (or goes away)."""
+    host = chan.sock.getsockname()[0]
+    listener = peers.open_listener(host)
+    links = peers.Links(secret, index, listener, chan.heartbeat)
+    chan.send(wire.OP_ADDRESS, json.dumps({"address": links.address}).encode())
+    state = _State(index)
+    beat = _Heartbeat(chan, links)
+
+    def compute(theta, frame):
+        sample = None if frame.fraction >= 1.0 else \
+            (frame.fraction, frame.seed, frame.iteration, index)
+        return kernels.partition_sums(blocks, theta, state.loss, state.layout,
+                                      sample=sample, threads=threads)
+
+    try:
+        while True:
+            try:
+                frame = chan.recv()
+            except (EOFError, ConnectionResetError, BrokenPipeError):
+                return            # the driver ended the session (or died, or replaced us)
+            if frame.op == wire.OP_STOP:
+                return
+            if frame.op == wire.OP_CONFIG:
+                state.configure(json.loads(bytes(frame.payload)))
+                n = state.layout.size
+                links.max_payload = max(co.theta_bytes(codecs.NONE, n, False),
+                                        co.sums_bytes(codecs.NONE, n))
+                continue
+            if frame.op == wire.OP_PEERS:
+                links.set_peers(json.loads(bytes(frame.payload)))
+                continue
+            if frame.op != wire.OP_SUMS or state.loss is None:
+                raise wire.ProtocolError(f"op {frame.op} where a request was due")
+            links.sent = 0
+            beat.busy.set()
+            try:
+                PASSES[links.topology](state, chan, links, frame, compute)
+            except peers.PeerError as e:
+                links.close()
+                chan.send(wire.OP_PEER_FAIL, str(e)[:500].encode(), pass_no=frame.pass_no,
+                          iteration=links.sent)
+            finally:
+                beat.busy.clear()
+    finally:
+        beat.stop()
+        links.close(parked=True)
+        if listener is not None:
+            listener.close()
+
+
+def _seed(frame, index, *more):
+    return (frame.seed, frame.pass_no, index, *more)
+
+
+def _star(state, chan, links, frame, compute):
+    n = state.layout.size
+    theta = state.held = co.apply_theta(frame.payload, state.held, state.theta_codec, n)
+    sums = compute(theta, frame)
+    if state.codec.lossy:
+        sums = state.pack(sums[:2], sums[2:], _seed(frame, state.index))
+    chan.send(wire.OP_REPLY, sums, pass_no=frame.pass_no)
+
+
+def _tree(state, chan, links, frame, compute):
+    """Theta from the parent (task 0: from the hub), on to the children; the sums of
+    this task's subtree (own first, then each child's in ascending order) up."""
+    i, n, codec, p = state.index, state.layout.size, state.codec, frame.pass_no
+    links.ensure()
+    parent, children = links.roles()
+    msg = frame.payload if parent is None else \
+        links.recv(links.up, wire.OP_SUMS, p).payload
+    for j in children:
+        links.send(links.down[j], wire.OP_SUMS, msg, p)
+    try:
+        theta = state.held = co.apply_theta(msg, state.held, state.theta_codec, n)
+    except codecs.CodecError as e:
+        raise peers.PeerError(f"task {i}: {e}") from None
+    total = compute(theta, frame)
+    for j in children:
+        data = links.recv(links.down[j], wire.OP_REPLY, p).payload
+        try:
+            total += co.unpack_sums(data, codec, n)
+        except codecs.CodecError as e:
+            raise peers.PeerError(f"task {i}: from task {j}: {e}") from None
+    data = total if not codec.lossy else state.pack(total[:2], total[2:], _seed(frame, i))
+    if parent is None:
+        chan.send(wire.OP_REPLY, data, pass_no=p, iteration=links.sent)
+    else:
+        links.send(links.up, wire.OP_REPLY, data, p)
+        chan.send(wire.OP_REPLY, b"", pass_no=p, iteration=links.sent)
+
+
+def _ring(state, chan, links, frame, compute):
+    """All-gather theta's chunks, then reduce-scatter the sums: at step ``s`` task ``i``
+    sends chunk ``i - s`` to the next task and receives chunk ``i - s - 1``."""
+    i, n, codec, p = state.index, state.layout.size, state.codec, frame.pass_no
+    links.ensure()
+    size = links.num_tasks
+    b = co.chunk_bounds(n, size)
+    prev = links.down.get((i - 1) % size)
+    msgs = {i: frame.payload}
+    for s in range(size - 1):
+        links.send(links.up, wire.OP_SUMS, msgs[co.ring_send_chunk(i, s, size)], p)
+        msgs[(i - s - 1) % size] = links.recv(prev, wire.OP_SUMS, p).payload
+    held = state.held if state.held is not None and state.held.size == n else None
+    theta = np.empty(n)
+    try:
+        for c in range(size):
+            lo, hi = b[c], b[c + 1]
+            theta[lo:hi] = co.apply_theta(msgs[c], None if held is None else held[lo:hi],
+                                          state.theta_codec, hi - lo)
+    except codecs.CodecError as e:
+        raise peers.PeerError(f"task {i}: {e}") from None
+    state.held = theta
+    sums = compute(theta, frame)
+    head, grad = sums[:2], sums[2:]
+
+    def own(c):
+        return (head.copy() if c == 0 else None), grad[b[c]:b[c + 1]].copy()
+
+    acc_head, acc = own(i)
+    for s in range(size - 1):
+        c = co.ring_send_chunk(i, s, size)
+        links.send(links.up, wire.OP_REPLY, _chunk(state, frame, c, acc_head, acc, b), p)
+        r = (i - s - 1) % size
+        data = links.recv(prev, wire.OP_REPLY, p).payload
+        try:
+            got = co.unpack_sums(data, codec, b[r + 1] - b[r], with_head=(r == 0))
+        except codecs.CodecError as e:
+            raise peers.PeerError(f"task {i}: from task {(i - 1) % size}: {e}") from None
+        mine_head, mine = own(r)
+        if r == 0:
+            acc_head, acc = got[:2] + mine_head, got[2:] + mine
+        else:
+            acc_head, acc = None, got + mine
+    links.flush()
+    c = co.ring_final_chunk(i, size)
+    chan.send(wire.OP_REPLY, _chunk(state, frame, c, acc_head, acc, b), pass_no=p,
+              iteration=links.sent)
+
+
+def _chunk(state, frame, c, head, grad, b):
+    if not state.codec.lossy:
+        return grad if head is None else np.concatenate([head, grad])
+    return state.pack(head, grad, _seed(frame, state.index, c), b[c], b[c + 1])
+
+
+PASSES = {"star": _star, "tree": _tree, "ring": _ring}

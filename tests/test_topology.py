@@ -1,0 +1,294 @@
+"""Topologies (issue 12): who talks to whom (pure), and real serving loops in threads --
+the hub, :func:`sparkgd.engine.task.serve` and the links between tasks, without Spark --
+checked against one NumPy sum of the same blocks."""
+import math
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from sparkgd import codecs, kernels
+from sparkgd.comm import tree_levels
+from sparkgd.engine import collective as co
+from sparkgd.engine import peers, task, wire
+from sparkgd.engine.hub import Hub
+
+# ------------------------------------------------------------------ pure
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 7, 8, 16, 100])
+@pytest.mark.parametrize("depth", [2, 3])
+def test_the_tree_spans_every_task_once_with_treeaggregates_fan_in(p, depth):
+    f = co.fan_in(p, depth)
+    assert f == max(math.ceil(p ** (1 / depth)), 2)
+    kids = [co.tree_children(i, p, f) for i in range(p)]
+    flat = sorted(j for k in kids for j in k)
+    assert flat == list(range(1, p))                      # every task but 0 once
+    for i in range(1, p):
+        assert i in kids[co.tree_parent(i, f)]
+    assert all(len(k) <= f for k in kids)
+    # hops to task 0: about depth (a heap of fan-in ceil(P^(1/depth)))
+    assert co.tree_height(p, f) <= depth + (1 if p > f ** depth else 0)
+    assert len(tree_levels(max(p, 1), depth)) <= depth + 1
+
+
+@pytest.mark.parametrize("n,p", [(10, 3), (3, 8), (2001, 8), (1, 1)])
+def test_ring_chunks_and_schedule(n, p):
+    b = co.chunk_bounds(n, p)
+    assert b == [0] + np.cumsum([len(c) for c in np.array_split(np.arange(n), p)]).tolist()
+    for i in range(p):
+        sent = {co.ring_send_chunk(i, s, p) for s in range(p - 1)}
+        assert co.ring_final_chunk(i, p) not in sent and len(sent) == p - 1
+    # chunk c is added along c, c+1, ..., c-1: every task once
+    for c in range(p):
+        holders = [(c + s) % p for s in range(p)]
+        assert sorted(holders) == list(range(p))
+        assert co.ring_final_chunk(holders[-1], p) == c
+
+
+def test_theta_messages_full_and_delta_with_error_feedback():
+    rng = np.random.default_rng(0)
+    theta = rng.normal(size=50)
+    data, held = co.pack_theta(theta, None, codecs.parse("fp16"))
+    assert data[0] == co.THETA_FULL and np.array_equal(held, theta)
+    assert np.array_equal(co.apply_theta(data, None, codecs.NONE, 50), theta)
+    topk = codecs.parse("topk:0.1")
+    held = np.zeros(50)
+    task_held = held.copy()
+    for _ in range(40):                 # the same theta again and again: what top-k left
+        data, held = co.pack_theta(theta, held, topk)   # out goes next (driver's EF)
+        task_held = co.apply_theta(data, task_held, topk, 50)
+        assert np.array_equal(task_held, held)
+        assert len(data) == 1 + topk.nbytes(50)
+    np.testing.assert_allclose(held, theta, rtol=0, atol=1e-6 * np.abs(theta).max())
+    with pytest.raises(codecs.CodecError, match="holds nothing"):
+        co.apply_theta(data, None, topk, 50)
+    with pytest.raises(codecs.CodecError):
+        co.apply_theta(b"\x00" + bytes(7), None, codecs.NONE, 50)
+
+
+def test_pass_bytes_by_topology():
+    n, p, none = 2000, 8, codecs.NONE
+    star = co.pass_bytes("star", p, n, none)
+    tree = co.pass_bytes("tree", p, n, none)
+    ring = co.pass_bytes("ring", p, n, none)
+    assert star == {"driver_out": p * (1 + 8 * n), "driver_in": p * (16 + 8 * n), "peers": 0}
+    assert tree == {"driver_out": 1 + 8 * n, "driver_in": 16 + 8 * n,
+                    "peers": (p - 1) * (1 + 8 * n + 16 + 8 * n)}
+    assert ring == {"driver_out": p + 8 * n, "driver_in": 16 + 8 * n,
+                    "peers": (p - 1) * (p + 8 * n + 16 + 8 * n)}
+    for topo in ("tree", "ring"):                      # the issue's bound: <= 1/3 of star's
+        t = co.pass_bytes(topo, p, n, none)
+        assert t["driver_out"] + t["driver_in"] <= (star["driver_out"] + star["driver_in"]) / 3
+    total = {c: sum(co.pass_bytes("tree", p, n, codecs.parse(c)).values())
+             for c in ("none", "fp16", "topk:0.01")}
+    assert total["fp16"] <= 0.55 * total["none"]
+    assert total["topk:0.01"] <= 0.05 * total["none"]
+
+
+# ------------------------------------------------------------------ tasks in threads
+
+D = 40
+
+
+def blocks_for(p, rows=30, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(p):
+        X = rng.normal(size=(rows + i, D))
+        y = (rng.random(rows + i) < 0.5).astype(float)
+        w = rng.uniform(0.5, 2.0, size=rows + i)
+        out.append([(X, y, w)])
+    return out
+
+
+class Tasks:
+    """P serving loops in threads around one hub (non-strict, like the file store)."""
+
+    def __init__(self, p, topology, codec="none", theta_codec=None, depth=2, strict=False,
+                 deadline=5.0, seed=0, patch=None):
+        self.p, self.errors = p, []
+        self.blocks = blocks_for(p, seed=seed)
+        self.hub = Hub(p, 0, "127.0.0.1", self._ended, lambda: p, 5.0, strict=strict,
+                       deadline=deadline)
+        self.threads = []
+        for i in range(p):
+            t = threading.Thread(target=self._serve, args=(i,), daemon=True)
+            t.start()
+            self.threads.append(t)
+        self.hub.wait_for_tasks()
+        self.layout = kernels.Layout(D, 1, True)
+        self.codec = codecs.parse(codec)
+        self.theta_codec = codecs.parse(theta_codec or "none")
+        self.hub.set_topology(topology, depth)
+        self.hub.expect(2 + self.layout.size, self.codec, self.theta_codec)
+        self.hub.configure({"loss": "logistic", "params": {}, "layout": [D, 1, True],
+                            "compression": str(self.codec),
+                            "theta_compression": str(self.theta_codec)})
+
+    def _ended(self):
+        if self.errors:
+            raise RuntimeError(f"a task failed: {self.errors[0]!r}")
+
+    def _serve(self, i):
+        try:
+            chan = wire.connect(("127.0.0.1", self.hub.port), self.hub.secret, i, 0)
+            with chan.sock:
+                task.serve(chan, self.blocks[i], i, 1, self.hub.secret)
+        except BaseException as e:  # noqa: BLE001 - reported by the hub's wait
+            self.errors.append(e)
+
+    def total(self, theta):
+        return co_sum(self.hub.evaluate(theta))
+
+    def reference(self, theta):
+        every = [b for bl in self.blocks for b in bl]
+        return kernels.partition_sums(every, theta, kernels.make_loss("logistic"),
+                                      self.layout)
+
+    def close(self):
+        self.hub.close()
+        for t in self.threads:
+            t.join(5)
+        assert not self.errors, self.errors
+
+
+def co_sum(parts):
+    total = np.array(parts[0], dtype=float)
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+@pytest.mark.parametrize("topology", ["star", "tree", "ring"])
+@pytest.mark.parametrize("p", [1, 2, 3, 8])
+def test_every_topology_sums_like_numpy_with_exact_bytes(topology, p):
+    tasks = Tasks(p, topology)
+    theta = np.random.default_rng(1).normal(size=D + 1) * 0.1
+    try:
+        first = tasks.total(theta)
+        bytes_ = tasks.hub.last_bytes
+        again = tasks.total(theta)
+    finally:
+        tasks.close()
+    want = tasks.reference(theta)
+    np.testing.assert_allclose(first, want, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(first, again)                # a fixed order: bit for bit
+    assert bytes_ == co.pass_bytes(topology, p, D + 1)
+    assert tasks.hub.peer_failures == 0
+
+
+@pytest.mark.parametrize("codec", ["fp16", "topk:0.1", "qsgd:8"])
+@pytest.mark.parametrize("topology", ["star", "tree", "ring"])
+def test_compressed_links_count_what_crosses_them(topology, codec):
+    """Every hop decodes, adds in float64 and encodes again; theta goes down as the
+    encoded difference from what the tasks hold (in full the first time)."""
+    p = 5
+    tasks = Tasks(p, topology, codec, theta_codec=codec)
+    rng = np.random.default_rng(2)
+    c = codecs.parse(codec)
+    try:
+        theta = rng.normal(size=D + 1) * 0.1
+        got = tasks.total(theta)
+        assert tasks.hub.last_bytes == co.pass_bytes(topology, p, D + 1, c, delta=False)
+        theta2 = theta + rng.normal(size=D + 1) * 1e-3
+        tasks.total(theta2)
+        assert tasks.hub.last_bytes == co.pass_bytes(topology, p, D + 1, c, delta=True)
+    finally:
+        tasks.close()
+    want = tasks.reference(theta)
+    assert got[0] == pytest.approx(want[0], rel=1e-12)     # the loss sum is never encoded
+    assert got[1] == pytest.approx(want[1], rel=1e-12)
+    scale = np.abs(want[2:]).max()
+    err = np.abs(got[2:] - want[2:]).max() / scale
+    bound = {"fp16": 1e-2, "qsgd:8": 0.2, "topk:0.1": 1.0}[codec]
+    assert err <= bound, err
+
+
+def test_ring_and_tree_cut_the_drivers_bytes_to_a_third_of_stars_at_eight_tasks():
+    driver = {}
+    theta = np.zeros(D + 1)
+    for topology in ("star", "tree", "ring"):
+        tasks = Tasks(8, topology)
+        try:
+            tasks.total(theta)
+        finally:
+            tasks.close()
+        b = tasks.hub.last_bytes
+        driver[topology] = b["driver_out"] + b["driver_in"]
+    assert driver["tree"] <= driver["star"] / 3 and driver["ring"] <= driver["star"] / 3
+
+
+def test_a_broken_link_redoes_the_pass_and_persistent_failure_falls_back_to_star(
+        monkeypatch):
+    """Task 2 fails to link once: the hub hands out a new epoch and the pass is redone
+    (same total). When links keep failing, the tasks send to the driver directly."""
+    real = peers.Links.ensure
+    failures = {"left": 1}
+
+    def flaky(self):
+        if self.index == 2 and failures["left"] > 0:
+            failures["left"] -= 1
+            raise peers.PeerError("task 2: injected link failure")
+        return real(self)
+
+    monkeypatch.setattr(peers.Links, "ensure", flaky)
+    tasks = Tasks(4, "tree")
+    theta = np.linspace(-0.5, 0.5, D + 1)
+    try:
+        got = tasks.total(theta)
+        assert tasks.hub.peer_failures == 1 and tasks.hub.topology == "tree"
+        failures["left"] = 10**6
+        again = tasks.total(theta)
+        assert tasks.hub.topology == "star" and tasks.hub.fell_back
+        assert tasks.hub.peer_failures == 1 + 3
+    finally:
+        tasks.close()
+    want = tasks.reference(theta)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(again, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_stranger_on_a_tasks_listener_is_dropped():
+    """A connection to a task's peer port that does not hold the fit's secret gets no
+    link; the pass completes as if it had not come."""
+    tasks = Tasks(3, "ring")
+    theta = np.full(D + 1, 0.01)
+    try:
+        tasks.total(theta)                       # links made; now make them anew
+        tasks.hub._redo()
+        host, port = tasks.hub.addresses[1]
+        s = socket.create_connection((host, port))
+        head = peers._PEER_HELLO.pack(peers.PEER_MAGIC, 0, tasks.hub.epoch + 1, bytes(16))
+        s.sendall(head + bytes(32))              # the right epoch, a wrong tag
+        got = tasks.total(theta)
+        s.settimeout(5)
+        assert s.recv(10) == b""                 # closed by the task
+        s.close()
+    finally:
+        tasks.close()
+    np.testing.assert_allclose(got, tasks.reference(theta), rtol=1e-12, atol=1e-12)
+
+
+def test_a_task_lost_mid_pass_on_a_tree_waits_for_its_next_attempt():
+    """Not strict (the file store): the lost task's next attempt connects, the others
+    drop their links to the old one, and the pass is redone over the new epoch."""
+    tasks = Tasks(4, "tree")
+    theta = np.full(D + 1, -0.02)
+    try:
+        tasks.total(theta)
+        victim = tasks.hub._tasks[3]
+        victim.sock.shutdown(socket.SHUT_RDWR)          # the hub loses task 3 ...
+        replacement = threading.Thread(target=tasks._serve, args=(3,), daemon=True)
+
+        def later():
+            time.sleep(0.3)
+            replacement.start()                         # ... and its retry connects
+        threading.Thread(target=later, daemon=True).start()
+        got = tasks.total(theta)
+        tasks.threads.append(replacement)
+    finally:
+        tasks.close()
+    np.testing.assert_allclose(got, tasks.reference(theta), rtol=1e-12, atol=1e-12)
