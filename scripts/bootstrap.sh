@@ -122,8 +122,8 @@ _sparkgd_setup_venv() {
 
     rm -f "$_SPARKGD_STAMP"
     if ! {
-            echo "== $(date) pip install -e $ROOT[test]"
-            PIP_DISABLE_PIP_VERSION_CHECK=1 "$_SPARKGD_VPY" -m pip install -e "$ROOT[test]"
+            echo "== $(date) pip install -e $ROOT[test,plot]"
+            PIP_DISABLE_PIP_VERSION_CHECK=1 "$_SPARKGD_VPY" -m pip install -e "$ROOT[test,plot]"
         } >"$log" 2>&1; then
         echo "sparkgd: error: installing sparkgd into .venv failed; last lines of $log:" >&2
         tail -n 25 "$log" >&2 || true
