@@ -177,6 +177,15 @@ def main(argv=None):
                    help="--sparse: standard deviation of the non-zero values")
     p.add_argument("--sparkgd-iter", type=int, default=100, help="--sparse: sparkgd maxIter")
     p.add_argument("--spark-ml-iter", type=int, default=100, help="--sparse: Spark ML maxIter")
+    p.add_argument("--comm", action="store_true",
+                   help="time and bytes of one pass by topology and codec at 2, 4, 8, 16 "
+                        "tasks, against the cost model (see jobs/bench_comm.py; run with "
+                        "--master 'local[16]')")
+    p.add_argument("--comm-tasks", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[2, 4, 8, 16], help="--comm: task counts")
+    p.add_argument("--passes", type=int, default=30, help="--comm: timed passes each")
+    p.add_argument("--calibrate-seconds", type=float, default=3.0,
+                   help="--comm: time to measure the cost model's prices")
     p.add_argument("--json", default=None)
     p.add_argument("--memory-only", action="store_true",
                    help="only build sparkgd's blocks from the Parquet files and run passes, "
@@ -200,6 +209,19 @@ def main(argv=None):
 
     spark = SparkSession.builder.appName("sparkgd-benchmark").getOrCreate()
     sc = spark.sparkContext
+    if args.comm:
+        import bench_comm
+
+        if args.workdir:
+            os.makedirs(args.workdir, exist_ok=True)
+        args.tmp = tempfile.mkdtemp(prefix="sparkgd-bench-", dir=args.workdir)
+        try:
+            bench_comm.run(spark, args)
+        finally:
+            import shutil
+
+            shutil.rmtree(args.tmp, ignore_errors=True)
+        return 0
     if args.sparse:
         import bench_sparse
 

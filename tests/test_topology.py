@@ -292,3 +292,70 @@ def test_a_task_lost_mid_pass_on_a_tree_waits_for_its_next_attempt():
     finally:
         tasks.close()
     np.testing.assert_allclose(got, tasks.reference(theta), rtol=1e-12, atol=1e-12)
+
+
+def test_a_redone_pass_leaves_top_k_residuals_as_they_were(monkeypatch):
+    """Task 1 encodes and sends its sums (taking them out of its residual) in a pass the
+    hub then redoes: the residual is put back, so every later total is bit for bit an
+    undisturbed run's."""
+    thetas = [np.full(D + 1, 0.01 * k) for k in range(1, 5)]
+
+    def run(fail_at):
+        real = peers.Links.send
+        calls = {"n": 0}
+
+        def flaky(self, chan, op, payload, pass_no):
+            if self.index == 2 and op == wire.OP_REPLY and self.epoch == fail_at:
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    time.sleep(0.3)            # task 1 has sent its sums by now
+                    raise peers.PeerError("task 2: injected")
+            return real(self, chan, op, payload, pass_no)
+
+        monkeypatch.setattr(peers.Links, "send", flaky)
+        tasks = Tasks(3, "tree", "topk:0.3")
+        out = []
+        try:
+            for k, theta in enumerate(thetas):
+                if k == 2:
+                    tasks.hub._redo()          # a new epoch at the third pass
+                out.append(tasks.total(theta))
+            failures = tasks.hub.peer_failures
+        finally:
+            tasks.close()
+        return out, failures
+
+    calm, none = run(fail_at=-5)
+    hit, once = run(fail_at=2)
+    assert none == 0 and once == 1
+    for a, b in zip(calm, hit):
+        assert np.array_equal(a, b)
+
+
+def test_a_stranger_trickling_into_a_tasks_port_costs_at_most_its_hello_time(monkeypatch):
+    monkeypatch.setattr(peers, "HELLO_SECONDS", 0.5)
+    tasks = Tasks(2, "tree")
+    theta = np.full(D + 1, 0.02)
+    stop = threading.Event()
+    try:
+        tasks.total(theta)
+        tasks.hub._redo()                        # links are made again at the next pass
+        host, port = tasks.hub.addresses[0]      # task 0 accepts task 1
+        s = socket.create_connection((host, port))
+
+        def trickle():
+            while not stop.is_set():
+                try:
+                    s.send(b"S")
+                except OSError:
+                    return
+                stop.wait(0.1)
+
+        threading.Thread(target=trickle, daemon=True).start()
+        t = time.monotonic()
+        got = tasks.total(theta)
+        assert time.monotonic() - t < 0.5 + 2.0
+    finally:
+        stop.set()
+        tasks.close()
+    np.testing.assert_allclose(got, tasks.reference(theta), rtol=1e-12, atol=1e-12)

@@ -194,6 +194,8 @@ class Hub:
         self._held = None             # the theta every task in _holders holds
         self._holders = set()
         self._candidate = None        # the theta the pass in progress computes at
+        self._sent_to = set()         # tasks the pass in progress was sent to
+        self._counted = 0             # the last pass whose sums were used
         self._messages = None
         self._listener = wire.listen(bind, ports)
         self.port = self._listener.getsockname()[1]
@@ -283,7 +285,9 @@ class Hub:
             self._wait(lambda: not self._started or bool(self._awaiting))
         finally:
             self._request = None
-        self._held, self._holders = self._candidate, set(range(self.num_tasks))
+        # a task that reconnected after this pass was sent to it holds nothing
+        self._held, self._holders = self._candidate, set(self._sent_to)
+        self._counted = self.pass_no
         self._failures_in_row = 0
         self.last_bytes = {"driver_out": self.bytes_out - before[0],
                            "driver_in": self.bytes_in - before[1],
@@ -321,6 +325,7 @@ class Hub:
         self._replies = {}
         self._awaiting = set(range(self.num_tasks))
         self._messages = self._theta_messages(theta)
+        self._sent_to = set()
         self._started = True
         for peer in list(self._tasks.values()):
             self._send_request(peer)
@@ -330,7 +335,7 @@ class Hub:
         to all at the next pass."""
         self.epoch += 1
         self._holders = set()
-        config = {"topology": self.topology, "epoch": self.epoch,
+        config = {"topology": self.topology, "epoch": self.epoch, "counted": self._counted,
                   "num_tasks": self.num_tasks,
                   "fan_in": co.fan_in(self.num_tasks, self.depth),
                   "addresses": [self.addresses.get(i) for i in range(self.num_tasks)]
@@ -381,6 +386,7 @@ class Hub:
         peer.frame(wire.OP_SUMS, payload, pass_no=self.pass_no, iteration=iteration,
                    seed=seed, fraction=fraction)
         self.bytes_out += len(payload)
+        self._sent_to.add(i)
         peer.progress = time.monotonic()      # the deadline runs from the request
         self._push(peer)
 
@@ -539,6 +545,7 @@ class Hub:
         self.facts[i], self.floats[i] = facts, floats
         self._tasks[i] = peer
         self._holders.discard(i)
+        self._sent_to.discard(i)
         self.addresses.pop(i, None)       # it says where it listens next
         peer.frame(wire.OP_ACCEPT, fraction=self.deadline / 4)   # the heartbeat interval
         if self._config is not None:
@@ -584,6 +591,7 @@ class Hub:
                 raise wire.ProtocolError(f"task {i}: {frame.iteration} bytes to other tasks")
             if frame.pass_no in self._abandoned:    # an answer to a pass since redone
                 self.stale += 1
+                self.bytes_in += len(frame.payload)
                 self.peer_bytes += frame.iteration
                 return True
         awaited = frame.pass_no == self.pass_no and self._started and i in self._awaiting
@@ -674,6 +682,7 @@ class Hub:
         if stalled and not self.strict and self._listener is not None:
             raise WorkersUnavailable(f"serving task {peer.index} {why}")
         self._holders.discard(peer.index)
+        self._sent_to.discard(peer.index)
         if self.topology != "star":     # the others' links to it are gone: redo the pass
             self._redo()
         self._lost(peer.index)

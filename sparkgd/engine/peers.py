@@ -35,6 +35,9 @@ import time
 from . import collective, wire
 
 PEER_MAGIC = b"SGDP"
+#: Seconds a connection to a task's listener has to deliver its hello (a task sends it
+#: as soon as it connects).
+HELLO_SECONDS = 5.0
 _PEER_HELLO = struct.Struct("<4siQ16s")       # magic, index, epoch, nonce
 CONNECTOR, ACCEPTOR = b"C", b"A"              # the directions a peer frame's MAC covers
 
@@ -55,6 +58,23 @@ def _link_key(secret, head, nonce):
     return wire.tag(secret, b"sparkgd-peer-key", head, nonce)
 
 
+def _recv_by(sock, n, deadline):
+    """Exactly ``n`` bytes by ``deadline`` (however slowly they trickle in), else
+    socket.timeout; EOFError if the peer closes first."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout(f"{got} of {n} bytes of a hello in time")
+        sock.settimeout(left)
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise EOFError(f"connection closed after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
 def open_listener(host):
     """A blocking listener on ``host`` (the address this task reaches the driver
     from), any free port; None when that cannot be done (the hub then keeps to star)."""
@@ -67,9 +87,11 @@ def open_listener(host):
 
 
 class _Sender(threading.Thread):
-    """Sends on one link in order, off the main thread: in a ring every task sends to
-    the next before it reads from the previous, which would deadlock once a message
-    outgrows the sockets' buffers."""
+    """Sends on a task's outgoing link in order, off the main thread: in a ring every
+    task sends to the next before it reads from the previous, which would deadlock once
+    a message outgrows the sockets' buffers; in a tree a parent reads its children only
+    after its own pass. The link is patient (a slow reader is not a dead one: a dead
+    link shows on the reading side, or when the hub hands out a new epoch)."""
 
     def __init__(self, chan):
         super().__init__(name="sparkgd-peer-send", daemon=True)
@@ -132,6 +154,8 @@ class Links:
     def set_peers(self, config):
         self.close()
         self.topology = config["topology"]
+        if self.topology == "star":
+            self.close(parked=True)
         self.epoch = int(config.get("epoch", -1))
         self.num_tasks = int(config.get("num_tasks", 1))
         self.fan_in = int(config.get("fan_in", 2))
@@ -156,8 +180,8 @@ class Links:
             return
         self.close()
         deadline = time.monotonic() + self.timeout
+        pending = None
         try:
-            pending = None
             if target is not None:
                 pending = self._connect(target)
             for j in sources:
@@ -174,12 +198,15 @@ class Links:
                 self._accept(deadline)
             if pending is not None:
                 self.up = self._finish(*pending)
-                if self.topology == "ring":
-                    self.sender = _Sender(self.up)
+                pending = None
+                self.sender = _Sender(self.up)
         except (OSError, EOFError, wire.ProtocolError) as e:
             self.close()
             raise PeerError(f"task {self.index}: cannot link to the other tasks "
                             f"(epoch {self.epoch}): {e}") from None
+        finally:
+            if pending is not None:
+                pending[0].close()
 
     def _connect(self, j):
         host, port = self.addresses[j]
@@ -193,9 +220,9 @@ class Links:
         reply = wire.recv_exact(sock, wire.NONCE + wire.TAG)
         nonce, got = bytes(reply[:wire.NONCE]), bytes(reply[wire.NONCE:])
         if not hmac.compare_digest(got, _reply_tag(self.secret, head, nonce)):
-            sock.close()
             raise wire.ProtocolError("a peer reply with a wrong tag")
-        return wire.Channel(sock, _link_key(self.secret, head, nonce), CONNECTOR, ACCEPTOR)
+        return wire.Channel(sock, _link_key(self.secret, head, nonce), CONNECTOR, ACCEPTOR,
+                            patient=True)
 
     def _accept(self, deadline):
         left = deadline - time.monotonic()
@@ -206,9 +233,9 @@ class Links:
         self.listener.settimeout(left)
         sock, _ = self.listener.accept()
         try:
-            sock.settimeout(min(left, self.timeout))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            data = bytes(wire.recv_exact(sock, _PEER_HELLO.size + wire.TAG))
+            data = _recv_by(sock, _PEER_HELLO.size + wire.TAG,
+                            time.monotonic() + min(left, HELLO_SECONDS))
             head, got = data[:_PEER_HELLO.size], data[_PEER_HELLO.size:]
             magic, j, epoch, _ = _PEER_HELLO.unpack(head)
             if magic != PEER_MAGIC or not hmac.compare_digest(got, _hello_tag(self.secret,
@@ -238,6 +265,7 @@ class Links:
     # ------------------------------------------------------------------ messages
 
     def send(self, chan, op, payload, pass_no):
+        """Send on a link: the outgoing one through its sender thread (in order)."""
         try:
             if self.sender is not None and chan is self.up:
                 self.sender.send(op, payload, pass_no=pass_no)
@@ -271,7 +299,7 @@ class Links:
         """A heartbeat up the outgoing link (from the heartbeat thread)."""
         up = self.up
         if up is not None:
-            up.send(wire.OP_ALIVE)
+            up.try_send(wire.OP_ALIVE)
 
     def close(self, parked=False):
         """Close this epoch's links (``parked``: the hellos kept for later ones too)."""

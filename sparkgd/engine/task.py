@@ -65,6 +65,9 @@ class _State:
         self.codec = self.theta_codec = codecs.NONE
         self.held = None          # the theta this task holds (differences apply to it)
         self.residual = None      # error feedback: what it has not sent yet
+        self.snapshot = None      # (pass, the residual before it): a pass the hub redid
+        #                           never counted, so what it took from the residual
+        #                           goes back (OP_PEERS says which passes counted)
 
     def configure(self, config):
         self.loss = kernels.make_loss(config["loss"], **config["params"])
@@ -72,7 +75,19 @@ class _State:
         self.codec = codecs.parse(config.get("compression", "none"))
         self.theta_codec = codecs.parse(config.get("theta_compression", "none"))
         self.held = None
-        self.residual = None      # error feedback starts afresh with a new objective
+        self.residual = self.snapshot = None   # error feedback starts afresh
+
+    def begin(self, pass_no):
+        if self.residual is not None:
+            self.snapshot = (pass_no, self.residual.copy())
+
+    def peers(self, config):
+        """A new epoch: a pass after the last one the hub counted was redone."""
+        counted = config.get("counted")
+        if self.snapshot is not None and counted is not None and \
+                self.snapshot[0] > counted:
+            self.residual = self.snapshot[1]
+        self.snapshot = None
 
     def residual_for(self, n):
         if self.codec.error_feedback and (self.residual is None or self.residual.size != n):
@@ -120,11 +135,14 @@ def serve(chan, blocks, index, threads, secret):
                                         co.sums_bytes(codecs.NONE, n))
                 continue
             if frame.op == wire.OP_PEERS:
-                links.set_peers(json.loads(bytes(frame.payload)))
+                config = json.loads(bytes(frame.payload))
+                state.peers(config)
+                links.set_peers(config)
                 continue
             if frame.op != wire.OP_SUMS or state.loss is None:
                 raise wire.ProtocolError(f"op {frame.op} where a request was due")
             links.sent = 0
+            state.begin(frame.pass_no)
             beat.busy.set()
             try:
                 PASSES[links.topology](state, chan, links, frame, compute)

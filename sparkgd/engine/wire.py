@@ -157,13 +157,19 @@ def frame_parts(mac, direction, seq, op, payload=b"", pass_no=0, iteration=0, se
     return [head, body, mac(direction, head, body)]
 
 
-def send_parts(sock, parts):
+def send_parts(sock, parts, patient=None):
     """Send buffers in order with as few system calls (and TCP segments) as the socket
     allows: one ``sendmsg`` for a small frame, not one send per piece. Blocking; on a
-    non-blocking socket use :func:`send_some`."""
+    non-blocking socket use :func:`send_some`. ``patient``: on a socket timeout, keep
+    waiting while ``patient()`` is true (a slow reader is not a dead one)."""
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     while views:
-        sent = sock.sendmsg(views[:IOV_MAX])
+        try:
+            sent = sock.sendmsg(views[:IOV_MAX])
+        except socket.timeout:      # nothing was sent by this call
+            if patient is not None and patient():
+                continue
+            raise
         views = _consume(views, sent)
 
 
@@ -259,18 +265,32 @@ class Channel:
     """A task's end of an authenticated connection (blocking): to the hub, or to
     another task (:mod:`.peers`, with directions of its own)."""
 
-    def __init__(self, sock, key, send_dir=TO_HUB, recv_dir=TO_TASK):
+    def __init__(self, sock, key, send_dir=TO_HUB, recv_dir=TO_TASK, patient=False):
         self.sock, self.mac = sock, Mac(key)
         self.send_dir, self.recv_dir = send_dir, recv_dir
         self.send_seq = self.recv_seq = 0
         self.heartbeat = 0.0
+        self.open = True
+        self._patient = (lambda: self.open) if patient else None
         self._lock = threading.Lock()
 
     def send(self, op, payload=b"", **fields):
         with self._lock:
-            parts = frame_parts(self.mac, self.send_dir, self.send_seq, op, payload, **fields)
-            self.send_seq += 1
-            send_parts(self.sock, parts)
+            self._send(op, payload, fields)
+
+    def try_send(self, op):
+        """Send a payload-less frame unless another send holds the channel (a
+        heartbeat must not wait behind a message a slow reader has not taken yet)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._send(op, b"", {})
+            finally:
+                self._lock.release()
+
+    def _send(self, op, payload, fields):
+        parts = frame_parts(self.mac, self.send_dir, self.send_seq, op, payload, **fields)
+        self.send_seq += 1
+        send_parts(self.sock, parts, self._patient)
 
     def recv(self, max_payload=MAX_PAYLOAD):
         """The next frame; ProtocolError before allocating more than ``max_payload``."""
@@ -283,6 +303,7 @@ class Channel:
         return frame
 
     def close(self):
+        self.open = False
         self.sock.close()
 
 
