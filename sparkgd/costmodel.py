@@ -107,9 +107,7 @@ def _critical_path(topology, p, n, codec, depth, delta):
         f = collective.fan_in(p, depth)
         h = collective.tree_height(p, f)
         hop = collective.theta_bytes(codec, n, delta) + collective.sums_bytes(codec, n)
-        # + the driver's header-only frames to and from the other P - 1 tasks (the pass's
-        # start, and each task's acknowledgement with the bytes it sent)
-        return {"messages": 2 * (1 + h * f) + 2 * (p - 1), "bytes": driver + h * f * hop,
+        return {"messages": 2 * (1 + h * f), "bytes": driver + h * f * hop,
                 "adds": h * f * n, "encoded": coded + (h + 1) * n,
                 "decoded": coded + (h * f + 1) * n, "pass_bytes": pb,
                 "fan_in": f, "height": h}
@@ -139,16 +137,14 @@ def critical_path(topology, P, n, codec=codecs.NONE, depth=2, delta=None):
           messages = 2P        bytes = driver = P (T + S)        adds = P n
           encoded = c + n      decoded = c + P n
 
-    * tree -- ``f = fan_in(P, depth)``, ``h = tree_height(P, f)``; one vector each way
-      with the driver, and a header-only frame to and from each other task (the pass's
-      start; the acknowledgement that carries the bytes it sent); theta goes down ``h``
-      levels, a parent sending its ``f`` children one after another; the sums come up
-      ``h`` levels, a parent receiving ``f`` messages one after another, decoding and
-      adding ``f`` vectors and encoding one (full levels: an upper bound for a last
-      level only partly filled)::
+    * tree -- ``f = fan_in(P, depth)``, ``h = tree_height(P, f)``; one message each way
+      with the driver (task 0; the others hear of a pass from their parent); theta goes
+      down ``h`` levels, a parent sending its ``f`` children one after another; the
+      sums come up ``h`` levels, a parent receiving ``f`` messages one after another,
+      decoding and adding ``f`` vectors and encoding one (full levels: an upper bound
+      for a last level only partly filled)::
 
-          messages = 2 (1 + h f) + 2 (P - 1)
-          bytes = driver + h f (T + S) = (1 + h f)(T + S)
+          messages = 2 (1 + h f)   bytes = driver + h f (T + S) = (1 + h f)(T + S)
           adds = h f n             encoded = c + (h + 1) n    decoded = c + (h f + 1) n
 
     * ring -- ``m`` = the longest chunk (chunk 0 of ``chunk_bounds``, which also carries

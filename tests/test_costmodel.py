@@ -62,7 +62,7 @@ def test_message_counts_and_the_breakdown_are_the_formulas():
         f = collective.fan_in(P, 2)
         h = collective.tree_height(P, f)
         assert cm.critical_path("star", P, n)["messages"] == 2 * P
-        assert cm.critical_path("tree", P, n)["messages"] == 2 * (1 + h * f) + 2 * (P - 1)
+        assert cm.critical_path("tree", P, n)["messages"] == 2 * (1 + h * f)
         assert cm.critical_path("ring", P, n)["messages"] == 2 * P + 2 * (P - 1)
         for t in cm.TOPOLOGIES:
             for c in CODECS:
@@ -133,18 +133,19 @@ def test_winners_at_the_extremes():
     assert big["best"][0] == "ring"
     assert big["times"][("star", "none")] > 1000 * big["seconds"]
     # P = 8, d = 1e3, 50 us: latency rules. The ring needs 2P + 2(P - 1) = 30 messages
-    # (1.5 ms), the tree (f = 3, h = 2) 2 (1 + 6) + 2 (P - 1) = 28 (the driver still
-    # sends every task the pass's start and reads its acknowledgement), the star 16; the
-    # star's bytes (8 (T + S) = 128 kB: 0.1 ms) cannot make up 12 alpha (0.6 ms).
+    # (1.5 ms) where the star needs 16 and the tree (f = 3, h = 2) 2 (1 + 6) = 14; the
+    # star's bytes (8 (T + S) = 128 kB: 0.1 ms) cannot make up the 14 alpha (0.7 ms).
     small = grid[(8, 10**3)]
-    assert small["best"][0] == "star"
+    assert small["best"][0] in ("star", "tree")
     assert all(small["times"][("ring", c)] > small["seconds"] + 13 * CLUSTER.alpha
                for c in cm.DEFAULT_CODECS)
+    # with codec none the tree needs fewer of everything than the star (14 < 16
+    # messages, 7 < 8 messages' bytes, 6n < 8n adds): it wins for any prices
     exact = cm.winners([8], [10**3], ["none"], CLUSTER)[(8, 10**3)]
-    assert exact["best"] == ("star", "none")
-    tree, star = cm.critical_path("tree", 8, 10**3), cm.critical_path("star", 8, 10**3)
-    assert tree["messages"] == 28 > star["messages"] == 16
-    assert tree["bytes"] < star["bytes"] and tree["adds"] < star["adds"]
+    assert exact["best"] == ("tree", "none")
+    for k, v in cm.critical_path("tree", 8, 10**3).items():
+        if k in ("messages", "bytes", "adds"):
+            assert v < cm.critical_path("star", 8, 10**3)[k]
 
 
 def test_codec_prices():

@@ -138,7 +138,10 @@ class Tasks:
             with chan.sock:
                 task.serve(chan, self.blocks[i], i, 1, self.hub.secret)
         except BaseException as e:  # noqa: BLE001 - reported by the hub's wait
+            import traceback
+
             self.errors.append(e)
+            self.tracebacks = getattr(self, "tracebacks", []) + [traceback.format_exc()]
 
     def total(self, theta):
         return co_sum(self.hub.evaluate(theta))
@@ -152,7 +155,7 @@ class Tasks:
         self.hub.close()
         for t in self.threads:
             t.join(5)
-        assert not self.errors, self.errors
+        assert not self.errors, getattr(self, "tracebacks", self.errors)
 
 
 def co_sum(parts):
@@ -170,9 +173,14 @@ def test_every_topology_sums_like_numpy_with_exact_bytes(topology, p):
     try:
         first = tasks.total(theta)
         bytes_ = tasks.hub.last_bytes
+        frames = {i: (p.send_seq, p.recv_seq) for i, p in tasks.hub._tasks.items()}
         again = tasks.total(theta)
+        moved = {i for i, p in tasks.hub._tasks.items()
+                 if (p.send_seq, p.recv_seq) != frames[i]}
     finally:
         tasks.close()
+    # the driver talks to every task (star, ring) or to task 0 alone (tree)
+    assert moved == ({0} if topology == "tree" else set(range(p)))
     want = tasks.reference(theta)
     np.testing.assert_allclose(first, want, rtol=1e-12, atol=1e-12)
     assert np.array_equal(first, again)                # a fixed order: bit for bit
@@ -304,13 +312,13 @@ def test_a_redone_pass_leaves_top_k_residuals_as_they_were(monkeypatch):
         real = peers.Links.send
         calls = {"n": 0}
 
-        def flaky(self, chan, op, payload, pass_no):
+        def flaky(self, chan, op, payload, pass_no, **fields):
             if self.index == 2 and op == wire.OP_REPLY and self.epoch == fail_at:
                 calls["n"] += 1
                 if calls["n"] == 1:
                     time.sleep(0.3)            # task 1 has sent its sums by now
                     raise peers.PeerError("task 2: injected")
-            return real(self, chan, op, payload, pass_no)
+            return real(self, chan, op, payload, pass_no, **fields)
 
         monkeypatch.setattr(peers.Links, "send", flaky)
         tasks = Tasks(3, "tree", "topk:0.3")

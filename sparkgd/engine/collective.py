@@ -19,9 +19,10 @@ A pass sends theta (``n`` float64) to every task and brings back the sum over ta
 Every order of addition is fixed by ``P`` alone, so a pass is reproducible run to run;
 the topologies differ only in rounding (float64, ~1e-16 relative per addition).
 
-Every task also acknowledges each pass to the driver with a header-only frame (tree
-and ring tasks that have nothing else to send), which carries the bytes it sent to
-other tasks: that is how the driver knows the pass is complete and counts every link.
+In a tree the driver talks to task 0 alone: the others hear of a pass from their
+parent (theta's frame carries the pass's header), and each message of sums carries the
+bytes its subtree sent to other tasks, so task 0's reply tells the driver every link's
+count. In a ring every task answers the driver (its chunk) with the bytes it sent.
 
 **Compression.** A lossy codec (:mod:`sparkgd.codecs`) encodes every message of sums on
 every link: each hop decodes what it received, adds in float64, and encodes again --

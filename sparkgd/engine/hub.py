@@ -243,10 +243,8 @@ class Hub:
 
     def _reply_size(self, i):
         n = self.size - 2
-        if self.topology == "star" or (self.topology == "tree" and i == 0):
+        if self.topology in ("star", "tree"):     # a tree: task 0's, the only reply
             return co.sums_bytes(self.codec, n)
-        if self.topology == "tree":
-            return 0
         b = co.chunk_bounds(n, self.num_tasks)
         c = co.ring_final_chunk(i, self.num_tasks)
         return co.chunk_bytes(self.codec, b[c], b[c + 1])
@@ -285,8 +283,11 @@ class Hub:
             self._wait(lambda: not self._started or bool(self._awaiting))
         finally:
             self._request = None
-        # a task that reconnected after this pass was sent to it holds nothing
-        self._held, self._holders = self._candidate, set(self._sent_to)
+        # star: a task that reconnected after this pass was sent to it holds nothing;
+        # tree and ring: a pass completes only with every task holding its theta
+        self._held = self._candidate
+        self._holders = set(self._sent_to) if self.topology == "star" else \
+            set(range(self.num_tasks))
         self._counted = self.pass_no
         self._failures_in_row = 0
         self.last_bytes = {"driver_out": self.bytes_out - before[0],
@@ -323,7 +324,8 @@ class Hub:
             self._new_epoch()
         self.pass_no += 1
         self._replies = {}
-        self._awaiting = set(range(self.num_tasks))
+        # a tree's pass goes to task 0 alone and comes back from it, whole
+        self._awaiting = {0} if self.topology == "tree" else set(range(self.num_tasks))
         self._messages = self._theta_messages(theta)
         self._sent_to = set()
         self._started = True
@@ -376,6 +378,8 @@ class Hub:
         if not self._started:
             return
         i = peer.index
+        if i not in self._awaiting:
+            return
         _, sample = self._request
         m = self._messages
         if self.topology == "star":
@@ -589,16 +593,21 @@ class Hub:
         if frame.op in (wire.OP_REPLY, wire.OP_PEER_FAIL):
             if not 0 <= frame.iteration < wire.MAX_PAYLOAD * self.num_tasks:
                 raise wire.ProtocolError(f"task {i}: {frame.iteration} bytes to other tasks")
-            if frame.pass_no in self._abandoned:    # an answer to a pass since redone
-                self.stale += 1
-                self.bytes_in += len(frame.payload)
-                self.peer_bytes += frame.iteration
-                return True
-        awaited = frame.pass_no == self.pass_no and self._started and i in self._awaiting
-        if frame.op == wire.OP_PEER_FAIL and awaited and len(frame.payload) <= MAX_NOTE:
+        if frame.op == wire.OP_PEER_FAIL and len(frame.payload) <= MAX_NOTE:
+            # ``seed``: the epoch whose link failed (an older one's news is stale)
             self.peer_bytes += frame.iteration
-            self._peer_failed(i, bytes(frame.payload).decode("utf-8", "replace"))
+            if frame.seed == self.epoch and self.topology != "star" and \
+                    self._peers_current:          # (not already being replaced)
+                self._peer_failed(i, bytes(frame.payload).decode("utf-8", "replace"))
+            else:
+                self.stale += 1
             return True
+        if frame.op == wire.OP_REPLY and frame.pass_no in self._abandoned:
+            self.stale += 1                     # an answer to a pass since redone
+            self.bytes_in += len(frame.payload)
+            self.peer_bytes += frame.iteration
+            return True
+        awaited = frame.pass_no == self.pass_no and self._started and i in self._awaiting
         if frame.op != wire.OP_REPLY or not awaited or \
                 len(frame.payload) != self._reply_size(i):
             raise wire.ProtocolError(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hmac
 import os
 import queue
+import select
 import socket
 import struct
 import threading
@@ -131,8 +132,9 @@ class Links:
     """One task's links for the current epoch. ``set_peers`` (from OP_PEERS) forgets
     the old ones; :meth:`ensure` opens the new ones at the next pass."""
 
-    def __init__(self, secret, index, listener, heartbeat):
+    def __init__(self, secret, index, listener, heartbeat, hub_sock=None):
         self.secret, self.index, self.listener = secret, int(index), listener
+        self.hub_sock = hub_sock  # while waiting on a link: the hub speaking ends it
         self.timeout = 4 * heartbeat if heartbeat > 0 else 60.0
         self.topology, self.epoch, self.num_tasks = "star", -1, 1
         self.fan_in, self.addresses = 2, []
@@ -143,6 +145,7 @@ class Links:
         self.rejected = 0         # strangers and stale hellos dropped
         self.parked = []          # hellos for a later epoch: (epoch, index, socket, header)
         self.max_payload = wire.MAX_PAYLOAD
+        self.last_pass = 0        # the last pass that came down from a parent
 
     @property
     def address(self):
@@ -176,7 +179,8 @@ class Links:
     def ensure(self):
         """Open this epoch's links if they are not open yet (PeerError if not)."""
         target, sources = self.roles()
-        if (target is None or self.up is not None) and len(self.down) == len(sources):
+        if (target is None or self.up is not None) and len(self.down) == len(sources) \
+                and all(c is not None for c in self.down.values()):
             return
         self.close()
         deadline = time.monotonic() + self.timeout
@@ -200,6 +204,9 @@ class Links:
                 self.up = self._finish(*pending)
                 pending = None
                 self.sender = _Sender(self.up)
+        except PeerError:
+            self.close()
+            raise
         except (OSError, EOFError, wire.ProtocolError) as e:
             self.close()
             raise PeerError(f"task {self.index}: cannot link to the other tasks "
@@ -216,7 +223,35 @@ class Links:
         sock.sendall(head + _hello_tag(self.secret, head))
         return sock, head
 
+    def _wait(self, sock, deadline=None):
+        """Until ``sock`` is readable; PeerError as soon as the hub says anything but
+        a pass (a new epoch, a stop, or it closed: it has moved on, and what this task
+        waits for may never come), socket.timeout at ``deadline``."""
+        watch = [sock] if self.hub_sock is None else [sock, self.hub_sock]
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise socket.timeout(f"no word from another task in {self.timeout:g}s")
+            ready, _, _ = select.select(watch, [], [], left)
+            if sock in ready:
+                return
+            if self.hub_sock in ready:
+                if self._hub_moved_on():
+                    raise PeerError(f"task {self.index}: the driver moved on (epoch "
+                                    f"{self.epoch})")
+                watch = [sock]        # a pass waits its turn (this epoch's links first)
+
+    def _hub_moved_on(self):
+        try:
+            head = self.hub_sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        return not head or head[0] != wire.OP_SUMS
+
     def _finish(self, sock, head):
+        self._wait(sock, time.monotonic() + self.timeout)
         reply = wire.recv_exact(sock, wire.NONCE + wire.TAG)
         nonce, got = bytes(reply[:wire.NONCE]), bytes(reply[wire.NONCE:])
         if not hmac.compare_digest(got, _reply_tag(self.secret, head, nonce)):
@@ -230,6 +265,7 @@ class Links:
             missing = [j for j, c in self.down.items() if c is None]
             raise socket.timeout(f"tasks {missing} did not connect within "
                                  f"{self.timeout:g}s")
+        self._wait(self.listener, deadline)
         self.listener.settimeout(left)
         sock, _ = self.listener.accept()
         try:
@@ -264,25 +300,30 @@ class Links:
 
     # ------------------------------------------------------------------ messages
 
-    def send(self, chan, op, payload, pass_no):
+    def send(self, chan, op, payload, pass_no, **fields):
         """Send on a link: the outgoing one through its sender thread (in order)."""
         try:
             if self.sender is not None and chan is self.up:
-                self.sender.send(op, payload, pass_no=pass_no)
+                self.sender.send(op, payload, pass_no=pass_no, **fields)
             else:
-                chan.send(op, payload, pass_no=pass_no)
+                chan.send(op, payload, pass_no=pass_no, **fields)
         except OSError as e:
             raise PeerError(f"task {self.index}: sending to another task failed: {e}") \
                 from None
         self.sent += wire.as_bytes(payload).nbytes
 
     def recv(self, chan, op, pass_no):
-        """The next frame of ``op`` for ``pass_no`` on ``chan`` (heartbeats skipped)."""
+        """The next frame of ``op`` for ``pass_no`` on ``chan`` (heartbeats skipped;
+        ``pass_no`` None: a pass after the last one received)."""
         try:
             while True:
+                self._wait(chan.sock, time.monotonic() + self.timeout)
                 frame = chan.recv(self.max_payload)
                 if frame.op == wire.OP_ALIVE:
                     continue
+                if pass_no is None and frame.op == op and frame.pass_no > self.last_pass:
+                    self.last_pass = frame.pass_no
+                    return frame
                 if frame.op != op or frame.pass_no != pass_no:
                     raise wire.ProtocolError(f"op {frame.op} of pass {frame.pass_no} where "
                                              f"op {op} of pass {pass_no} was due")

@@ -14,6 +14,7 @@ the task closes all its links and says so (OP_PEER_FAIL): the hub redoes the pas
 from __future__ import annotations
 
 import json
+import select
 import threading
 
 import numpy as np
@@ -109,7 +110,7 @@ def serve(chan, blocks, index, threads, secret):
     """Answer the driver until it says stop (or goes away)."""
     host = chan.sock.getsockname()[0]
     listener = peers.open_listener(host)
-    links = peers.Links(secret, index, listener, chan.heartbeat)
+    links = peers.Links(secret, index, listener, chan.heartbeat, hub_sock=chan.sock)
     chan.send(wire.OP_ADDRESS, json.dumps({"address": links.address}).encode())
     state = _State(index)
     beat = _Heartbeat(chan, links)
@@ -120,43 +121,90 @@ def serve(chan, blocks, index, threads, secret):
         return kernels.partition_sums(blocks, theta, state.loss, state.layout,
                                       sample=sample, threads=threads)
 
+    def run_pass(frame):
+        links.sent = 0
+        state.begin(frame.pass_no)
+        beat.busy.set()
+        try:
+            PASSES[links.topology](state, chan, links, frame, compute)
+        except peers.PeerError as e:
+            links.close()
+            _failed(chan, links, e, frame.pass_no)
+        finally:
+            beat.busy.clear()
+
+    def links_up():
+        beat.busy.set()           # the hub hears from this task while it waits
+        try:
+            links.ensure()
+        except peers.PeerError as e:
+            _failed(chan, links, e)
+        finally:
+            beat.busy.clear()
+
     try:
-        while True:
-            try:
-                frame = chan.recv()
-            except (EOFError, ConnectionResetError, BrokenPipeError):
-                return            # the driver ended the session (or died, or replaced us)
-            if frame.op == wire.OP_STOP:
-                return
-            if frame.op == wire.OP_CONFIG:
-                state.configure(json.loads(bytes(frame.payload)))
-                n = state.layout.size
-                links.max_payload = max(co.theta_bytes(codecs.NONE, n, False),
-                                        co.sums_bytes(codecs.NONE, n))
-                continue
-            if frame.op == wire.OP_PEERS:
-                config = json.loads(bytes(frame.payload))
-                state.peers(config)
-                links.set_peers(config)
-                continue
-            if frame.op != wire.OP_SUMS or state.loss is None:
-                raise wire.ProtocolError(f"op {frame.op} where a request was due")
-            links.sent = 0
-            state.begin(frame.pass_no)
-            beat.busy.set()
-            try:
-                PASSES[links.topology](state, chan, links, frame, compute)
-            except peers.PeerError as e:
-                links.close()
-                chan.send(wire.OP_PEER_FAIL, str(e)[:500].encode(), pass_no=frame.pass_no,
-                          iteration=links.sent)
-            finally:
-                beat.busy.clear()
+        _loop(chan, links, state, run_pass, links_up)
+    except (ConnectionResetError, BrokenPipeError):
+        return                    # the driver ended the session while we spoke
     finally:
         beat.stop()
         links.close(parked=True)
         if listener is not None:
             listener.close()
+
+
+def _loop(chan, links, state, run_pass, links_up):
+    """The task's frames, until the driver says stop or goes away."""
+    while True:
+        if links.topology == "tree" and links.up is not None and \
+                not _hub_first(chan, links):
+            # a tree's pass reaches this task from its parent, not from the hub
+            try:
+                frame = links.recv(links.up, wire.OP_SUMS, None)
+            except peers.PeerError as e:
+                links.close()
+                _failed(chan, links, e)
+                continue
+            if state.loss is None:
+                raise wire.ProtocolError("a pass before the configuration")
+            run_pass(frame)
+            continue
+        try:
+            frame = chan.recv()
+        except (EOFError, ConnectionResetError, BrokenPipeError):
+            return            # the driver ended the session (or died, or replaced us)
+        if frame.op == wire.OP_STOP:
+            return
+        if frame.op == wire.OP_CONFIG:
+            state.configure(json.loads(bytes(frame.payload)))
+            n = state.layout.size
+            links.max_payload = max(co.theta_bytes(codecs.NONE, n, False),
+                                    co.sums_bytes(codecs.NONE, n))
+            continue
+        if frame.op == wire.OP_PEERS:
+            config = json.loads(bytes(frame.payload))
+            state.peers(config)
+            links.set_peers(config)
+            if links.topology == "tree":
+                links_up()            # now: the passes come down these links
+            continue
+        if frame.op != wire.OP_SUMS or state.loss is None:
+            raise wire.ProtocolError(f"op {frame.op} where a request was due")
+        run_pass(frame)
+
+
+def _hub_first(chan, links):
+    """Wait until the hub or the parent has something; -> True when the hub does (its
+    frames come first: a new epoch or a stop overrides a pass)."""
+    ready, _, _ = select.select([chan.sock, links.up.sock], [], [])
+    return chan.sock in ready
+
+
+def _failed(chan, links, error, pass_no=0):
+    """Tell the hub a link failed (OP_PEER_FAIL: ``seed`` the epoch, ``iteration`` the
+    bytes this task sent to others meanwhile)."""
+    chan.send(wire.OP_PEER_FAIL, str(error)[:500].encode(), pass_no=pass_no,
+              seed=max(links.epoch, 0), iteration=links.sent)
 
 
 def _seed(frame, index, *more):
@@ -173,32 +221,36 @@ def _star(state, chan, links, frame, compute):
 
 
 def _tree(state, chan, links, frame, compute):
-    """Theta from the parent (task 0: from the hub), on to the children; the sums of
-    this task's subtree (own first, then each child's in ascending order) up."""
+    """``frame``: the pass with theta, from the hub (task 0) or the parent; on to the
+    children with the same header; the sums of this task's subtree (own first, then
+    each child's in ascending order) up, with the bytes the subtree sent to other tasks
+    (``iteration``). Only task 0 talks to the hub."""
     i, n, codec, p = state.index, state.layout.size, state.codec, frame.pass_no
     links.ensure()
     parent, children = links.roles()
-    msg = frame.payload if parent is None else \
-        links.recv(links.up, wire.OP_SUMS, p).payload
+    msg = frame.payload
     for j in children:
-        links.send(links.down[j], wire.OP_SUMS, msg, p)
+        links.send(links.down[j], wire.OP_SUMS, msg, p, iteration=frame.iteration,
+                   seed=frame.seed, fraction=frame.fraction)
     try:
         theta = state.held = co.apply_theta(msg, state.held, state.theta_codec, n)
     except codecs.CodecError as e:
         raise peers.PeerError(f"task {i}: {e}") from None
     total = compute(theta, frame)
+    below = 0                     # bytes the children's subtrees sent
     for j in children:
-        data = links.recv(links.down[j], wire.OP_REPLY, p).payload
+        reply = links.recv(links.down[j], wire.OP_REPLY, p)
+        below += reply.iteration
         try:
-            total += co.unpack_sums(data, codec, n)
+            total += co.unpack_sums(reply.payload, codec, n)
         except codecs.CodecError as e:
             raise peers.PeerError(f"task {i}: from task {j}: {e}") from None
     data = total if not codec.lossy else state.pack(total[:2], total[2:], _seed(frame, i))
     if parent is None:
-        chan.send(wire.OP_REPLY, data, pass_no=p, iteration=links.sent)
+        chan.send(wire.OP_REPLY, data, pass_no=p, iteration=links.sent + below)
     else:
-        links.send(links.up, wire.OP_REPLY, data, p)
-        chan.send(wire.OP_REPLY, b"", pass_no=p, iteration=links.sent)
+        up = links.sent + below + wire.as_bytes(data).nbytes
+        links.send(links.up, wire.OP_REPLY, data, p, iteration=up)
 
 
 def _ring(state, chan, links, frame, compute):
