@@ -860,6 +860,33 @@ def test_with_spark_encryption_on_no_socket_of_ours_opens(spark, data, monkeypat
         assert engine.kind == "jobs" and engine._store.kind == "files"
     model = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight").fit(data)
     np.testing.assert_allclose(model.coefficients, reference.coefficients, rtol=1e-9)
+    # a ring has no Spark-job form: refused before anything runs
+    from sparkgd.errors import SparkgdError
+
+    with pytest.raises(SparkgdError, match="topology ring needs links between serving"):
+        sparkgd.LogisticRegression(topology="ring").fit(data)
+    star = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight",
+                                      topology="star").fit(data)         # a flat reduce
+    np.testing.assert_allclose(star.coefficients, reference.coefficients, rtol=1e-9)
+
+
+def test_every_topology_fits_the_same_model(spark, data):
+    """lbfgs over star, tree and ring passes: the same optimum (the sums differ only in
+    the order of addition), the tree's and ring's driver bytes a fraction of star's."""
+    fits = {t: sparkgd.LogisticRegression(regParam=0.01, weightCol="weight", tol=1e-12,
+                                          topology=t).fit(data) for t in
+            ("star", "tree", "ring")}
+    ref = fits["star"]
+    for t, m in fits.items():
+        assert abs(m.summary.objectiveHistory[-1] - ref.summary.objectiveHistory[-1]) <= \
+            1e-12 * ref.summary.objectiveHistory[-1], t
+        np.testing.assert_allclose(m.coefficients, ref.coefficients, rtol=1e-6, atol=1e-8)
+    for t in ("tree", "ring"):
+        per_pass = fits[t].summary.driverBytes / fits[t].summary.numEvaluations
+        star_pass = ref.summary.driverBytes / ref.summary.numEvaluations
+        assert per_pass < 0.6 * star_pass, t            # 2 tasks: ~1/2
+    with pytest.raises(Exception, match="unknown topology 'mesh'"):
+        sparkgd.LogisticRegression(topology="mesh").fit(data)
 
 
 def test_seeds_beyond_int64_reach_the_tasks_whole(spark, data):
