@@ -64,6 +64,7 @@ class _State:
         self.index = index
         self.loss = self.layout = None
         self.codec = self.theta_codec = codecs.NONE
+        self.max_frame = wire.MAX_JSON       # until the configuration says how wide
         self.held = None          # the theta this task holds (differences apply to it)
         self.residual = None      # error feedback: what it has not sent yet
         self.snapshot = None      # (pass, the residual before it): a pass the hub redid
@@ -170,7 +171,9 @@ def _loop(chan, links, state, run_pass, links_up):
             run_pass(frame)
             continue
         try:
-            frame = chan.recv()
+            # a header is read before its MAC can be checked: allocate no more than
+            # the largest frame the hub sends (a configuration, or theta in full)
+            frame = chan.recv(state.max_frame)
         except (EOFError, ConnectionResetError, BrokenPipeError):
             return            # the driver ended the session (or died, or replaced us)
         if frame.op == wire.OP_STOP:
@@ -180,6 +183,7 @@ def _loop(chan, links, state, run_pass, links_up):
             n = state.layout.size
             links.max_payload = max(co.theta_bytes(codecs.NONE, n, False),
                                     co.sums_bytes(codecs.NONE, n))
+            state.max_frame = max(wire.MAX_JSON, co.theta_bytes(codecs.NONE, n, False))
             continue
         if frame.op == wire.OP_PEERS:
             config = json.loads(bytes(frame.payload))
