@@ -122,7 +122,8 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
         last[0], last[1] = now, sent
 
     res = optim.minimize(optimizer, fun, u0, max_iter=max_iter, tol=tol, step_size=step_size,
-                         l1=l1_u, callback=progress, batch_fun=batch_fun)
+                         l1=l1_u, callback=progress, batch_fun=batch_fun,
+                         inexact=objective.codec.lossy)
     theta = res.x if pre is None else pre.to_theta(res.x)
     return FitResult(
         theta=theta, objective_history=[float(v) for v in res.history],
