@@ -441,7 +441,8 @@ class Hub:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:   # e.g. out of file descriptors: the backlog keeps them
+            except OSError:   # e.g. out of file descriptors: the backlog keeps them, and
+                time.sleep(0.01)  # the listener stays readable: do not spin on it
                 return
             sock.setblocking(False)
             try:
@@ -680,6 +681,8 @@ class Hub:
 
     def _gone(self, peer, why, bad=False, stalled=False):
         """A connection ended or misbehaved; a task's loss is handled as such."""
+        if peer.closed:           # already dropped (and counted) in this select round
+            return
         is_task = not peer.hello and self._tasks.get(peer.index) is peer
         if bad or stalled or not is_task:
             self.rejected += 1
