@@ -16,32 +16,21 @@ import math
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _path in (ROOT, HERE):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import numpy as np  # noqa: E402
 
 from sparkgd import costmodel as cm  # noqa: E402
+from train import _restore_stderr  # noqa: E402  (jobs/train.py: the one copy)
 
 TABLE_P = (8, 64, 512, 4096, 10000)
 TABLE_D = (10**3, 10**5, 10**7, 10**9)
 LINESTYLES = {"star": "-", "tree": "--", "ring": ":"}
 FAMILIES = {"star": "Reds", "tree": "Greens", "ring": "Blues"}
-
-
-def _restore_stderr():
-    """spark-submit merges the Python driver's stderr into its stdout; spark-submit.sh
-    passes the real stderr as SPARKGD_STDERR so errors land where users look."""
-    path = os.environ.get("SPARKGD_STDERR")
-    if not path:
-        return
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    except OSError:
-        return
-    os.dup2(fd, 2)
-    os.close(fd)
 
 
 def fmt_seconds(t):
@@ -222,7 +211,12 @@ def main(argv=None):
         return 2
     P_grid = np.unique(np.round(np.logspace(math.log10(8), 4, 21)).astype(int))
     d_grid = np.round(10 ** np.arange(3, 9.01, 0.5)).astype(np.int64)
-    plot(args.png, machine, names, args.depth, P_grid, d_grid)
+    try:
+        plot(args.png, machine, names, args.depth, P_grid, d_grid)
+    except OSError as e:
+        print(f"sparkgd: error: cannot write --png {args.png}: {e.strerror or e}",
+              file=sys.stderr)
+        return 2
     print(f"\nwrote {args.png}")
     return 0
 

@@ -136,6 +136,12 @@ def theta_bytes(codec, n, delta):
     return 1 + (codec.nbytes(n) if delta else 8 * n)
 
 
+def full_theta(theta):
+    """A THETA_FULL message as buffers to send in order (theta itself, not a copy):
+    what :func:`pack_theta` encodes when nothing is held, for a hub that frames it."""
+    return [_KIND.pack(THETA_FULL), np.ascontiguousarray(theta, dtype="<f8")]
+
+
 def pack_theta(theta, held, codec, seed=(0,)):
     """The driver's message for ``theta`` to tasks that hold ``held`` (None: they hold
     nothing, or the codec is exact) -> (bytes, what the tasks will hold)."""

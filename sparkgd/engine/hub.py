@@ -353,6 +353,15 @@ class Hub:
         the tasks will compute at: theta itself, or, with a lossy codec, what the tasks
         hold plus the encoded difference (:func:`~.collective.pack_theta`)."""
         codec, n, p = self.theta_codec, theta.size, self.num_tasks
+        if not codec.lossy:
+            # exact theta: theta's own buffer goes out (nothing held, nothing copied)
+            self._candidate = theta
+            if self.topology == "star":
+                return {"delta": co.full_theta(theta), "full": co.full_theta(theta)}
+            if self.topology == "tree":
+                return {0: co.full_theta(theta)}
+            b = co.chunk_bounds(n, p)
+            return {c: co.full_theta(theta[b[c]:b[c + 1]]) for c in range(p)}
         held = self._held if (codec.lossy and self._held is not None and
                               self._held.size == n) else None
         seed = (self.pass_no,)
@@ -389,7 +398,8 @@ class Hub:
         fraction, seed, iteration = (1.0, 0, 0) if sample is None else sample
         peer.frame(wire.OP_SUMS, payload, pass_no=self.pass_no, iteration=iteration,
                    seed=seed, fraction=fraction)
-        self.bytes_out += len(payload)
+        self.bytes_out += sum(wire.as_bytes(part).nbytes for part in payload) \
+            if isinstance(payload, list) else len(payload)
         self._sent_to.add(i)
         peer.progress = time.monotonic()      # the deadline runs from the request
         self._push(peer)

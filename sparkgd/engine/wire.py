@@ -150,11 +150,13 @@ def as_bytes(payload):
 def frame_parts(mac, direction, seq, op, payload=b"", pass_no=0, iteration=0, seed=0,
                 fraction=1.0):
     """One frame as buffers to send in order: header, payload, MAC (``mac``: the
-    connection's :class:`Mac`)."""
-    body = as_bytes(payload)
+    connection's :class:`Mac`). ``payload``: one buffer or array, or a list of them
+    sent one after another as one payload (never joined into a copy)."""
+    body = [as_bytes(p) for p in payload] if isinstance(payload, list) else \
+        [as_bytes(payload)]
     head = _FRAME.pack(op, seq, pass_no, int(iteration), int(seed) % SEED_MOD,
-                       float(fraction), body.nbytes)
-    return [head, body, mac(direction, head, body)]
+                       float(fraction), sum(b.nbytes for b in body))
+    return [head, *body, mac(direction, head, *body)]
 
 
 def send_parts(sock, parts, patient=None):
