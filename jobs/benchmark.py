@@ -186,6 +186,17 @@ def main(argv=None):
     p.add_argument("--passes", type=int, default=30, help="--comm: timed passes each")
     p.add_argument("--calibrate-seconds", type=float, default=3.0,
                    help="--comm: time to measure the cost model's prices")
+    p.add_argument("--modes", action="store_true",
+                   help="sync, local and async sgd on the same data, with and without one "
+                        "task slowed (see jobs/bench_modes.py; run with --master 'local[4]')")
+    p.add_argument("--tasks", type=int, default=4, help="--modes: serving tasks")
+    p.add_argument("--slow", type=float, default=3.0, help="--modes: the slowed task's factor")
+    p.add_argument("--step-size", type=float, default=0.3, help="--modes: sgd's step")
+    p.add_argument("--max-iter", type=int, default=300, help="--modes: maxIter of every fit")
+    p.add_argument("--local-steps", type=int, default=10, help="--modes: local's localSteps")
+    p.add_argument("--staleness", type=int, default=4, help="--modes: async's staleness")
+    p.add_argument("--target", type=float, default=1e-3,
+                   help="--modes: relative distance to the optimum to time")
     p.add_argument("--json", default=None)
     p.add_argument("--memory-only", action="store_true",
                    help="only build sparkgd's blocks from the Parquet files and run passes, "
@@ -217,6 +228,19 @@ def main(argv=None):
         args.tmp = tempfile.mkdtemp(prefix="sparkgd-bench-", dir=args.workdir)
         try:
             bench_comm.run(spark, args)
+        finally:
+            import shutil
+
+            shutil.rmtree(args.tmp, ignore_errors=True)
+        return 0
+    if args.modes:
+        import bench_modes
+
+        if args.workdir:
+            os.makedirs(args.workdir, exist_ok=True)
+        args.tmp = tempfile.mkdtemp(prefix="sparkgd-bench-", dir=args.workdir)
+        try:
+            bench_modes.run(spark, args)
         finally:
             import shutil
 

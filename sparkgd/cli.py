@@ -84,6 +84,14 @@ def build_parser(default_data=None):
                    help="how serving tasks combine a pass: tree (fan-in from "
                         "--aggregation-depth), star (every task to the driver) or ring "
                         "(reduce-scatter among the tasks)")
+    p.add_argument("--mode", default="sync",
+                   help="sync (bulk-synchronous), local (local SGD: --local-steps on each "
+                        "task, then the models are averaged) or async (parameter server on "
+                        "the driver, tasks at most --staleness clocks apart; sgd)")
+    p.add_argument("--local-steps", type=_int, default=10,
+                   help="mode local: optimizer steps each task takes between averagings")
+    p.add_argument("--staleness", type=_int, default=2,
+                   help="mode async: clocks a task may run ahead of the slowest (0: sync)")
     p.add_argument("--max-iter", type=_int, default=100)
     p.add_argument("--tol", type=_float, default=1e-6)
     p.add_argument("--reg-param", type=_float, default=0.0)
@@ -186,6 +194,7 @@ def make_estimator(args):
         aggregationDepth=args.aggregation_depth, optimizer=args.optimizer,
         stepSize=args.step_size, miniBatchFraction=args.mini_batch_fraction, seed=args.seed,
         dtype=args.dtype, compression=args.compression, topology=args.topology,
+        mode=args.mode, localSteps=args.local_steps, staleness=args.staleness,
         initialModel=_strip_file(args.initial_model) if args.initial_model else None)
     cls = getattr(estimators, LOSS_ESTIMATOR[args.loss])
     if cls is estimators.LinearRegression:

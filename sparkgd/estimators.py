@@ -37,11 +37,14 @@ from pyspark.ml.param.shared import (
 from . import codecs, data, engine, kernels, optim, stats
 from .comm import TOPOLOGIES
 from .errors import SparkgdError
-from .modes import sync
+from .modes import local, ps, sync
 from .penalties import Penalty
 from .summary import TrainingSummary
 
 log = logging.getLogger("sparkgd")
+
+#: How the tasks update the model (the ``mode`` param).
+MODES = ("sync", "local", "async")
 
 # ----------------------------------------------------------------------------
 # Params
@@ -78,6 +81,20 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
         "how serving tasks encode the partial gradients they send: none, fp16, "
         "topk:<fraction> (with error feedback) or qsgd:<bits>; lossy ones need a "
         "first-order optimizer", typeConverter=TypeConverters.toString)
+    mode = Param(
+        Params._dummy(), "mode",
+        "how the tasks update the model: sync (bulk-synchronous), local (local SGD: "
+        "localSteps steps on each task's own rows, then the models are averaged) or "
+        "async (a parameter server on the driver applies each task's push as it arrives; "
+        "tasks at most staleness clocks apart)", typeConverter=TypeConverters.toString)
+    localSteps = Param(
+        Params._dummy(), "localSteps",
+        "mode local: optimizer steps each task takes between two averagings (>= 1)",
+        typeConverter=TypeConverters.toInt)
+    staleness = Param(
+        Params._dummy(), "staleness",
+        "mode async: how many clocks a task may run ahead of the slowest (>= 0; 0 is "
+        "bulk-synchronous and gives sync's result)", typeConverter=TypeConverters.toInt)
     topology = Param(
         Params._dummy(), "topology",
         "how serving tasks combine a pass: tree (default; fan-in from aggregationDepth, "
@@ -90,7 +107,8 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
                          maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0,
                          fitIntercept=True, standardization=False, aggregationDepth=2,
                          optimizer="lbfgs", miniBatchFraction=1.0, seed=0, dtype="float64",
-                         compression="none", topology="tree")
+                         compression="none", topology="tree", mode="sync", localSteps=10,
+                         staleness=2)
 
     def getFeatureCols(self):
         return self.getOrDefault(self.featureCols) if self.isDefined(self.featureCols) else None
@@ -109,6 +127,15 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
 
     def getTopology(self):
         return self.getOrDefault(self.topology)
+
+    def getMode(self):
+        return self.getOrDefault(self.mode)
+
+    def getLocalSteps(self):
+        return self.getOrDefault(self.localSteps)
+
+    def getStaleness(self):
+        return self.getOrDefault(self.staleness)
 
     def getInitialModel(self):
         return self.getOrDefault(self.initialModel) if self.isDefined(self.initialModel) \
@@ -169,6 +196,19 @@ def _validate_common(est):
         fail(f"compression {est.getCompression()} is lossy and lbfgs needs exact gradients "
              "(its curvature pairs and line search); use optimizer gd, sgd, momentum, "
              "nesterov or adam, or compression none")
+    mode = est.getMode()
+    if mode not in MODES:
+        fail(f"unknown mode '{mode}'; expected one of " + ", ".join(MODES))
+    if est.getLocalSteps() < 1:
+        fail(f"localSteps must be >= 1 (got {est.getLocalSteps()})")
+    if est.getStaleness() < 0:
+        fail(f"staleness must be >= 0 (got {est.getStaleness()})")
+    if mode == "local" and est.getOptimizer() not in optim.STOCHASTIC:
+        fail(f"mode local takes steps of a first-order optimizer on each task "
+             f"({', '.join(optim.STOCHASTIC)}), not {est.getOptimizer()}")
+    if mode == "async" and est.getOptimizer() != "sgd":
+        fail(f"mode async applies each push as an sgd step on the driver (so that staleness "
+             f"0 is sync sgd); optimizer {est.getOptimizer()} needs mode sync or local")
     if est.isSet(est.stepSize):
         number("stepSize", est.getStepSize(), 0, low_open=True)
     number("miniBatchFraction", est.getMiniBatchFraction(), 0, 1, low_open=True,
@@ -208,6 +248,9 @@ class _Trained:
     num_classes: int | None
     facts: object
     dropped: int
+    skews: list
+    rows_per_task: list
+    rejected_pushes: int
 
 
 # ----------------------------------------------------------------------------
@@ -253,9 +296,13 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         spec = data.resolve_input(dataset.schema, self.getFeaturesCol(), self.getFeatureCols(),
                                   self.getLabelCol(), weight_col or None, source=source)
         optim.preload(self.getOptimizer())   # overlaps the block build
+        topology = self.getTopology()
+        if self.getMode() == "async" and topology != "star":
+            log.info("sparkgd: mode async: tasks push to the server on the driver (topology "
+                     "star; %s applies to modes sync and local)", topology)
+            topology = "star"
         fit = engine.run(dataset, spec, self._train, source=source, dtype=self.getDtype(),
-                         aggregation_depth=self.getAggregationDepth(),
-                         topology=self.getTopology())
+                         aggregation_depth=self.getAggregationDepth(), topology=topology)
         coef, intercept = fit.layout.split(fit.result.theta)
         coef, intercept = self._identify(coef.copy(), intercept.copy())
         result, facts = fit.result, fit.facts
@@ -265,7 +312,10 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
             driverBytes=result.driver_bytes,
             numEvaluations=result.evaluations, converged=result.converged,
             message=result.message, numRows=facts.num_rows,
-            numPartitions=facts.num_partitions, droppedConnections=fit.dropped)
+            numPartitions=facts.num_partitions, droppedConnections=fit.dropped,
+            objectiveTimes=list(result.objective_times or []),
+            mode=self.getMode(), taskTimeSkew=[round(v, 3) for v in fit.skews],
+            rowsPerTask=fit.rows_per_task, rejectedPushes=fit.rejected_pushes)
         model = self._model_class._from_fit(coef, intercept, fit.loss_name, fit.num_classes,
                                             summary, fit.loss.params())
         model._est_params = self._param_values()
@@ -303,15 +353,29 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                 l2=penalty.l2_weights[:layout.d] if line_search else None,
                 curvature=loss.curvature)
         codec = codecs.parse(self.getCompression())
-        step = self.getStepSize() if self.isSet(self.stepSize) else None
-        objective = sync.DistributedObjective(
-            engine, loss, layout, penalty, codec=codec,
-            theta_codec=sync.theta_codec_for(codec, self.getOptimizer(), step))
-        result = sync.fit(objective, x0, optimizer=optimizer, max_iter=self.getMaxIter(),
-                          tol=self.getTol(), step_size=step, precondition=pre,
-                          mini_batch_fraction=self.getMiniBatchFraction(),
-                          seed=self.getSeed())
-        return _Trained(result, layout, loss_name, loss, num_classes, facts, engine.rejected)
+        mode = self.getMode()
+        if mode == "local":
+            work = local.Work(optimizer, step, self.getLocalSteps(),
+                              self.getMiniBatchFraction(), self.getSeed(), self.getRegParam(),
+                              self.getElasticNetParam(), std if standardize else None)
+            result = local.fit(engine, loss, layout, penalty, work, x0,
+                               max_iter=self.getMaxIter(), tol=self.getTol(), codec=codec)
+        elif mode == "async":
+            weight = sum(i["wsum"] for i in facts.infos)
+            result = ps.fit(engine, loss, layout, penalty, x0, weight=weight, pre=pre,
+                            step_size=step, fraction=self.getMiniBatchFraction(),
+                            seed=self.getSeed(), staleness=self.getStaleness(),
+                            max_iter=self.getMaxIter(), tol=self.getTol(), codec=codec)
+        else:
+            objective = sync.DistributedObjective(
+                engine, loss, layout, penalty, codec=codec,
+                theta_codec=sync.theta_codec_for(codec, self.getOptimizer(), step))
+            result = sync.fit(objective, x0, optimizer=optimizer, max_iter=self.getMaxIter(),
+                              tol=self.getTol(), step_size=step, precondition=pre,
+                              mini_batch_fraction=self.getMiniBatchFraction(),
+                              seed=self.getSeed())
+        return _Trained(result, layout, loss_name, loss, num_classes, facts, engine.rejected,
+                        engine.task_skews(), engine.rows_per_task(), engine.rejected_pushes)
 
     def _start(self, x0, layout, facts, loss_name):
         """The starting point of a fit from scratch (zeros unless a subclass knows better)."""
@@ -327,7 +391,8 @@ _COMMON_DOC = """
     standardization (default False), aggregationDepth, optimizer, stepSize,
     miniBatchFraction, seed, initialModel, dtype (float64 or float32 block storage),
     compression (none, fp16, topk:<fraction>, qsgd:<bits>: what serving tasks send),
-    topology (tree, star, ring: how they combine a pass).
+    topology (tree, star, ring: how they combine a pass), mode (sync, local, async:
+    how they update the model), localSteps (local), staleness (async).
 """
 
 
@@ -347,7 +412,8 @@ class LinearRegression(_SparkgdEstimator):
                  elasticNetParam=0.0, fitIntercept=True, standardization=False,
                  aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                  seed=0, initialModel=None, dtype="float64",
-                 compression="none", topology="tree", loss="squared", epsilon=1.35):
+                 compression="none", topology="tree", mode="sync",
+                 localSteps=10, staleness=2, loss="squared", epsilon=1.35):
         super().__init__()
         self._setDefault(loss="squared", epsilon=1.35)
         self.setParams(**self._input_kwargs)
@@ -358,7 +424,8 @@ class LinearRegression(_SparkgdEstimator):
                   elasticNetParam=0.0, fitIntercept=True, standardization=False,
                   aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                   seed=0, initialModel=None, dtype="float64",
-                  compression="none", topology="tree", loss="squared", epsilon=1.35):
+                  compression="none", topology="tree", mode="sync",
+                 localSteps=10, staleness=2, loss="squared", epsilon=1.35):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -399,7 +466,8 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                  elasticNetParam=0.0, fitIntercept=True, standardization=False,
                  aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                  seed=0, initialModel=None, dtype="float64",
-                 compression="none", topology="tree", threshold=0.5, family="auto"):
+                 compression="none", topology="tree", mode="sync",
+                 localSteps=10, staleness=2, threshold=0.5, family="auto"):
         super().__init__()
         self._setDefault(probabilityCol="probability", rawPredictionCol="rawPrediction",
                          threshold=0.5, family="auto")
@@ -412,7 +480,8 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                   elasticNetParam=0.0, fitIntercept=True, standardization=False,
                   aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                   seed=0, initialModel=None, dtype="float64",
-                  compression="none", topology="tree", threshold=0.5, family="auto"):
+                  compression="none", topology="tree", mode="sync",
+                 localSteps=10, staleness=2, threshold=0.5, family="auto"):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -481,7 +550,8 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                  maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0, fitIntercept=True,
                  standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
                  miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
-                 compression="none", topology="tree", threshold=0.0):
+                 compression="none", topology="tree", mode="sync",
+                 localSteps=10, staleness=2, threshold=0.0):
         super().__init__()
         self._setDefault(rawPredictionCol="rawPrediction", threshold=0.0)
         self.setParams(**self._input_kwargs)
@@ -492,7 +562,8 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                   maxIter=100, tol=1e-6, regParam=0.0, elasticNetParam=0.0, fitIntercept=True,
                   standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
                   miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
-                  compression="none", topology="tree", threshold=0.0):
+                  compression="none", topology="tree", mode="sync",
+                 localSteps=10, staleness=2, threshold=0.0):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 

@@ -309,6 +309,25 @@ def _block_sums(X, y, w, theta, loss, layout):
     return out
 
 
+def partition_loss(blocks, theta, loss, layout):
+    """``[loss_sum, weight_sum]`` over every row of ``blocks``: the value alone, without
+    the gradient's second product (what a local round needs at its start)."""
+    out = np.zeros(2)
+    coef, intercept = layout.split(theta)
+    for X, y, w in blocks:
+        for Xc, yc, wc in row_chunks(X, y, w):
+            if yc.shape[0] == 0:
+                continue
+            if not sp.issparse(Xc) and Xc.dtype != np.float64:
+                Xc = _widened(Xc)
+            elif sp.issparse(Xc):
+                Xc = widen(Xc, layout.d)
+            value, _ = loss.value_and_derivative(yc, margins(Xc, coef, intercept))
+            out[0] += value.sum() if wc is None else value @ wc
+            out[1] += yc.shape[0] if wc is None else wc.sum()
+    return out
+
+
 def sample_rows(n, fraction, seed, iteration, partition, block):
     """Boolean mask of a fresh mini-batch: a pure function of its arguments, so a
     given (seed, partitioning) always draws the same rows at the same iteration."""

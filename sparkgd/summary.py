@@ -23,6 +23,16 @@ class TrainingSummary:
     #: connections the driver's hub dropped: strangers on its port, bad or replayed
     #: frames, stalled tasks (none on a quiet network)
     droppedConnections: int = 0
+    #: seconds from the start of training at which each objectiveHistory entry was known
+    objectiveTimes: list = field(default_factory=list)
+    #: how the tasks updated the model: sync, local or async
+    mode: str = "sync"
+    #: per pass (async: per clock) the slowest serving task's time over the median's
+    taskTimeSkew: list = field(default_factory=list)
+    #: rows each serving task held
+    rowsPerTask: list = field(default_factory=list)
+    #: async: pushes not applied (duplicated, or not asked for)
+    rejectedPushes: int = 0
 
     def to_dict(self):
         return asdict(self)

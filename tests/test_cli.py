@@ -55,6 +55,10 @@ def test_trains_on_the_sample_in_process(spark, tmp_path, capsys):
     (["--dtype", "float16"], "unknown dtype 'float16'; expected float64 or float32"),
     (["--compression", "zip"], "unknown compression 'zip'; expected none, fp16"),
     (["--compression", "fp16"], "--compression fp16 is lossy and lbfgs needs exact"),
+    (["--mode", "async"], "--mode async applies each push as an sgd step"),
+    (["--mode", "local", "--optimizer", "sgd", "--local-steps", "0"],
+     "--local-steps must be >= 1 (got 0)"),
+    (["--staleness", "x"], "argument --staleness: expected an integer, got 'x'"),
     (["--initial-model", "/nonexistent"], "--initial-model '/nonexistent': not a saved sparkgd"),
     (["--format", "libsvm", "--weight-col", "w"], "--format libsvm has only 'label'"),
     (["--format", "libsvm"], "cannot read --data"),
@@ -129,13 +133,15 @@ def test_every_loss_and_optimizer_option_reaches_the_estimator(spark, tmp_path, 
                                 "--optimizer", "adam", "--step-size", "0.05", "--max-iter", "5",
                                 "--reg-param", "0.01", "--elastic-net-param", "0.5",
                                 "--standardization", "--compression", "qsgd:8",
-                                "--output", str(out))
+                                "--mode", "local", "--local-steps", "3", "--output", str(out))
     assert code == 0, err
     meta = json.load(open(out / "metadata.json"))
     assert meta["loss"] == "multinomial" and meta["numClasses"] == 3
     p = meta["params"]
     assert (p["optimizer"], p["stepSize"], p["elasticNetParam"], p["standardization"],
-            p["family"], p["compression"]) == ("adam", 0.05, 0.5, True, "multinomial", "qsgd:8")
+            p["family"], p["compression"], p["mode"], p["localSteps"]) == \
+        ("adam", 0.05, 0.5, True, "multinomial", "qsgd:8", "local", 3)
+    assert meta["summary"]["mode"] == "local" and meta["summary"]["totalIterations"] == 5
     # warm start from it, with a model of the wrong width refused
     code, _, err = run_cli(capsys, "--initial-model", str(out), "--output", str(tmp_path / "x"))
     assert code == 2 and "initialModel has 3 features but the data has 10" in err

@@ -35,7 +35,7 @@ from ..data.schema import project
 from ..errors import SparkgdError
 from ..stats import moments_from_parts
 from . import jobs
-from .hub import Cancelled, TaskLost, WorkersFailed, WorkersUnavailable
+from .hub import Cancelled, TaskLost, WorkersFailed, WorkersUnavailable, skews
 
 from .slots import dynamic_allocation, local_cores, spark_encrypts, task_cpus, task_slots
 
@@ -68,6 +68,7 @@ class Engine:
         self.aggregator = aggregator
         self.kind = kind
         self.topology = aggregator.topology
+        self.clock_skews = []
 
     @classmethod
     def open(cls, dataset, spec, *, source="the DataFrame", store="auto", dtype="float64",
@@ -159,17 +160,19 @@ class Engine:
         return self._store.rejected
 
     def evaluate(self, theta, loss, layout, sample=None, codec=codecs.NONE,
-                 theta_codec=codecs.NONE):
+                 theta_codec=codecs.NONE, work=None):
         """One pass: ``[loss_sum, weight_sum, grad_sum...]`` over every row for ``theta``
         (``sample = (fraction, seed, iteration)``: over a Bernoulli mini-batch).
 
         ``codec``: how serving tasks encode their gradient sums (the two leading sums
-        always travel as float64); one Spark job per pass sends them unencoded."""
+        always travel as float64); one Spark job per pass sends them unencoded.
+        ``work``: what a pass computes instead of the gradient (mode=local: a round of
+        local steps, ``sample[2]`` its number; :mod:`sparkgd.modes.local`)."""
         theta = np.asarray(theta, dtype=np.float64)
         if self.kind != "jobs":
             try:
                 parts = self._store.serve(theta, loss, layout, sample, codec, self.topology,
-                                          self.aggregator.depth, theta_codec)
+                                          self.aggregator.depth, theta_codec, work)
                 moved = self._store.last_bytes
                 self.aggregator.count_driver(moved["driver_out"] + moved["driver_in"])
                 self.aggregator.count_links(moved["peers"])
@@ -184,7 +187,56 @@ class Engine:
             log.warning("sparkgd: one Spark job per pass has no ring: its passes use "
                         "treeAggregate (topology tree)")
             self.topology = self.aggregator.topology = "tree"
-        return jobs.pass_sums(self._store, theta, loss, layout, sample, self.aggregator)
+        return jobs.pass_sums(self._store, theta, loss, layout, sample, self.aggregator, work)
+
+    def run_async(self, loss, layout, codec, server, staleness, max_clock):
+        """mode=async: pushes applied by ``server`` as they arrive, with staleness at
+        most ``staleness`` clocks (:meth:`~sparkgd.engine.hub.Hub.run_async`). One Spark
+        job per pass has no tasks to run ahead: each clock is then one job over every
+        partition, pushed as one (bulk-synchronous, as staleness 0)."""
+        if self.kind != "jobs":
+            try:
+                run = self._store.run_async(loss, layout, codec, server, staleness,
+                                            max_clock)
+                moved = self._store.last_bytes
+                self.aggregator.count_driver(moved["driver_out"] + moved["driver_in"])
+                self.clock_skews.extend(skews(run.seconds, self.num_tasks))
+                return run.done
+            except WorkersUnavailable as e:
+                if self.kind == "served":
+                    raise
+                log.warning("sparkgd: %s; falling back to one Spark job per pass, each "
+                            "clock bulk-synchronous", e)
+                self._store.close_session()
+                self.kind = "jobs"
+        done = getattr(server, "clock", 0)
+        while done < max_clock:
+            clock = done + 1
+            theta = np.array(server.theta())
+            total = jobs.pass_sums(self._store, theta, loss, layout,
+                                   server.sample(None, clock), self.aggregator)
+            server.push(None, clock, total, theta, None)
+            done = clock
+            if server.clock_done(clock):
+                break
+        return done
+
+    def rows_per_task(self):
+        """Rows each serving task holds (the pace of a pass is the largest's)."""
+        return self._store.rows_per_task()
+
+    @property
+    def rejected_pushes(self):
+        """mode=async pushes the server did not apply (duplicates, unasked for)."""
+        hub = getattr(self._store, "hub", None)
+        return 0 if hub is None else hub.rejected_pushes
+
+    def task_skews(self):
+        """Per pass (mode=async: per clock), slowest task time / median task time, over
+        the passes every serving task timed (none with one Spark job per pass)."""
+        hub = getattr(self._store, "hub", None)
+        passes = [] if hub is None else skews(hub.task_seconds, self.num_tasks)
+        return passes + self.clock_skews
 
     def moments(self, d):
         """(mean, std) of every feature (Spark ML's weighted unbiased std). Moments do

@@ -323,18 +323,32 @@ class FileStore:
             self._cached = False
 
     def serve(self, theta, loss, layout, sample, codec, topology="star", depth=2,
-              theta_codec=None):
+              theta_codec=None, work=None):
         """One pass through the serving tasks -> the sums (see
         :meth:`~sparkgd.engine.hub.Hub.evaluate`; the job is started on first use, and
         again when a rebuild handed over a new RDD)."""
-        return self.run(lambda rdd: self._serve(rdd, theta, loss, layout, sample, codec,
-                                                topology, depth, theta_codec), serving=True)
+        return self.run(lambda rdd: self._serve(
+            rdd, lambda s: s.evaluate(theta, sample), loss, layout, codec, topology, depth,
+            theta_codec, work), serving=True)
+
+    def run_async(self, loss, layout, codec, server, staleness, max_clock):
+        """mode=async over the serving tasks (:meth:`~sparkgd.engine.hub.Hub.run_async`)."""
+        return self.run(lambda rdd: self._serve(
+            rdd, lambda s: s.run_async(server, staleness, max_clock), loss, layout, codec,
+            "star", 2, None, None), serving=True)
+
+    @property
+    def hub(self):
+        return self._session.hub if self._session is not None else None
+
+    def rows_per_task(self):
+        return [sum(int(k[2]) for k in keys) for keys in (self.task_keys or [])]
 
     @property
     def last_bytes(self):
         return self._session.hub.last_bytes
 
-    def _serve(self, rdd, theta, loss, layout, sample, codec, topology, depth, theta_codec):
+    def _serve(self, rdd, run, loss, layout, codec, topology, depth, theta_codec, work):
         session = self._session
         if session is None or session.rdd is not rdd:
             self.close_session()
@@ -342,8 +356,8 @@ class FileStore:
                                                     self.wait_seconds, self.task_keys)
         try:
             session.configure(loss, layout, codec, topology, depth,
-                              theta_codec or codecs.NONE)
-            return session.evaluate(theta, sample)
+                              theta_codec or codecs.NONE, work)
+            return run(session)
         except WorkersFailed:
             self.close_session()
             raise

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import os
 import selectors
 import socket
@@ -46,6 +47,10 @@ DEADLINE_SECONDS = 60.0
 MAX_PENDING = 1024
 #: Largest small message a task sends (its address, why a link failed).
 MAX_NOTE = 4096
+#: Up to this many tasks, those of a tree that do not talk to the driver send it their
+#: time after each pass (a frame header, for the summary's task-time skew); beyond, the
+#: driver hears from task 0 alone and a tree's passes report no skew.
+MAX_TIMED_TASKS = 64
 #: Passes redone in a row over failed links between tasks before the topology is star.
 MAX_PEER_FAILURES = 3
 
@@ -150,6 +155,31 @@ class _Peer:
         return not self.out
 
 
+class _Ssp:
+    """One mode=async run on a hub: every task's clock, the requests out, the times."""
+
+    def __init__(self, server, staleness, max_clock, num_tasks):
+        self.server = server
+        self.staleness, self.max_clock = int(staleness), int(max_clock)
+        self.clocks = [0] * int(num_tasks)
+        self.outstanding = {}     # task -> (request number, clock, theta it was sent)
+        self.done = 0             # clocks every task has pushed
+        self.pushes = 0
+        self.seconds = {}         # clock -> {task: seconds its computation took}
+        self.finished = self.max_clock <= 0
+
+
+def skews(seconds, num_tasks):
+    """Per pass (or clock) every task timed: slowest / median task time."""
+    out = []
+    for key in sorted(seconds):
+        times = seconds[key]
+        if len(times) == num_tasks and num_tasks > 0:
+            med = float(np.median(list(times.values())))
+            out.append(max(times.values()) / med if med > 0 else 1.0)
+    return out
+
+
 class Hub:
     """The driver's end of one serving job's sockets.
 
@@ -208,6 +238,9 @@ class Hub:
         self._replies = {}
         self._awaiting = set()
         self._request = None          # the pass in progress: (theta, sample)
+        self._ssp = None              # mode=async: the run in progress (:class:`_Ssp`)
+        self.rejected_pushes = 0      # async pushes not applied: duplicated or unasked for
+        self.task_seconds = {}        # pass -> {task: seconds its computation took}
 
     # ------------------------------------------------------------------ the passes
 
@@ -309,6 +342,9 @@ class Hub:
     def _try_start(self):
         """Send the pass in progress, unless it is out already or cannot be yet (tree
         and ring: until every task is connected and listening)."""
+        if self._ssp is not None:
+            self._ssp_dispatch()
+            return
         if self._request is None or self._started:
             return
         theta = self._request[0]
@@ -338,7 +374,7 @@ class Hub:
         self.epoch += 1
         self._holders = set()
         config = {"topology": self.topology, "epoch": self.epoch, "counted": self._counted,
-                  "num_tasks": self.num_tasks,
+                  "num_tasks": self.num_tasks, "timed": self.num_tasks <= MAX_TIMED_TASKS,
                   "fan_in": co.fan_in(self.num_tasks, self.depth),
                   "addresses": [self.addresses.get(i) for i in range(self.num_tasks)]
                   if self.topology != "star" else []}
@@ -403,6 +439,95 @@ class Hub:
         self._sent_to.add(i)
         peer.progress = time.monotonic()      # the deadline runs from the request
         self._push(peer)
+
+    # ------------------------------------------------------------------ mode=async
+
+    def run_async(self, server, staleness, max_clock):
+        """Stale synchronous parallel: every task pulls theta, computes its sums and
+        pushes them; ``server.push`` applies each push as it arrives; a task whose
+        clock (pushes applied) is more than ``staleness`` ahead of the slowest's waits.
+
+        ``server``: ``theta()`` (what a task is sent now), ``sample(i, clock) ->
+        (fraction, seed, iteration)``, ``push(i, clock, sums, theta_read, seconds)``,
+        ``clock_done(c) -> stop?`` (every task has pushed ``c`` times). Runs until
+        every task has pushed ``max_clock`` times or ``clock_done`` says stop.
+
+        A push is applied only when it answers the request outstanding on that task's
+        connection: a duplicate, or an answer to anything else, is counted in
+        :attr:`rejected_pushes` and dropped; a replayed frame fails its MAC sequence
+        and drops the connection (:mod:`.wire`); a lost task's request is abandoned,
+        and its next attempt is asked again at its clock. -> the :class:`_Ssp` run."""
+        if self.topology != "star":       # pushes go to the server, on the driver
+            self.topology, self._peers_current = "star", False
+        before = (self.bytes_out, self.bytes_in)
+        self._ssp = _Ssp(server, staleness, max_clock, self.num_tasks)
+        try:
+            self._ssp_dispatch()
+            self._wait(lambda: not self._ssp.finished)
+        finally:
+            ssp, self._ssp = self._ssp, None
+            for pass_no, _, _ in ssp.outstanding.values():
+                self._abandoned.add(pass_no)     # late answers are stale, not pushes
+            ssp.outstanding.clear()
+            self._holders = set()
+        self.last_bytes = {"driver_out": self.bytes_out - before[0],
+                           "driver_in": self.bytes_in - before[1], "peers": 0}
+        return ssp
+
+    def _ssp_dispatch(self):
+        """Ask every idle task that the staleness bound lets go for its next push."""
+        ssp = self._ssp
+        if ssp.finished:
+            return
+        if not self._peers_current:
+            self._new_epoch()
+        low = min(ssp.clocks)
+        theta = payload = None
+        for i, peer in sorted(self._tasks.items()):
+            c = ssp.clocks[i]
+            if i in ssp.outstanding or c >= ssp.max_clock or c - low > ssp.staleness:
+                continue
+            if theta is None:
+                theta = np.array(ssp.server.theta(), dtype="<f8")   # its own copy
+                payload = co.full_theta(theta)
+            fraction, seed, iteration = ssp.server.sample(i, c + 1)
+            self.pass_no += 1
+            peer.frame(wire.OP_SUMS, payload, pass_no=self.pass_no, iteration=iteration,
+                       seed=seed, fraction=fraction)
+            self.bytes_out += sum(wire.as_bytes(part).nbytes for part in payload)
+            ssp.outstanding[i] = (self.pass_no, c + 1, theta)
+            peer.progress = time.monotonic()
+            self._push(peer)
+
+    def _ssp_reply(self, peer, frame):
+        ssp, i = self._ssp, peer.index
+        asked = ssp.outstanding.get(i)
+        if asked is None or asked[0] != frame.pass_no:
+            self.rejected_pushes += 1
+            log.info("sparkgd: a push from task %d for request %d was not applied (%s)", i,
+                     frame.pass_no, "a duplicate" if frame.pass_no <= self.pass_no
+                     else "never asked for")
+            return
+        if len(frame.payload) != co.sums_bytes(self.codec, self.size - 2):
+            raise wire.ProtocolError(f"task {i}: a push of {len(frame.payload)} bytes")
+        sums = self._decode(i, frame.payload)
+        self.bytes_in += len(frame.payload)
+        del ssp.outstanding[i]
+        _, clock, theta = asked
+        ssp.seconds.setdefault(clock, {})[i] = float(frame.fraction)
+        ssp.server.push(i, clock, sums, theta, float(frame.fraction))
+        ssp.clocks[i] = clock
+        ssp.pushes += 1
+        low = min(ssp.clocks)
+        while ssp.done < low and not ssp.finished:
+            ssp.done += 1
+            if ssp.server.clock_done(ssp.done) or ssp.done >= ssp.max_clock:
+                ssp.finished = True
+        self._ssp_dispatch()
+
+    def _timed(self, pass_no, i, seconds):
+        if pass_no > 0 and math.isfinite(seconds) and seconds >= 0:
+            self.task_seconds.setdefault(pass_no, {})[i] = float(seconds)
 
     # ------------------------------------------------------------------ the loop
 
@@ -595,9 +720,11 @@ class Hub:
         peer.recv_seq += 1
         peer.stage = "head"
         peer.inbound.expect(wire._FRAME.size)
-        if frame.op == wire.OP_ALIVE:
-            return True
         i = peer.index
+        if frame.op == wire.OP_ALIVE:
+            if frame.pass_no > 0:     # after a pass: how long its computation took
+                self._timed(frame.pass_no, i, frame.fraction)
+            return True
         if frame.op == wire.OP_ADDRESS and len(frame.payload) <= MAX_NOTE:
             self.addresses[i] = _address(frame.payload)
             return True
@@ -618,6 +745,9 @@ class Hub:
             self.bytes_in += len(frame.payload)
             self.peer_bytes += frame.iteration
             return True
+        if frame.op == wire.OP_REPLY and self._ssp is not None:
+            self._ssp_reply(peer, frame)
+            return True
         awaited = frame.pass_no == self.pass_no and self._started and i in self._awaiting
         if frame.op != wire.OP_REPLY or not awaited or \
                 len(frame.payload) != self._reply_size(i):
@@ -625,6 +755,7 @@ class Hub:
                 f"task {i}: op {frame.op} for pass {frame.pass_no} ({len(frame.payload)} "
                 f"bytes) where pass {self.pass_no} is {'awaited' if i in self._awaiting else 'done'}")
         self._replies[i] = self._decode(i, frame.payload)    # CodecError: dropped
+        self._timed(frame.pass_no, i, frame.fraction)
         self.bytes_in += len(frame.payload)
         self.peer_bytes += frame.iteration
         self._awaiting.discard(i)
@@ -662,7 +793,8 @@ class Hub:
                 why = "stopped reading"
             elif peer.inbound.mid_piece or peer.stage == "payload":
                 why = "stalled mid-reply"
-            elif self._started and i in self._awaiting:
+            elif (self._started and i in self._awaiting) or \
+                    (self._ssp is not None and i in self._ssp.outstanding):
                 why = "did not answer"
             else:
                 continue
@@ -677,6 +809,9 @@ class Hub:
         self._pending.pop(peer.sock, None)
         if self._tasks.get(peer.index) is peer:
             del self._tasks[peer.index]
+            if self._ssp is not None and peer.index in self._ssp.outstanding:
+                # its push can no longer come: the task is asked again when it is back
+                self._abandoned.add(self._ssp.outstanding.pop(peer.index)[0])
         try:
             self._sel.unregister(peer.sock)
         except (KeyError, ValueError):

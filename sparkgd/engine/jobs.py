@@ -33,6 +33,33 @@ DEADLINE_CONF = "spark.sparkgd.hub.deadline"
 HELLO_CONF = "spark.sparkgd.hub.helloTimeout"
 
 
+#: Spark conf (also settable at run time, ``spark.conf.set``), for tests and
+#: benchmarks only: ``index:factor`` makes serving task ``index`` take ``factor``
+#: times as long over every computation (it sleeps the rest).
+SLOW_TASK_CONF = "spark.sparkgd.testing.slowTask"
+
+
+def slow_task(conf):
+    """-> [index, factor] from :data:`SLOW_TASK_CONF` (the session's runtime conf
+    first, then ``conf``), or None."""
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    text = session.conf.get(SLOW_TASK_CONF, None) if session is not None else None
+    text = text or conf.get(SLOW_TASK_CONF, None)
+    if not text:
+        return None
+    try:
+        index, factor = str(text).split(":")
+        index, factor = int(index), float(factor)
+    except ValueError:
+        raise SparkgdError(f"{SLOW_TASK_CONF} must be index:factor, got {text!r}") from None
+    if index < 0 or not factor >= 1.0:
+        raise SparkgdError(f"{SLOW_TASK_CONF} must be index:factor with factor >= 1, "
+                           f"got {text!r}")
+    return [index, factor]
+
+
 def conf_seconds(conf, key, default):
     text = conf.get(key, None)
     if text is None:
@@ -77,6 +104,7 @@ class ServingJob:
                        deadline=conf_seconds(conf, DEADLINE_CONF, DEADLINE_SECONDS),
                        hello_seconds=self.connect_seconds, ports=ports)
         self.address = (host, self.hub.port)
+        self.slow = slow_task(conf)
 
     def _start(self, action, description):
         from pyspark import InheritableThread
@@ -140,14 +168,16 @@ class ServingJob:
             raise Cancelled(f"the fit was cancelled: {str(self._error).strip().splitlines()[0]}")
 
     def configure(self, loss, layout, codec=codecs.NONE, topology="star", depth=2,
-                  theta_codec=codecs.NONE):
+                  theta_codec=codecs.NONE, work=None):
         """Tell the tasks what to compute and how to encode it (again only when it
         changed: a new configuration also clears the tasks' error-feedback residuals),
-        and how to combine a pass (:mod:`.collective`)."""
+        and how to combine a pass (:mod:`.collective`). ``work``: what a pass computes
+        when it is not the gradient (mode=local: :meth:`sparkgd.modes.local.Work.to_config`)."""
         self.hub.set_topology(topology, depth)
         config = {"loss": loss.name, "params": loss.params(),
                   "layout": [layout.d, layout.k, layout.fit_intercept],
-                  "compression": str(codec), "theta_compression": str(theta_codec)}
+                  "compression": str(codec), "theta_compression": str(theta_codec),
+                  "work": work, "slow": self.slow}
         if config == self.config:
             return
         self.hub.expect(2 + layout.size, codec, theta_codec)
@@ -157,6 +187,10 @@ class ServingJob:
     def evaluate(self, theta, sample=None):
         """Every task's sums for ``theta``, in task order."""
         return self.hub.evaluate(theta, sample)
+
+    def run_async(self, server, staleness, max_clock):
+        """mode=async over the serving tasks (:meth:`~sparkgd.engine.hub.Hub.run_async`)."""
+        return self.hub.run_async(server, staleness, max_clock)
 
     @property
     def rejected(self):
@@ -178,25 +212,36 @@ class ServingJob:
             self._thread.join(timeout=30)
 
 
-def _kernel_task(index, blocks, bc, loss, layout, sample, threads):
-    """Executor side: one partition's ``[loss_sum, weight_sum, grad...]``.
+def _kernel_task(index, blocks, bc, loss, layout, sample, threads, work=None):
+    """Executor side: one partition's ``[loss_sum, weight_sum, grad...]`` (``work``, a
+    :class:`~sparkgd.modes.local.Work`: its local round ``sample[2]`` instead).
 
     Captures only the broadcast and small plain values (never an estimator).
     """
+    if work is not None:
+        from ..modes import local
+
+        yield local.round_sums(list(blocks), bc.value, loss, layout, work, sample[2], index,
+                               threads)
+        return
     if sample is not None:
         sample = sample + (index,)
     yield kernels.partition_sums(blocks, bc.value, loss, layout, sample=sample,
                                  threads=threads)
 
 
-def pass_sums(store, theta, loss, layout, sample, aggregator):
+def pass_sums(store, theta, loss, layout, sample, aggregator, work=None):
     """One pass as one Spark job over ``store``'s blocks -> the summed vector."""
     bc = store.context.broadcast(theta)
     threads = store.threads_per_task
+    if work is not None:
+        from ..modes import local
+
+        work = local.Work.from_config(work, layout.d)
 
     def job(rdd):
         partials = rdd.mapPartitionsWithIndex(
-            lambda i, it: _kernel_task(i, it, bc, loss, layout, sample, threads))
+            lambda i, it: _kernel_task(i, it, bc, loss, layout, sample, threads, work))
         return aggregator.sum(partials, 2 + layout.size)
 
     try:

@@ -138,6 +138,7 @@ class Links:
         self.timeout = 4 * heartbeat if heartbeat > 0 else 60.0
         self.topology, self.epoch, self.num_tasks = "star", -1, 1
         self.fan_in, self.addresses = 2, []
+        self.timed = False        # tree: tell the hub this task's time after each pass
         self.up = None            # tree: the parent; ring: the next task
         self.down = {}            # tree: the children; ring: the previous task
         self.sender = None        # ring: sends to the next task
@@ -162,6 +163,7 @@ class Links:
         self.epoch = int(config.get("epoch", -1))
         self.num_tasks = int(config.get("num_tasks", 1))
         self.fan_in = int(config.get("fan_in", 2))
+        self.timed = bool(config.get("timed", False))
         self.addresses = [tuple(a) for a in config.get("addresses", [])]
 
     def roles(self):

@@ -137,17 +137,24 @@ class ServedJob(jobs.ServingJob):
                 facts["moments"] = hub.floats[i]
             self.facts.append(facts)
 
-    def configure(self, loss, layout, codec, topology="star", depth=2, theta_codec=None):
+    def configure(self, loss, layout, codec, topology="star", depth=2, theta_codec=None,
+                  work=None):
         try:
             super().configure(loss, layout, codec, topology, depth,
-                              theta_codec or codecs.NONE)
+                              theta_codec or codecs.NONE, work)
         except TaskLost:
             self.lost = True
             raise
 
     def evaluate(self, theta, sample=None):
+        return self._guarded(self.hub.evaluate, theta, sample)
+
+    def run_async(self, server, staleness, max_clock):
+        return self._guarded(self.hub.run_async, server, staleness, max_clock)
+
+    def _guarded(self, run, *args):
         try:
-            return self.hub.evaluate(theta, sample)
+            return run(*args)
         except TaskLost:
             self.lost = True
             self.raise_if_cancelled()
@@ -203,11 +210,23 @@ class ServedStore:
         return [f for f in self.job.facts if f]
 
     def serve(self, theta, loss, layout, sample, codec, topology="star", depth=2,
-              theta_codec=None):
+              theta_codec=None, work=None):
         """One pass -> the sums (see :meth:`~sparkgd.engine.hub.Hub.evaluate`)."""
         self.job.configure(loss, layout, codec, topology, depth,  # sent when it changed
-                           theta_codec or codecs.NONE)
+                           theta_codec or codecs.NONE, work)
         return self.job.evaluate(theta, sample)
+
+    def run_async(self, loss, layout, codec, server, staleness, max_clock):
+        """mode=async over the serving tasks (:meth:`~sparkgd.engine.hub.Hub.run_async`)."""
+        self.job.configure(loss, layout, codec, "star")
+        return self.job.run_async(server, staleness, max_clock)
+
+    @property
+    def hub(self):
+        return self.job.hub if self.job is not None else None
+
+    def rows_per_task(self):
+        return [] if self.job is None else [int(f.get("n", 0)) for f in self.job.facts]
 
     @property
     def last_bytes(self):

@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import select
 import threading
+import time
 
 import numpy as np
 
 from .. import codecs, kernels
+from ..modes import local
 from . import collective as co
 from . import peers, wire
 
@@ -70,12 +72,19 @@ class _State:
         self.snapshot = None      # (pass, the residual before it): a pass the hub redid
         #                           never counted, so what it took from the residual
         #                           goes back (OP_PEERS says which passes counted)
+        self.work = None          # mode=local: a pass is a round of local steps
+        self.slow = 1.0           # a test's knob: this task takes this many times longer
+        self.seconds = 0.0        # how long the last pass's computation took
 
     def configure(self, config):
         self.loss = kernels.make_loss(config["loss"], **config["params"])
         self.layout = kernels.Layout(*config["layout"])
         self.codec = codecs.parse(config.get("compression", "none"))
         self.theta_codec = codecs.parse(config.get("theta_compression", "none"))
+        work = config.get("work")
+        self.work = None if work is None else local.Work.from_config(work, self.layout.d)
+        slow = config.get("slow")
+        self.slow = float(slow[1]) if slow and int(slow[0]) == self.index else 1.0
         self.held = None
         self.residual = self.snapshot = None   # error feedback starts afresh
 
@@ -117,10 +126,20 @@ def serve(chan, blocks, index, threads, secret):
     beat = _Heartbeat(chan, links)
 
     def compute(theta, frame):
-        sample = None if frame.fraction >= 1.0 else \
-            (frame.fraction, frame.seed, frame.iteration, index)
-        return kernels.partition_sums(blocks, theta, state.loss, state.layout,
-                                      sample=sample, threads=threads)
+        started = time.perf_counter()
+        if state.work is not None:        # mode=local: round ``iteration``
+            sums = local.round_sums(blocks, theta, state.loss, state.layout, state.work,
+                                    frame.iteration, index, threads)
+        else:
+            sample = None if frame.fraction >= 1.0 else \
+                (frame.fraction, frame.seed, frame.iteration, index)
+            sums = kernels.partition_sums(blocks, theta, state.loss, state.layout,
+                                          sample=sample, threads=threads)
+        took = time.perf_counter() - started
+        if state.slow > 1.0:
+            time.sleep((state.slow - 1.0) * took)
+        state.seconds = time.perf_counter() - started
+        return sums
 
     def run_pass(frame):
         links.sent = 0
@@ -221,7 +240,7 @@ def _star(state, chan, links, frame, compute):
     sums = compute(theta, frame)
     if state.codec.lossy:
         sums = state.pack(sums[:2], sums[2:], _seed(frame, state.index))
-    chan.send(wire.OP_REPLY, sums, pass_no=frame.pass_no)
+    chan.send(wire.OP_REPLY, sums, pass_no=frame.pass_no, fraction=state.seconds)
 
 
 def _tree(state, chan, links, frame, compute):
@@ -251,10 +270,14 @@ def _tree(state, chan, links, frame, compute):
             raise peers.PeerError(f"task {i}: from task {j}: {e}") from None
     data = total if not codec.lossy else state.pack(total[:2], total[2:], _seed(frame, i))
     if parent is None:
-        chan.send(wire.OP_REPLY, data, pass_no=p, iteration=links.sent + below)
+        chan.send(wire.OP_REPLY, data, pass_no=p, iteration=links.sent + below,
+                  fraction=state.seconds)
     else:
         up = links.sent + below + wire.as_bytes(data).nbytes
         links.send(links.up, wire.OP_REPLY, data, p, iteration=up)
+        if links.timed:
+            # the hub learns each task's time without waiting for it (a header alone)
+            chan.send(wire.OP_ALIVE, pass_no=p, fraction=state.seconds)
 
 
 def _ring(state, chan, links, frame, compute):
@@ -303,7 +326,7 @@ def _ring(state, chan, links, frame, compute):
     links.flush()
     c = co.ring_final_chunk(i, size)
     chan.send(wire.OP_REPLY, _chunk(state, frame, c, acc_head, acc, b), pass_no=p,
-              iteration=links.sent)
+              iteration=links.sent, fraction=state.seconds)
 
 
 def _chunk(state, frame, c, head, grad, b):

@@ -80,6 +80,8 @@ class FitResult:
     evaluations: int
     converged: bool
     message: str
+    #: seconds from the fit's start at which each objectiveHistory entry was known
+    objective_times: list = None
 
 
 def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None,
@@ -114,9 +116,11 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
             return f, (g if pre is None else pre.grad_to_u(g))
 
     last = [start, objective.engine.bytes_communicated]
+    times = []
 
     def progress(it, f, gnorm, step):
         now, sent = time.perf_counter(), objective.engine.bytes_communicated
+        times.append(now - start)
         log.info("iter %4d  objective %.12g  |grad| %.3e  step %.3e  %.2fs  %d bytes",
                  it, f, gnorm, step, now - last[0], sent - last[1])
         last[0], last[1] = now, sent
@@ -125,9 +129,12 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
                          l1=l1_u, callback=progress, batch_fun=batch_fun,
                          inexact=objective.codec.lossy)
     theta = res.x if pre is None else pre.to_theta(res.x)
+    seconds = time.perf_counter() - start
+    times = (times + [seconds] * len(res.history))[:len(res.history)]
     return FitResult(
         theta=theta, objective_history=[float(v) for v in res.history],
-        iterations=res.iterations, seconds=time.perf_counter() - start,
+        iterations=res.iterations, seconds=seconds,
         bytes_communicated=objective.engine.bytes_communicated,
         driver_bytes=objective.engine.driver_bytes,
-        evaluations=objective.evaluations, converged=res.converged, message=res.message)
+        evaluations=objective.evaluations, converged=res.converged, message=res.message,
+        objective_times=[round(t, 6) for t in times])

@@ -1,0 +1,189 @@
+"""mode=async: a parameter server on the driver, with stale synchronous parallel (SSP).
+
+    task i: pull theta -> kernel on its blocks (or a mini-batch) -> push its sums
+    server: apply each push as it arrives: u -= lr_c * (its share of the gradient)
+    a task more than ``staleness`` clocks ahead of the slowest waits for it
+
+The hub runs the protocol (:meth:`sparkgd.engine.hub.Hub.run_async`: who is asked
+when, which pushes count); :class:`Server` is the arithmetic, and knows nothing of
+sockets. A task's clock is the number of its pushes applied.
+
+**The update.** A push from task i at clock c, computed at the theta it pulled, with
+the rows it sampled at rate q_i, carries ``[loss_sum, weight_sum, grad_sum]``. Its
+share of the full gradient is ``grad_sum / (q_i W) + (weight_sum / (q_i W)) l2 theta``
+(an unbiased estimate; exact when q_i = 1), and the server steps ``u -= lr_c T^T g``
+with sgd's ``lr_c = stepSize / sqrt(c)``. When every task has pushed c times the L1
+proximal step of clock c is taken once. With ``staleness = 0`` every task computes
+clock c at the same theta, and the pushes of a clock add up to sync sgd's step,
+exactly (to rounding).
+
+Why on the driver, not sharded across the tasks: a linear model's theta is one
+vector of d values that every push touches whole (the gradient of a dense block is
+dense), so a sharded server would split each push into P pieces and gain nothing
+but messages; the hub already authenticates every task and counts every byte. A push
+costs the driver ``8 (d + 2)`` bytes in and ``8 d`` out, as a star pass does.
+
+**Slow tasks.** SSP alone does not help a task that is always slower: the others
+wait for it ``staleness`` clocks later instead of at once, and the fit goes at its
+pace. With ``staleness >= 1`` the server also balances the work: it measures each
+task's seconds per unit of work and asks a slower one for a smaller mini-batch of
+its rows (``q_i = q * median / own``, at least ``MIN_FRACTION``), so every task
+pushes at about the same rate and nobody waits. The estimate stays unbiased (the
+division by q_i). With ``staleness = 0`` (bulk-synchronous, sync's result) every task
+computes its full share.
+
+**objectiveHistory.** Entry k (k >= 1) is the sum of what the pushes of clock k + 1
+report: each task's loss on its rows, at the theta it pulled, plus its share of the
+penalty. With staleness 0 that is F at the model after clock k, as sync records; the
+last entry is F on all the data at the returned coefficients (one more pass).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from ..optim.base import converged
+from ..penalties import soft_threshold
+from .sync import FitResult
+
+log = logging.getLogger("sparkgd")
+
+#: The smallest mini-batch fraction the balancing gives a slow task.
+MIN_FRACTION = 0.05
+#: Weight of the newest measurement in a task's running seconds-per-work estimate.
+SPEED_WEIGHT = 0.3
+
+
+class Server:
+    """The parameter server's state and arithmetic (pure NumPy; no Spark, no sockets).
+
+    ``u0``: the optimizer's variables (theta, or the standardized space's ``u`` when
+    ``pre`` is given); ``weight``: W, the total weight of the rows; ``penalty``: L2
+    and L1 weights on theta; ``step_size``, ``fraction``, ``seed``: sgd's."""
+
+    def __init__(self, u0, weight, penalty, pre=None, step_size=1.0, fraction=1.0, seed=0,
+                 tol=1e-6, balance=False):
+        self.u = np.array(u0, dtype=np.float64)
+        self.weight = float(weight)
+        self.penalty, self.pre = penalty, pre
+        l1 = penalty.l1_weights if penalty.has_l1 else None
+        self.l1 = None if l1 is None else (l1 if pre is None else pre.l1_to_u(l1))
+        self.step_size, self.fraction, self.seed = float(step_size), float(fraction), int(seed)
+        self.tol, self.balance = float(tol), bool(balance)
+        self.clock = 0                # every task has pushed this many times
+        self.reported = {}            # clock -> F's share reported by its pushes so far
+        self.history = []             # entry k: F after clock k (see the module)
+        self.times = []               # when each entry was known (perf_counter)
+        self.snapshots = {0: self.theta()}   # clock -> theta once every task pushed it
+        self.stopped_at = None        # the clock whose model the fit returns, on tol
+        self.pushes = 0
+        self.speed = {}               # task -> seconds per unit of work (running)
+        self.asked = {}               # task -> the fraction it was last asked for
+
+    def lr(self, clock):
+        return self.step_size / np.sqrt(clock)
+
+    def theta(self):
+        return self.u.copy() if self.pre is None else self.pre.to_theta(self.u)
+
+    def sample(self, i, clock):
+        """(fraction, seed, iteration) for task ``i``'s push ``clock``: sync's mini-batch
+        of iteration ``clock - 1``, smaller for a slow task when balancing."""
+        q = self.fraction
+        if self.balance and i is not None and i in self.speed and len(self.speed) > 1:
+            typical = float(np.median(list(self.speed.values())))
+            q = float(np.clip(q * typical / self.speed[i], MIN_FRACTION * q, q))
+        self.asked[i] = q
+        return q, self.seed, clock - 1
+
+    def push(self, i, clock, sums, theta_read, seconds):
+        """Apply one task's push for ``clock``, computed at ``theta_read``."""
+        q = self.asked.get(i, self.fraction)
+        scale = 1.0 / (q * self.weight)
+        share = sums[1] * scale                       # its estimated share of W
+        g = sums[2:] * scale + share * (self.penalty.l2_weights * theta_read)
+        if self.pre is not None:
+            g = self.pre.grad_to_u(g)
+        self.u -= self.lr(clock) * g
+        f = sums[0] * scale + share * self._penalty_value(theta_read)
+        self.reported[clock] = self.reported.get(clock, 0.0) + float(f)
+        self.pushes += 1
+        if seconds is not None and i is not None and q > 0:
+            per_work = float(seconds) / q
+            old = self.speed.get(i)
+            self.speed[i] = per_work if old is None else \
+                (1 - SPEED_WEIGHT) * old + SPEED_WEIGHT * per_work
+
+    def clock_done(self, c):
+        """Every task has pushed ``c`` times: clock c's proximal step; F after clock
+        c - 1 is complete. -> True when the fit should stop (tol)."""
+        if self.l1 is not None:
+            self.u = soft_threshold(self.u, self.lr(c) * self.l1)
+        self.clock = c
+        self.snapshots[c] = self.theta()
+        for old in [k for k in self.snapshots if k < c - 1]:
+            del self.snapshots[old]
+        if c < 2:
+            return False
+        f_prev, f = self.reported.pop(c - 1, np.nan), self.reported.get(c, np.nan)
+        self.history.append(f)
+        self.times.append(time.perf_counter())
+        log.info("clock %4d  objective %.12g  (pushes at clock %d)", c - 1, f, c)
+        if not np.isfinite(f):
+            self.stopped_at = c - 1
+            return True
+        if converged(f_prev, f, self.tol):
+            self.stopped_at = c - 1
+            return True
+        return False
+
+    def abandon_partial(self):
+        """Forget what pushes beyond the last whole clock reported (a fallback redoes
+        those clocks)."""
+        for k in [k for k in self.reported if k > self.clock]:
+            del self.reported[k]
+
+    def _penalty_value(self, theta):
+        f = 0.5 * float((self.penalty.l2_weights * theta) @ theta)
+        if self.penalty.has_l1:
+            f += float(self.penalty.l1_weights @ np.abs(theta))
+        return f
+
+
+def fit(engine, loss, layout, penalty, x0, *, weight, pre=None, step_size=None,
+        fraction=1.0, seed=0, staleness=2, max_iter=100, tol=1e-6, codec=None):
+    """``max_iter`` clocks of asynchronous sgd from ``x0`` (theta space)."""
+    from .. import codecs
+    from ..optim.first_order import DEFAULT_STEP
+
+    codec = codecs.NONE if codec is None else codec
+    start = time.perf_counter()
+    x0 = np.asarray(x0, dtype=np.float64)
+    server = Server(x0 if pre is None else pre.from_theta(x0), weight, penalty, pre,
+                    DEFAULT_STEP["sgd"] if step_size is None else step_size, fraction, seed,
+                    tol, balance=staleness > 0)
+    done = engine.run_async(loss, layout, codec, server, staleness, int(max_iter))
+    if server.stopped_at is not None:
+        theta, iterations = server.snapshots[server.stopped_at], server.stopped_at
+        message = "relative change of the objective <= tol" \
+            if np.isfinite(server.history[-1]) else \
+            "objective is not finite (step size too large?)"
+    else:
+        theta, iterations, message = server.theta(), done, "maxIter reached"
+    history = server.history[:iterations]
+    times = [t - start for t in server.times[:iterations]]
+    total = engine.evaluate(theta, loss, layout, None, codecs.NONE)
+    f = float(total[0] / total[1]) + server._penalty_value(theta)
+    seconds = time.perf_counter() - start
+    if iterations > 0:
+        history, times = history[:iterations - 1] + [f], times[:iterations - 1] + [seconds]
+    else:
+        history, times = [f], [seconds]
+    return FitResult(
+        theta=theta, objective_history=[float(v) for v in history], iterations=iterations,
+        seconds=seconds, bytes_communicated=engine.bytes_communicated,
+        driver_bytes=engine.driver_bytes, evaluations=server.pushes + 1,
+        converged=server.stopped_at is not None and message.startswith("relative"),
+        message=message, objective_times=[round(t, 6) for t in times])
