@@ -105,7 +105,9 @@ def run(spark, args):
     print("-" * len(head))
 
     def fmt(v, spec):
-        return format(v, spec) if v is not None else "-"
+        if v is not None:
+            return format(v, spec)
+        return format("-", spec.split(".")[0])       # the width alone
 
     for r in results["runs"]:
         print(f"{r['scenario']:>11} {r['mode']:>5} {r['gap']:>10.2e} "

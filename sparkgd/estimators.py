@@ -425,7 +425,7 @@ class LinearRegression(_SparkgdEstimator):
                   aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                   seed=0, initialModel=None, dtype="float64",
                   compression="none", topology="tree", mode="sync",
-                 localSteps=10, staleness=2, loss="squared", epsilon=1.35):
+                  localSteps=10, staleness=2, loss="squared", epsilon=1.35):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -481,7 +481,7 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                   aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                   seed=0, initialModel=None, dtype="float64",
                   compression="none", topology="tree", mode="sync",
-                 localSteps=10, staleness=2, threshold=0.5, family="auto"):
+                  localSteps=10, staleness=2, threshold=0.5, family="auto"):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -563,7 +563,7 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                   standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
                   miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
                   compression="none", topology="tree", mode="sync",
-                 localSteps=10, staleness=2, threshold=0.0):
+                  localSteps=10, staleness=2, threshold=0.0):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 

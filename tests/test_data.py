@@ -175,10 +175,12 @@ def test_bad_values_found_on_executors_become_one_error(spark):
     import sparkgd
 
     schema = "features array<double>, label double"
-    df = spark.createDataFrame([([1.0, 2.0], 0.0), ([1.0], 1.0)], schema)
-    # (a coalesce(1) would not do: the fit's own coalesce to the task slots replaces it)
+    rows = [([1.0, 2.0], 0.0), ([1.0], 1.0), ([3.0, 4.0], 0.0), ([5.0, 6.0], 1.0)]
+    # one partition, which the fit splits into two tasks of two rows (in order): the
+    # first task finds the short row among its own
     with pytest.raises(SparkgdError, match="row 1 has 1 elements"):
-        sparkgd.LinearRegression().fit(df.repartition(1))
+        sparkgd.LinearRegression().fit(spark.createDataFrame(rows, schema).repartition(1))
+    df = spark.createDataFrame(rows[:2], schema)
     with pytest.raises(SparkgdError, match="rows have different lengths"):
         sparkgd.LinearRegression().fit(df.repartition(2, "label"))
     df = spark.createDataFrame([([1.0], 0.0), ([2.0], 2.0)], schema)

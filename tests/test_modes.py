@@ -101,7 +101,7 @@ def test_pushes_of_one_clock_at_staleness_zero_add_up_to_sync_sgds_step():
     theta0 = rng.normal(size=6)
     parts = [np.concatenate([[1.0 + i, 10.0 + i], rng.normal(size=6)]) for i in range(3)]
     W = sum(p[1] for p in parts)
-    server = ps.Server(theta0, W, penalty, step_size=0.4)
+    server = ps.Server(theta0, W, penalty, step_size=0.4, staleness=0)
     for i, part in enumerate(parts):
         server.sample(i, 1)
         server.push(i, 1, part, theta0, 0.01)
@@ -117,8 +117,8 @@ def test_pushes_of_one_clock_at_staleness_zero_add_up_to_sync_sgds_step():
 
 def test_the_server_gives_a_slow_task_a_smaller_batch_only_when_balancing():
     layout = kernels.Layout(2, 1, False)
-    for balance, want in ((True, 1 / 3), (False, 1.0)):
-        server = ps.Server(np.zeros(2), 30.0, Penalty(layout), balance=balance)
+    for staleness, want in ((1, 1 / 3), (0, 1.0)):
+        server = ps.Server(np.zeros(2), 30.0, Penalty(layout), staleness=staleness)
         for i, seconds in enumerate([1.0, 1.0, 3.0]):
             server.sample(i, 1)
             server.push(i, 1, np.array([0.0, 10.0, 0.0, 0.0]), np.zeros(2), seconds)
@@ -141,16 +141,17 @@ def numpy_sync_sgd(tasks, clocks=CLOCKS, lr=LR):
     return theta
 
 
-def new_server(tasks, **kw):
+def new_server(tasks, staleness, **kw):
     every = [b for bl in tasks.blocks for b in bl]
     W = sum(b[2].sum() for b in every)
-    return ps.Server(np.zeros(D + 1), W, Penalty(tasks.layout), step_size=LR, tol=0.0, **kw)
+    return ps.Server(np.zeros(D + 1), W, Penalty(tasks.layout), step_size=LR, tol=0.0,
+                     staleness=staleness, **kw)
 
 
 def test_async_at_staleness_zero_is_sync_sgd():
     tasks = Tasks(4, "star")
     try:
-        server = new_server(tasks)
+        server = new_server(tasks, 0)
         run = tasks.hub.run_async(server, 0, CLOCKS)
     finally:
         tasks.close()
@@ -166,7 +167,7 @@ def test_no_task_runs_more_than_staleness_clocks_ahead_of_the_slowest():
     tasks.hub.configure(dict(tasks.config, slow=[1, 4.0]))
     leads = []
     try:
-        server = new_server(tasks)
+        server = new_server(tasks, s)
         sample = server.sample
 
         def watched(i, clock):
@@ -199,7 +200,7 @@ def test_a_duplicated_push_is_counted_and_never_applied(monkeypatch):
     monkeypatch.setitem(task.PASSES, "star", twice)
     tasks = Tasks(3, "star")
     try:
-        server = new_server(tasks)
+        server = new_server(tasks, 0)
         tasks.hub.run_async(server, 0, CLOCKS)
     finally:
         tasks.close()
@@ -231,7 +232,7 @@ def test_a_replayed_push_drops_the_connection_and_is_never_applied(monkeypatch):
     monkeypatch.setattr(wire, "send_parts", recording)
     tasks = Tasks(3, "star", names=True)
     try:
-        server = new_server(tasks)
+        server = new_server(tasks, 1)
         rejected = tasks.hub.rejected
 
         def retry():
@@ -246,10 +247,13 @@ def test_a_replayed_push_drops_the_connection_and_is_never_applied(monkeypatch):
     assert run.clocks == [CLOCKS] * 3 and server.pushes == 3 * CLOCKS
 
 
-def test_a_lost_task_rejoins_and_is_asked_again_at_its_clock():
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_a_lost_task_rejoins_and_is_asked_again_at_its_clock(staleness):
+    """Task 2 is lost right after its second push and its retry connects; at staleness 0
+    the clock in flight is computed at one theta all the same: sync's model."""
     tasks = Tasks(3, "star", names=True)
     try:
-        server = new_server(tasks)
+        server = new_server(tasks, staleness)
         pushed = server.push
 
         def push(i, clock, *rest):
@@ -259,11 +263,35 @@ def test_a_lost_task_rejoins_and_is_asked_again_at_its_clock():
                 threading.Timer(0.2, tasks.spawn, args=(2,)).start()    # its retry
 
         server.push = push
-        run = tasks.hub.run_async(server, 1, CLOCKS)
+        run = tasks.hub.run_async(server, staleness, CLOCKS)
     finally:
         tasks.close(lost=[2])
     assert run.clocks == [CLOCKS] * 3 and server.pushes == 3 * CLOCKS
     assert tasks.hub.reconnects == 1
+    if staleness == 0:
+        np.testing.assert_allclose(server.theta(), numpy_sync_sgd(tasks), rtol=1e-12,
+                                   atol=1e-14)
+
+
+def test_a_redone_run_undoes_the_pushes_beyond_the_last_whole_clock():
+    """A run cut short (a fallback, a rebuild) starts again from the last clock every
+    task completed: what later pushes moved is undone first."""
+    layout = kernels.Layout(3, 1, False)
+    server = ps.Server(np.zeros(3), 20.0, Penalty(layout, 0.1), step_size=0.5, staleness=1,
+                       task_weights=[10.0, 10.0])
+    rng = np.random.default_rng(5)
+    push = [np.concatenate([[1.0, 10.0], rng.normal(size=3)]) for _ in range(4)]
+    for i, clock, k in ((0, 1, 0), (1, 1, 1)):
+        server.sample(i, clock)
+        server.push(i, clock, push[k], server.theta(), 0.1)
+    server.clock_done(1)
+    after_one = server.theta()
+    server.sample(0, 2)
+    server.push(0, 2, push[2], after_one, 0.1)     # clock 2: task 0 only, then cut short
+    assert not np.allclose(server.theta(), after_one)
+    server.abandon_partial()
+    np.testing.assert_allclose(server.theta(), after_one, rtol=1e-15, atol=1e-15)
+    assert 2 not in server.reported
 
 
 # ------------------------------------------------------------------ on Spark
@@ -279,11 +307,13 @@ def data(spark):
     return df
 
 
-def test_async_staleness_zero_equals_sync_on_spark(data):
+@pytest.mark.parametrize("fraction", [1.0, 0.4])
+def test_async_staleness_zero_equals_sync_on_spark(data, fraction):
     from sparkgd import LogisticRegression
 
     common = dict(weightCol="weight", optimizer="sgd", stepSize=0.3, maxIter=40, tol=0,
-                  regParam=0.01, elasticNetParam=0.3, standardization=True)
+                  regParam=0.01, elasticNetParam=0.3, standardization=True,
+                  miniBatchFraction=fraction)
     a = LogisticRegression(**common).fit(data)
     b = LogisticRegression(mode="async", staleness=0, **common).fit(data)
     np.testing.assert_allclose(b.coefficients, a.coefficients, rtol=1e-10, atol=1e-12)
@@ -352,3 +382,36 @@ def test_mode_params_are_checked_up_front(params, message):
 
     with pytest.raises(SparkgdError, match=message):
         LinearRegression(**params)._validate()
+
+
+def test_local_and_async_give_the_same_over_serving_tasks_and_over_one_job_per_pass(data):
+    """The file store's serving tasks, and one Spark job per pass (where async has no
+    tasks to run ahead: each clock is bulk-synchronous), on the same blocks."""
+    from sparkgd.data import resolve_input
+    from sparkgd.engine import Engine
+    from sparkgd.modes import sync
+
+    spec = resolve_input(data.schema, weight_col="weight")
+    loss = kernels.make_loss("logistic")
+    out, kinds = [], []
+    for per_pass in ("auto", "jobs"):
+        with Engine.open(data, spec, store="files", per_pass=per_pass) as engine:
+            kinds.append(engine.kind)
+            layout = kernels.Layout(engine.facts.num_features, 1, True)
+            penalty = Penalty(layout, 0.01, 0.2)
+            x0 = np.zeros(layout.size)
+            weight = sum(i["wsum"] for i in engine.facts.infos)
+            work = local.Work("sgd", 0.3, 3, 1.0, 0, 0.01, 0.2)
+            a = local.fit(engine, loss, layout, penalty, work, x0, max_iter=8, tol=0)
+            b = ps.fit(engine, loss, layout, penalty, x0, weight=weight, step_size=0.3,
+                       staleness=0, max_iter=8, tol=0)
+            c = sync.fit(sync.DistributedObjective(engine, loss, layout, penalty), x0,
+                         optimizer="sgd", max_iter=8, tol=0, step_size=0.3)
+            out.append((a, b, c))
+    assert kinds == ["workers", "jobs"]
+    for (a, b, c) in out:
+        np.testing.assert_allclose(b.theta, c.theta, rtol=1e-10, atol=1e-13)   # s=0 is sync
+        np.testing.assert_allclose(b.objective_history, c.objective_history, rtol=1e-10)
+    np.testing.assert_allclose(out[0][0].theta, out[1][0].theta, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(out[0][0].objective_history, out[1][0].objective_history,
+                               rtol=1e-10)

@@ -37,6 +37,7 @@ from ..stats import moments_from_parts
 from . import jobs
 from .hub import Cancelled, TaskLost, WorkersFailed, WorkersUnavailable, skews
 
+from .balance import balanced
 from .slots import dynamic_allocation, local_cores, spark_encrypts, task_cpus, task_slots
 
 __all__ = ["Engine", "run", "Cancelled", "TaskLost", "WorkersFailed", "WorkersUnavailable", "STORES",
@@ -69,6 +70,7 @@ class Engine:
         self.kind = kind
         self.topology = aggregator.topology
         self.clock_skews = []
+        self._rejected_pushes = 0     # counted by serving sessions since closed
 
     @classmethod
     def open(cls, dataset, spec, *, source="the DataFrame", store="auto", dtype="float64",
@@ -108,8 +110,17 @@ class Engine:
             # served needs every task running at once: not with executors coming and going
             store = "files" if dynamic_allocation(sc) else "served"
         if store == "served":
-            served = ServedStore(frame.coalesce(task_slots(sc)), read_spec, dtype,
-                                 num_partitions, wait, threads=task_cpus(sc))
+            # one task per slot, their rows within 20% of one another (engine/balance.py)
+            seen = {}
+            try:
+                tasks_frame, how = balanced(frame, task_slots(sc), info=seen)
+            except Exception as e:  # the count job: the input's own errors show here first
+                raise SparkgdError(f"cannot read {source}: {_first_line(e)}") from None
+            counts = seen["counts"]
+            log.info("sparkgd: %d rows in %d partitions -> %d serving tasks (%s)",
+                     sum(counts), len(counts), min(task_slots(sc), max(1, sum(counts))), how)
+            served = ServedStore(tasks_frame, read_spec, dtype,
+                                 num_partitions or len(counts), wait, threads=task_cpus(sc))
             try:
                 return cls._materialize(served, spec, source, aggregator, "served")
             except WorkersUnavailable as e:
@@ -207,9 +218,13 @@ class Engine:
                     raise
                 log.warning("sparkgd: %s; falling back to one Spark job per pass, each "
                             "clock bulk-synchronous", e)
+                moved = self._store.last_bytes
+                self.aggregator.count_driver(moved["driver_out"] + moved["driver_in"])
+                self._rejected_pushes += self.rejected_pushes
                 self._store.close_session()
                 self.kind = "jobs"
         done = getattr(server, "clock", 0)
+        server.abandon_partial()
         while done < max_clock:
             clock = done + 1
             theta = np.array(server.theta())
@@ -229,7 +244,11 @@ class Engine:
     def rejected_pushes(self):
         """mode=async pushes the server did not apply (duplicates, unasked for)."""
         hub = getattr(self._store, "hub", None)
-        return 0 if hub is None else hub.rejected_pushes
+        return self._rejected_pushes + (0 if hub is None else hub.rejected_pushes)
+
+    def task_weights(self):
+        """Total row weight each serving task holds (None when not known per task)."""
+        return self._store.task_weights()
 
     def task_skews(self):
         """Per pass (mode=async: per clock), slowest task time / median task time, over

@@ -341,6 +341,9 @@ class FileStore:
     def hub(self):
         return self._session.hub if self._session is not None else None
 
+    def task_weights(self):
+        return None     # blocks' weights are known per block, not per serving task
+
     def rows_per_task(self):
         return [sum(int(k[2]) for k in keys) for keys in (self.task_keys or [])]
 

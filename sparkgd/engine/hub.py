@@ -158,15 +158,15 @@ class _Peer:
 class _Ssp:
     """One mode=async run on a hub: every task's clock, the requests out, the times."""
 
-    def __init__(self, server, staleness, max_clock, num_tasks):
+    def __init__(self, server, staleness, max_clock, num_tasks, start=0):
         self.server = server
         self.staleness, self.max_clock = int(staleness), int(max_clock)
-        self.clocks = [0] * int(num_tasks)
+        self.clocks = [int(start)] * int(num_tasks)
         self.outstanding = {}     # task -> (request number, clock, theta it was sent)
-        self.done = 0             # clocks every task has pushed
+        self.done = int(start)    # clocks every task has pushed
         self.pushes = 0
         self.seconds = {}         # clock -> {task: seconds its computation took}
-        self.finished = self.max_clock <= 0
+        self.finished = self.done >= self.max_clock
 
 
 def skews(seconds, num_tasks):
@@ -460,7 +460,12 @@ class Hub:
         if self.topology != "star":       # pushes go to the server, on the driver
             self.topology, self._peers_current = "star", False
         before = (self.bytes_out, self.bytes_in)
-        self._ssp = _Ssp(server, staleness, max_clock, self.num_tasks)
+        # a run started over (the file store rebuilt its blocks) goes on from the last
+        # clock every task completed; what pushes beyond it reported is redone
+        start = int(getattr(server, "clock", 0))
+        if hasattr(server, "abandon_partial"):
+            server.abandon_partial()
+        self._ssp = _Ssp(server, staleness, max_clock, self.num_tasks, start)
         try:
             self._ssp_dispatch()
             self._wait(lambda: not self._ssp.finished)
@@ -470,8 +475,9 @@ class Hub:
                 self._abandoned.add(pass_no)     # late answers are stale, not pushes
             ssp.outstanding.clear()
             self._holders = set()
-        self.last_bytes = {"driver_out": self.bytes_out - before[0],
-                           "driver_in": self.bytes_in - before[1], "peers": 0}
+            self._counted = self.pass_no
+            self.last_bytes = {"driver_out": self.bytes_out - before[0],
+                               "driver_in": self.bytes_in - before[1], "peers": 0}
         return ssp
 
     def _ssp_dispatch(self):
@@ -501,7 +507,11 @@ class Hub:
 
     def _ssp_reply(self, peer, frame):
         ssp, i = self._ssp, peer.index
+        self.bytes_in += len(frame.payload)
         asked = ssp.outstanding.get(i)
+        if ssp.finished and asked is not None and asked[0] == frame.pass_no:
+            self.stale += 1       # read in the round that ended the run: not applied
+            return
         if asked is None or asked[0] != frame.pass_no:
             self.rejected_pushes += 1
             log.info("sparkgd: a push from task %d for request %d was not applied (%s)", i,
@@ -511,11 +521,14 @@ class Hub:
         if len(frame.payload) != co.sums_bytes(self.codec, self.size - 2):
             raise wire.ProtocolError(f"task {i}: a push of {len(frame.payload)} bytes")
         sums = self._decode(i, frame.payload)
-        self.bytes_in += len(frame.payload)
         del ssp.outstanding[i]
         _, clock, theta = asked
-        ssp.seconds.setdefault(clock, {})[i] = float(frame.fraction)
-        ssp.server.push(i, clock, sums, theta, float(frame.fraction))
+        seconds = float(frame.fraction)
+        if not (math.isfinite(seconds) and seconds >= 0):
+            seconds = None
+        else:
+            ssp.seconds.setdefault(clock, {})[i] = seconds
+        ssp.server.push(i, clock, sums, theta, seconds)
         ssp.clocks[i] = clock
         ssp.pushes += 1
         low = min(ssp.clocks)
@@ -722,7 +735,7 @@ class Hub:
         peer.inbound.expect(wire._FRAME.size)
         i = peer.index
         if frame.op == wire.OP_ALIVE:
-            if frame.pass_no > 0:     # after a pass: how long its computation took
+            if 0 < frame.pass_no <= self.pass_no:   # after a pass: how long it computed
                 self._timed(frame.pass_no, i, frame.fraction)
             return True
         if frame.op == wire.OP_ADDRESS and len(frame.payload) <= MAX_NOTE:

@@ -228,6 +228,10 @@ class ServedStore:
     def rows_per_task(self):
         return [] if self.job is None else [int(f.get("n", 0)) for f in self.job.facts]
 
+    def task_weights(self):
+        return None if self.job is None else [float(f.get("wsum", 0.0))
+                                              for f in self.job.facts]
+
     @property
     def last_bytes(self):
         return self.job.hub.last_bytes

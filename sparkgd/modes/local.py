@@ -117,9 +117,8 @@ def round_sums(blocks, theta, loss, layout, work, round_no, index, threads=1):
                                       threads=threads)
         if s == 0 and sample is None:
             start = sums[:2].copy()
-        if sums[1] <= 0:               # an empty mini-batch: no step
-            continue
-        g = sums[2:] / sums[1]
+        # an empty mini-batch: the penalty's gradient alone, as sync steps then
+        g = sums[2:] / sums[1] if sums[1] > 0 else np.zeros(layout.size)
         g += penalty.l2_weights * x
         delta, state, step = opt.update(g if pre is None else pre.grad_to_u(g), state)
         u = u + delta

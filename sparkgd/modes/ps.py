@@ -8,14 +8,19 @@ The hub runs the protocol (:meth:`sparkgd.engine.hub.Hub.run_async`: who is aske
 when, which pushes count); :class:`Server` is the arithmetic, and knows nothing of
 sockets. A task's clock is the number of its pushes applied.
 
-**The update.** A push from task i at clock c, computed at the theta it pulled, with
-the rows it sampled at rate q_i, carries ``[loss_sum, weight_sum, grad_sum]``. Its
-share of the full gradient is ``grad_sum / (q_i W) + (weight_sum / (q_i W)) l2 theta``
-(an unbiased estimate; exact when q_i = 1), and the server steps ``u -= lr_c T^T g``
-with sgd's ``lr_c = stepSize / sqrt(c)``. When every task has pushed c times the L1
-proximal step of clock c is taken once. With ``staleness = 0`` every task computes
-clock c at the same theta, and the pushes of a clock add up to sync sgd's step,
-exactly (to rounding).
+**The update.** A push from task i at clock c, computed at the theta it pulled, over
+the rows it drew, carries ``[loss_sum, weight_sum, grad_sum]``. The server steps
+``u -= lr_c T^T g`` with sgd's ``lr_c = stepSize / sqrt(c)`` and g the push's share of
+the full gradient: ``(W_i / W) (grad_sum / weight_sum + l2 theta)`` -- the task's mean
+over what it drew, weighed by its share of the rows' weight (W_i from the blocks'
+facts; where that is not known per task, the Horvitz-Thompson ``grad_sum / (q_i W)``).
+When every task has pushed c times the L1 proximal step of clock c is taken once.
+
+**Staleness 0 is sync.** Every task computes clock c at the same theta, so the server
+keeps a clock's pushes until it is whole and then steps once, exactly as sync sgd does
+(the summed gradient over the summed weight of the rows drawn, the penalty's gradient
+added; a task retried mid-clock is asked at that same theta). Same model, to rounding,
+for full batches and mini-batches alike.
 
 Why on the driver, not sharded across the tasks: a linear model's theta is one
 vector of d values that every push touches whole (the gradient of a dense block is
@@ -27,10 +32,13 @@ costs the driver ``8 (d + 2)`` bytes in and ``8 d`` out, as a star pass does.
 wait for it ``staleness`` clocks later instead of at once, and the fit goes at its
 pace. With ``staleness >= 1`` the server also balances the work: it measures each
 task's seconds per unit of work and asks a slower one for a smaller mini-batch of
-its rows (``q_i = q * median / own``, at least ``MIN_FRACTION``), so every task
-pushes at about the same rate and nobody waits. The estimate stays unbiased (the
-division by q_i). With ``staleness = 0`` (bulk-synchronous, sync's result) every task
-computes its full share.
+its rows (``q_i = q * median / own``, at least ``MIN_FRACTION`` of q), so every task
+pushes at about the same rate and nobody waits. With ``staleness = 0`` (bulk-
+synchronous, sync's result) every task computes its full share.
+
+**Redone clocks.** A run cut short (a fallback to one Spark job per pass, the file
+store rebuilding its blocks) starts again from the last clock every task completed:
+what later pushes moved is undone first (:meth:`Server.abandon_partial`).
 
 **objectiveHistory.** Entry k (k >= 1) is the sum of what the pushes of clock k + 1
 report: each task's loss on its rows, at the theta it pulled, plus its share of the
@@ -64,14 +72,23 @@ class Server:
     and L1 weights on theta; ``step_size``, ``fraction``, ``seed``: sgd's."""
 
     def __init__(self, u0, weight, penalty, pre=None, step_size=1.0, fraction=1.0, seed=0,
-                 tol=1e-6, balance=False):
+                 tol=1e-6, staleness=2, task_weights=None):
         self.u = np.array(u0, dtype=np.float64)
         self.weight = float(weight)
         self.penalty, self.pre = penalty, pre
         l1 = penalty.l1_weights if penalty.has_l1 else None
         self.l1 = None if l1 is None else (l1 if pre is None else pre.l1_to_u(l1))
         self.step_size, self.fraction, self.seed = float(step_size), float(fraction), int(seed)
-        self.tol, self.balance = float(tol), bool(balance)
+        self.tol = float(tol)
+        # staleness 0 is bulk-synchronous: a clock's pushes are applied together, once
+        # whole (nobody reads mid-clock), as sync's step; otherwise each as it arrives,
+        # and slow tasks get less work (see the module)
+        self.bulk = staleness == 0
+        self.balance = not self.bulk
+        self.task_weights = None if task_weights is None else \
+            [float(v) for v in task_weights]
+        self.buffered = {}            # bulk: clock -> the sum of its pushes so far
+        self.applied = {}             # clock -> what its pushes moved u by (undone if redone)
         self.clock = 0                # every task has pushed this many times
         self.reported = {}            # clock -> F's share reported by its pushes so far
         self.history = []             # entry k: F after clock k (see the module)
@@ -99,19 +116,32 @@ class Server:
         return q, self.seed, clock - 1
 
     def push(self, i, clock, sums, theta_read, seconds):
-        """Apply one task's push for ``clock``, computed at ``theta_read``."""
+        """Apply one task's push for ``clock``, computed at ``theta_read`` (bulk: keep
+        it until the clock is whole)."""
+        self.pushes += 1
+        if self.bulk:
+            held = self.buffered.get(clock)
+            self.buffered[clock] = sums.copy() if held is None else held + sums
+            return
         q = self.asked.get(i, self.fraction)
-        scale = 1.0 / (q * self.weight)
-        share = sums[1] * scale                       # its estimated share of W
+        if self.task_weights is not None and i is not None:
+            share = self.task_weights[i] / self.weight        # W_i / W
+            # the task's mean over the rows it drew, weighed by its share of W
+            scale = share / sums[1] if sums[1] > 0 else 0.0
+        else:   # its weight unknown: the Horvitz-Thompson estimate of its sums
+            scale = 1.0 / (q * self.weight)
+            share = sums[1] * scale
         g = sums[2:] * scale + share * (self.penalty.l2_weights * theta_read)
         if self.pre is not None:
             g = self.pre.grad_to_u(g)
-        self.u -= self.lr(clock) * g
+        step = self.lr(clock) * g
+        self.u -= step
+        done = self.applied.get(clock)
+        self.applied[clock] = step if done is None else done + step
         f = sums[0] * scale + share * self._penalty_value(theta_read)
         self.reported[clock] = self.reported.get(clock, 0.0) + float(f)
-        self.pushes += 1
-        if seconds is not None and i is not None and q > 0:
-            per_work = float(seconds) / q
+        if seconds is not None and i is not None and q > 0 and np.isfinite(seconds):
+            per_work = max(float(seconds), 1e-9) / q
             old = self.speed.get(i)
             self.speed[i] = per_work if old is None else \
                 (1 - SPEED_WEIGHT) * old + SPEED_WEIGHT * per_work
@@ -119,6 +149,9 @@ class Server:
     def clock_done(self, c):
         """Every task has pushed ``c`` times: clock c's proximal step; F after clock
         c - 1 is complete. -> True when the fit should stop (tol)."""
+        if self.bulk:
+            self._bulk_step(c)
+        self.applied.pop(c, None)
         if self.l1 is not None:
             self.u = soft_threshold(self.u, self.lr(c) * self.l1)
         self.clock = c
@@ -139,11 +172,27 @@ class Server:
             return True
         return False
 
+    def _bulk_step(self, c):
+        """Staleness 0: clock c's pushes, all computed at theta_{c-1}, as sync's step:
+        the summed gradient over the summed weight of the rows drawn, plus L2."""
+        theta = self.theta()
+        total = self.buffered.pop(c)
+        f = self._penalty_value(theta)
+        g = self.penalty.l2_weights * theta
+        if total[1] > 0:      # (an empty mini-batch: the penalty alone, as sync)
+            f += float(total[0] / total[1])
+            g = g + total[2:] / total[1]
+        self.u -= self.lr(c) * (g if self.pre is None else self.pre.grad_to_u(g))
+        self.reported[c] = f
+
     def abandon_partial(self):
-        """Forget what pushes beyond the last whole clock reported (a fallback redoes
-        those clocks)."""
+        """Undo what pushes beyond the last whole clock did (a fallback, or a rebuild of
+        the blocks, redoes those clocks from the model after the last whole one)."""
+        for k in [k for k in self.applied if k > self.clock]:
+            self.u += self.applied.pop(k)
         for k in [k for k in self.reported if k > self.clock]:
             del self.reported[k]
+        self.buffered.clear()
 
     def _penalty_value(self, theta):
         f = 0.5 * float((self.penalty.l2_weights * theta) @ theta)
@@ -163,7 +212,7 @@ def fit(engine, loss, layout, penalty, x0, *, weight, pre=None, step_size=None,
     x0 = np.asarray(x0, dtype=np.float64)
     server = Server(x0 if pre is None else pre.from_theta(x0), weight, penalty, pre,
                     DEFAULT_STEP["sgd"] if step_size is None else step_size, fraction, seed,
-                    tol, balance=staleness > 0)
+                    tol, staleness=staleness, task_weights=engine.task_weights())
     done = engine.run_async(loss, layout, codec, server, staleness, int(max_iter))
     if server.stopped_at is not None:
         theta, iterations = server.snapshots[server.stopped_at], server.stopped_at
@@ -176,6 +225,13 @@ def fit(engine, loss, layout, penalty, x0, *, weight, pre=None, step_size=None,
     times = [t - start for t in server.times[:iterations]]
     total = engine.evaluate(theta, loss, layout, None, codecs.NONE)
     f = float(total[0] / total[1]) + server._penalty_value(theta)
+    if server.stopped_at is None and iterations > 0:
+        # the last clock's change is checked too, as sync checks its last iteration
+        prev = server.history[iterations - 2] if iterations >= 2 else \
+            server.reported.get(1, np.nan)
+        if converged(prev, f, tol):
+            message = "relative change of the objective <= tol"
+            server.stopped_at = iterations
     seconds = time.perf_counter() - start
     if iterations > 0:
         history, times = history[:iterations - 1] + [f], times[:iterations - 1] + [seconds]

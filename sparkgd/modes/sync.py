@@ -43,11 +43,13 @@ class DistributedObjective:
         self.theta_codec = theta_codec
         self.evaluations = 0
 
-    def smooth(self, theta, sample=None):
-        """``sample = (fraction, seed, iteration)``: a mini-batch estimate instead."""
+    def smooth(self, theta, sample=None, exact=False):
+        """``sample = (fraction, seed, iteration)``: a mini-batch estimate instead.
+        ``exact``: theta goes to the tasks exactly whatever ``theta_codec`` (with a lossy
+        one they compute at what they hold, theta up to its last encoded change)."""
         theta = np.asarray(theta, dtype=np.float64)
         total = self.engine.evaluate(theta, self.loss, self.layout, sample, self.codec,
-                                     self.theta_codec)
+                                     codecs.NONE if exact else self.theta_codec)
         self.evaluations += 1
         weight = total[1]
         if weight <= 0:  # an empty mini-batch: no loss information, only the penalty
@@ -129,10 +131,16 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
                          l1=l1_u, callback=progress, batch_fun=batch_fun,
                          inexact=objective.codec.lossy)
     theta = res.x if pre is None else pre.to_theta(res.x)
+    history = [float(v) for v in res.history]
+    if objective.theta_codec.lossy and history:
+        # the tasks computed at what they held, not at theta: the last entry is F at
+        # the returned coefficients, from one pass with theta sent exactly
+        f, _ = objective.smooth(theta, exact=True)
+        history[-1] = float(f) + optim.l1_value(l1, theta)
     seconds = time.perf_counter() - start
     times = (times + [seconds] * len(res.history))[:len(res.history)]
     return FitResult(
-        theta=theta, objective_history=[float(v) for v in res.history],
+        theta=theta, objective_history=history,
         iterations=res.iterations, seconds=seconds,
         bytes_communicated=objective.engine.bytes_communicated,
         driver_bytes=objective.engine.driver_bytes,
