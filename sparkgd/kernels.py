@@ -395,7 +395,15 @@ class blas_threads:
         self._old = []
 
 
-def partition_sums(blocks, theta, loss, layout, sample=None, threads=1):
+def keep_chunks(n, keep, seed, iteration, partition):
+    """Which of ``n`` row chunks a lighter pass computes: each with probability
+    ``keep``, a pure function of its arguments (drawn apart from :func:`sample_rows`)."""
+    rng = np.random.default_rng([int(seed) % (1 << 64), int(iteration), int(partition),
+                                 0x6368756E6B])    # "chunk"
+    return rng.random(n) < keep
+
+
+def partition_sums(blocks, theta, loss, layout, sample=None, threads=1, chunks=None):
     """Sum of :func:`block_sums` over an iterable of (X, y, w) blocks.
 
     ``sample = (fraction, seed, iteration, partition_index)`` restricts each
@@ -407,6 +415,11 @@ def partition_sums(blocks, theta, loss, layout, sample=None, threads=1):
     with two Python threads).
     The partial sums are added in chunk order either way, so the result does not
     depend on the number of threads.
+
+    ``chunks = (keep, seed, iteration, partition_index)``: only the row chunks
+    :func:`keep_chunks` draws are computed -- a lighter pass that copies nothing (views
+    of dense chunks; a CSR block is one chunk), which a slow task is given in
+    ``mode=async`` (the sums say how much weight it drew).
     """
     pieces = []
     for j, (X, y, w) in enumerate(blocks):
@@ -415,6 +428,9 @@ def partition_sums(blocks, theta, loss, layout, sample=None, threads=1):
             mask = sample_rows(y.shape[0], fraction, seed, iteration, partition, j)
             X, y, w = X[mask], y[mask], None if w is None else w[mask]
         pieces.extend(row_chunks(X, y, w))
+    if chunks is not None and chunks[0] < 1.0:
+        kept = keep_chunks(len(pieces), *chunks)
+        pieces = [piece for piece, k in zip(pieces, kept) if k]
 
     def one(piece):
         return _block_sums(piece[0], piece[1], piece[2], theta, loss, layout)

@@ -415,3 +415,18 @@ def test_local_and_async_give_the_same_over_serving_tasks_and_over_one_job_per_p
     np.testing.assert_allclose(out[0][0].theta, out[1][0].theta, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(out[0][0].objective_history, out[1][0].objective_history,
                                rtol=1e-10)
+
+
+def test_a_lighter_push_computes_the_drawn_row_chunks_and_copies_nothing(monkeypatch):
+    rng = np.random.default_rng(6)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 2048)     # 2048 B = 64 rows of 4 floats
+    X, y = rng.normal(size=(1000, 4)), (rng.random(1000) < 0.5).astype(float)
+    layout, loss = kernels.Layout(4, 1, True), kernels.make_loss("logistic")
+    theta = rng.normal(size=5)
+    pieces = kernels.row_chunks(X, y, None)
+    assert len(pieces) == 4 and all(np.shares_memory(p[0], X) for p in pieces)
+    kept = kernels.keep_chunks(len(pieces), 0.5, 7, 3, 1)
+    want = sum(kernels.block_sums(*p, theta, loss, layout) for p, k in zip(pieces, kept) if k)
+    got = kernels.partition_sums([(X, y, None)], theta, loss, layout, chunks=(0.5, 7, 3, 1))
+    assert 0 < kept.sum() < 4
+    np.testing.assert_allclose(got, want, rtol=1e-13)

@@ -200,15 +200,16 @@ class Engine:
             self.topology = self.aggregator.topology = "tree"
         return jobs.pass_sums(self._store, theta, loss, layout, sample, self.aggregator, work)
 
-    def run_async(self, loss, layout, codec, server, staleness, max_clock):
+    def run_async(self, loss, layout, codec, server, staleness, max_clock, work=None):
         """mode=async: pushes applied by ``server`` as they arrive, with staleness at
         most ``staleness`` clocks (:meth:`~sparkgd.engine.hub.Hub.run_async`). One Spark
         job per pass has no tasks to run ahead: each clock is then one job over every
-        partition, pushed as one (bulk-synchronous, as staleness 0)."""
+        partition, pushed as one (bulk-synchronous, as staleness 0). ``work``: the
+        tasks' configuration for it (the user's mini-batch fraction)."""
         if self.kind != "jobs":
             try:
                 run = self._store.run_async(loss, layout, codec, server, staleness,
-                                            max_clock)
+                                            max_clock, work)
                 moved = self._store.last_bytes
                 self.aggregator.count_driver(moved["driver_out"] + moved["driver_in"])
                 self.clock_skews.extend(skews(run.seconds, self.num_tasks))

@@ -331,11 +331,11 @@ class FileStore:
             rdd, lambda s: s.evaluate(theta, sample), loss, layout, codec, topology, depth,
             theta_codec, work), serving=True)
 
-    def run_async(self, loss, layout, codec, server, staleness, max_clock):
+    def run_async(self, loss, layout, codec, server, staleness, max_clock, work=None):
         """mode=async over the serving tasks (:meth:`~sparkgd.engine.hub.Hub.run_async`)."""
         return self.run(lambda rdd: self._serve(
             rdd, lambda s: s.run_async(server, staleness, max_clock), loss, layout, codec,
-            "star", 2, None, None), serving=True)
+            "star", 2, None, work), serving=True)
 
     @property
     def hub(self):

@@ -216,9 +216,9 @@ class ServedStore:
                            theta_codec or codecs.NONE, work)
         return self.job.evaluate(theta, sample)
 
-    def run_async(self, loss, layout, codec, server, staleness, max_clock):
+    def run_async(self, loss, layout, codec, server, staleness, max_clock, work=None):
         """mode=async over the serving tasks (:meth:`~sparkgd.engine.hub.Hub.run_async`)."""
-        self.job.configure(loss, layout, codec, "star")
+        self.job.configure(loss, layout, codec, "star", work=work)
         return self.job.run_async(server, staleness, max_clock)
 
     @property

@@ -74,6 +74,7 @@ class _State:
         #                           goes back (OP_PEERS says which passes counted)
         self.work = None          # mode=local: a pass is a round of local steps
         self.slow = 1.0           # a test's knob: this task takes this many times longer
+        self.base_fraction = None  # mode=async: the user's miniBatchFraction
         self.seconds = 0.0        # how long the last pass's computation took
 
     def configure(self, config):
@@ -82,6 +83,12 @@ class _State:
         self.codec = codecs.parse(config.get("compression", "none"))
         self.theta_codec = codecs.parse(config.get("theta_compression", "none"))
         work = config.get("work")
+        self.base_fraction = None
+        if work is not None and work.get("mode") == "async":
+            self.base_fraction = float(work["fraction"])
+            if not 0 < self.base_fraction <= 1:
+                raise wire.ProtocolError(f"a mini-batch fraction of {self.base_fraction}")
+            work = None
         self.work = None if work is None else local.Work.from_config(work, self.layout.d)
         slow = config.get("slow")
         self.slow = float(slow[1]) if slow and int(slow[0]) == self.index else 1.0
@@ -131,10 +138,14 @@ def serve(chan, blocks, index, threads, secret):
             sums = local.round_sums(blocks, theta, state.loss, state.layout, state.work,
                                     frame.iteration, index, threads)
         else:
-            sample = None if frame.fraction >= 1.0 else \
-                (frame.fraction, frame.seed, frame.iteration, index)
+            # mode=async asks a slow task for a lighter push: ``fraction`` is then the
+            # user's mini-batch fraction times the share of row chunks to compute
+            q = frame.fraction if state.base_fraction is None else state.base_fraction
+            keep = 1.0 if state.base_fraction is None else frame.fraction / q
+            sample = None if q >= 1.0 else (q, frame.seed, frame.iteration, index)
+            chunks = None if keep >= 1.0 else (keep, frame.seed, frame.iteration, index)
             sums = kernels.partition_sums(blocks, theta, state.loss, state.layout,
-                                          sample=sample, threads=threads)
+                                          sample=sample, threads=threads, chunks=chunks)
         took = time.perf_counter() - started
         if state.slow > 1.0:
             time.sleep((state.slow - 1.0) * took)

@@ -31,10 +31,13 @@ costs the driver ``8 (d + 2)`` bytes in and ``8 d`` out, as a star pass does.
 **Slow tasks.** SSP alone does not help a task that is always slower: the others
 wait for it ``staleness`` clocks later instead of at once, and the fit goes at its
 pace. With ``staleness >= 1`` the server also balances the work: it measures each
-task's seconds per unit of work and asks a slower one for a smaller mini-batch of
-its rows (``q_i = q * median / own``, at least ``MIN_FRACTION`` of q), so every task
-pushes at about the same rate and nobody waits. With ``staleness = 0`` (bulk-
-synchronous, sync's result) every task computes its full share.
+task's seconds per unit of work, and asks one slower than ``SLOW`` times the median
+(by ``MIN_GAIN`` seconds at least) for a lighter push: the share ``median / own`` of
+its row chunks (at least ``MIN_FRACTION``; :func:`sparkgd.kernels.keep_chunks`, views,
+nothing copied). Such a push is divided by its rows' probability (Horvitz-Thompson), so
+it stays unbiased. Every task then pushes at about the same rate and nobody waits.
+With ``staleness = 0`` (bulk-synchronous, sync's result) every task computes its full
+share.
 
 **Redone clocks.** A run cut short (a fallback to one Spark job per pass, the file
 store rebuilding its blocks) starts again from the last clock every task completed:
@@ -60,6 +63,12 @@ log = logging.getLogger("sparkgd")
 
 #: The smallest mini-batch fraction the balancing gives a slow task.
 MIN_FRACTION = 0.05
+#: A task this many times slower than the median is given less work (below it, the
+#: differences are noise: a lighter push would not come back sooner).
+SLOW = 1.25
+#: ... and by this many seconds a push at least (below, a push's time is mostly its
+#: round trip and timing noise, not work a lighter push would save).
+MIN_GAIN = 0.005
 #: Weight of the newest measurement in a task's running seconds-per-work estimate.
 SPEED_WEIGHT = 0.3
 
@@ -107,11 +116,14 @@ class Server:
 
     def sample(self, i, clock):
         """(fraction, seed, iteration) for task ``i``'s push ``clock``: sync's mini-batch
-        of iteration ``clock - 1``, smaller for a slow task when balancing."""
+        of iteration ``clock - 1``; when balancing, a task slower than ``SLOW`` times the
+        median is asked for the share ``median / own`` of its row chunks as well (the
+        fraction sent is the product; the task knows the user's part)."""
         q = self.fraction
         if self.balance and i is not None and i in self.speed and len(self.speed) > 1:
             typical = float(np.median(list(self.speed.values())))
-            q = float(np.clip(q * typical / self.speed[i], MIN_FRACTION * q, q))
+            if self.speed[i] > SLOW * typical and self.speed[i] - typical > MIN_GAIN:
+                q *= float(np.clip(typical / self.speed[i], MIN_FRACTION, 1.0))
         self.asked[i] = q
         return q, self.seed, clock - 1
 
@@ -124,13 +136,16 @@ class Server:
             self.buffered[clock] = sums.copy() if held is None else held + sums
             return
         q = self.asked.get(i, self.fraction)
-        if self.task_weights is not None and i is not None:
+        if self.task_weights is not None and i is not None and q == self.fraction:
             share = self.task_weights[i] / self.weight        # W_i / W
             # the task's mean over the rows it drew, weighed by its share of W
             scale = share / sums[1] if sums[1] > 0 else 0.0
-        else:   # its weight unknown: the Horvitz-Thompson estimate of its sums
+        else:
+            # a lighter push (some of its row chunks: possibly none), or the task's weight
+            # unknown: the Horvitz-Thompson estimate of its sums, unbiased either way
             scale = 1.0 / (q * self.weight)
-            share = sums[1] * scale
+            share = sums[1] * scale if self.task_weights is None or i is None else \
+                self.task_weights[i] / self.weight
         g = sums[2:] * scale + share * (self.penalty.l2_weights * theta_read)
         if self.pre is not None:
             g = self.pre.grad_to_u(g)
@@ -213,7 +228,8 @@ def fit(engine, loss, layout, penalty, x0, *, weight, pre=None, step_size=None,
     server = Server(x0 if pre is None else pre.from_theta(x0), weight, penalty, pre,
                     DEFAULT_STEP["sgd"] if step_size is None else step_size, fraction, seed,
                     tol, staleness=staleness, task_weights=engine.task_weights())
-    done = engine.run_async(loss, layout, codec, server, staleness, int(max_iter))
+    done = engine.run_async(loss, layout, codec, server, staleness, int(max_iter),
+                            work={"mode": "async", "fraction": float(fraction)})
     if server.stopped_at is not None:
         theta, iterations = server.snapshots[server.stopped_at], server.stopped_at
         message = "relative change of the objective <= tol" \
