@@ -92,6 +92,14 @@ def build_parser(default_data=None):
                    help="mode local: optimizer steps each task takes between averagings")
     p.add_argument("--staleness", type=_int, default=2,
                    help="mode async: clocks a task may run ahead of the slowest (0: sync)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="local directory where the driver saves the fit's state every "
+                        "--checkpoint-interval iterations (default: no checkpoints)")
+    p.add_argument("--checkpoint-interval", type=_int, default=10,
+                   help="iterations between checkpoints (-1: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from the checkpoint in --checkpoint-dir (refused if written "
+                        "for other data or params; from iteration 0 if there is none)")
     p.add_argument("--max-iter", type=_int, default=100)
     p.add_argument("--tol", type=_float, default=1e-6)
     p.add_argument("--reg-param", type=_float, default=0.0)
@@ -195,6 +203,8 @@ def make_estimator(args):
         stepSize=args.step_size, miniBatchFraction=args.mini_batch_fraction, seed=args.seed,
         dtype=args.dtype, compression=args.compression, topology=args.topology,
         mode=args.mode, localSteps=args.local_steps, staleness=args.staleness,
+        checkpointDir=args.checkpoint_dir, checkpointInterval=args.checkpoint_interval,
+        resume=args.resume,
         initialModel=_strip_file(args.initial_model) if args.initial_model else None)
     cls = getattr(estimators, LOSS_ESTIMATOR[args.loss])
     if cls is estimators.LinearRegression:

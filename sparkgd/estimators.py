@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from pyspark.ml import Estimator, Model
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import (
     HasAggregationDepth,
+    HasCheckpointInterval,
     HasElasticNetParam,
     HasFeaturesCol,
     HasFitIntercept,
@@ -34,7 +36,7 @@ from pyspark.ml.param.shared import (
     HasWeightCol,
 )
 
-from . import codecs, data, engine, kernels, optim, stats
+from . import checkpoint, codecs, data, engine, kernels, optim, stats
 from .comm import TOPOLOGIES
 from .errors import SparkgdError
 from .modes import local, ps, sync
@@ -53,7 +55,8 @@ MODES = ("sync", "local", "async")
 
 class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol, HasMaxIter,
                      HasTol, HasRegParam, HasElasticNetParam, HasFitIntercept,
-                     HasStandardization, HasAggregationDepth, HasStepSize, HasSeed):
+                     HasStandardization, HasAggregationDepth, HasStepSize, HasSeed,
+                     HasCheckpointInterval):
     """Params every sparkgd estimator and model shares."""
 
     featureCols = Param(
@@ -95,6 +98,15 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
         Params._dummy(), "staleness",
         "mode async: how many clocks a task may run ahead of the slowest (>= 0; 0 is "
         "bulk-synchronous and gives sync's result)", typeConverter=TypeConverters.toInt)
+    checkpointDir = Param(
+        Params._dummy(), "checkpointDir",
+        "where the driver saves the fit's state every checkpointInterval iterations (a "
+        "local directory; none: no checkpoints)", typeConverter=TypeConverters.toString)
+    resume = Param(
+        Params._dummy(), "resume",
+        "go on from the checkpoint in checkpointDir (refused if it was written for other "
+        "data or params; a fresh start when there is none)",
+        typeConverter=TypeConverters.toBoolean)
     topology = Param(
         Params._dummy(), "topology",
         "how serving tasks combine a pass: tree (default; fan-in from aggregationDepth, "
@@ -108,7 +120,7 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
                          fitIntercept=True, standardization=False, aggregationDepth=2,
                          optimizer="lbfgs", miniBatchFraction=1.0, seed=0, dtype="float64",
                          compression="none", topology="tree", mode="sync", localSteps=10,
-                         staleness=2)
+                         staleness=2, checkpointInterval=10, resume=False)
 
     def getFeatureCols(self):
         return self.getOrDefault(self.featureCols) if self.isDefined(self.featureCols) else None
@@ -127,6 +139,13 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
 
     def getTopology(self):
         return self.getOrDefault(self.topology)
+
+    def getCheckpointDir(self):
+        return self.getOrDefault(self.checkpointDir) if self.isDefined(self.checkpointDir) \
+            else None
+
+    def getResume(self):
+        return self.getOrDefault(self.resume)
 
     def getMode(self):
         return self.getOrDefault(self.mode)
@@ -199,6 +218,11 @@ def _validate_common(est):
     mode = est.getMode()
     if mode not in MODES:
         fail(f"unknown mode '{mode}'; expected one of " + ", ".join(MODES))
+    interval = est.getCheckpointInterval()
+    if interval == 0 or interval < -1:
+        fail(f"checkpointInterval must be >= 1, or -1 for no checkpoints (got {interval})")
+    if est.getResume() and not est.getCheckpointDir():
+        fail("resume needs checkpointDir: the directory to resume from")
     if est.getLocalSteps() < 1:
         fail(f"localSteps must be >= 1 (got {est.getLocalSteps()})")
     if est.getStaleness() < 0:
@@ -251,6 +275,7 @@ class _Trained:
     skews: list
     rows_per_task: list
     rejected_pushes: int
+    checkpoint: object = None
 
 
 # ----------------------------------------------------------------------------
@@ -296,6 +321,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         spec = data.resolve_input(dataset.schema, self.getFeaturesCol(), self.getFeatureCols(),
                                   self.getLabelCol(), weight_col or None, source=source)
         optim.preload(self.getOptimizer())   # overlaps the block build
+        self._checkpoint_started = False     # a restarted attempt resumes its own
         topology = self.getTopology()
         if self.getMode() == "async" and topology != "star":
             log.info("sparkgd: mode async: tasks push to the server on the driver (topology "
@@ -318,6 +344,8 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
             rowsPerTask=fit.rows_per_task, rejectedPushes=fit.rejected_pushes)
         model = self._model_class._from_fit(coef, intercept, fit.loss_name, fit.num_classes,
                                             summary, fit.loss.params())
+        if fit.checkpoint is not None:
+            fit.checkpoint.remove()          # the fit ended well: nothing to resume
         model._est_params = self._param_values()
         return self._copyValues(model)
 
@@ -354,18 +382,22 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                 curvature=loss.curvature)
         codec = codecs.parse(self.getCompression())
         mode = self.getMode()
+        ck, resumed = self._checkpointer(facts)
+        saving = dict(checkpoint=ck, resumed=resumed)
         if mode == "local":
             work = local.Work(optimizer, step, self.getLocalSteps(),
                               self.getMiniBatchFraction(), self.getSeed(), self.getRegParam(),
                               self.getElasticNetParam(), std if standardize else None)
             result = local.fit(engine, loss, layout, penalty, work, x0,
-                               max_iter=self.getMaxIter(), tol=self.getTol(), codec=codec)
+                               max_iter=self.getMaxIter(), tol=self.getTol(), codec=codec,
+                               **saving)
         elif mode == "async":
             weight = sum(i["wsum"] for i in facts.infos)
             result = ps.fit(engine, loss, layout, penalty, x0, weight=weight, pre=pre,
                             step_size=step, fraction=self.getMiniBatchFraction(),
                             seed=self.getSeed(), staleness=self.getStaleness(),
-                            max_iter=self.getMaxIter(), tol=self.getTol(), codec=codec)
+                            max_iter=self.getMaxIter(), tol=self.getTol(), codec=codec,
+                            **saving)
         else:
             objective = sync.DistributedObjective(
                 engine, loss, layout, penalty, codec=codec,
@@ -373,9 +405,31 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
             result = sync.fit(objective, x0, optimizer=optimizer, max_iter=self.getMaxIter(),
                               tol=self.getTol(), step_size=step, precondition=pre,
                               mini_batch_fraction=self.getMiniBatchFraction(),
-                              seed=self.getSeed())
+                              seed=self.getSeed(), **saving)
         return _Trained(result, layout, loss_name, loss, num_classes, facts, engine.rejected,
-                        engine.task_skews(), engine.rows_per_task(), engine.rejected_pushes)
+                        engine.task_skews(), engine.rows_per_task(), engine.rejected_pushes,
+                        ck)
+
+    def _checkpointer(self, facts):
+        """-> (Checkpointer, the checkpoint's meta to resume from, or None), or
+        (None, None) without checkpointDir."""
+        directory = self.getCheckpointDir()
+        if not directory:
+            return None, None
+        if directory.startswith("file://"):
+            directory = directory[len("file://"):]
+        ck = checkpoint.Checkpointer(os.path.abspath(directory), self.getCheckpointInterval(),
+                                     self._param_values(), facts, self.getMode())
+        meta = None
+        if self.getResume() or self._checkpoint_started:
+            meta = ck.load()
+            if meta is None and self.getResume():
+                log.info("sparkgd: no checkpoint in %s: the fit starts from iteration 0",
+                         ck.dir)
+        else:
+            checkpoint.clear_directory(ck.dir)
+        self._checkpoint_started = True
+        return ck, meta
 
     def _start(self, x0, layout, facts, loss_name):
         """The starting point of a fit from scratch (zeros unless a subclass knows better)."""
@@ -413,7 +467,8 @@ class LinearRegression(_SparkgdEstimator):
                  aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                  seed=0, initialModel=None, dtype="float64",
                  compression="none", topology="tree", mode="sync",
-                 localSteps=10, staleness=2, loss="squared", epsilon=1.35):
+                 localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
+                 resume=False, loss="squared", epsilon=1.35):
         super().__init__()
         self._setDefault(loss="squared", epsilon=1.35)
         self.setParams(**self._input_kwargs)
@@ -425,7 +480,8 @@ class LinearRegression(_SparkgdEstimator):
                   aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                   seed=0, initialModel=None, dtype="float64",
                   compression="none", topology="tree", mode="sync",
-                  localSteps=10, staleness=2, loss="squared", epsilon=1.35):
+                  localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
+                  resume=False, loss="squared", epsilon=1.35):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -467,7 +523,8 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                  aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                  seed=0, initialModel=None, dtype="float64",
                  compression="none", topology="tree", mode="sync",
-                 localSteps=10, staleness=2, threshold=0.5, family="auto"):
+                 localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
+                 resume=False, threshold=0.5, family="auto"):
         super().__init__()
         self._setDefault(probabilityCol="probability", rawPredictionCol="rawPrediction",
                          threshold=0.5, family="auto")
@@ -481,7 +538,8 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                   aggregationDepth=2, optimizer="lbfgs", stepSize=None, miniBatchFraction=1.0,
                   seed=0, initialModel=None, dtype="float64",
                   compression="none", topology="tree", mode="sync",
-                  localSteps=10, staleness=2, threshold=0.5, family="auto"):
+                  localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
+                  resume=False, threshold=0.5, family="auto"):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -551,7 +609,8 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                  standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
                  miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
                  compression="none", topology="tree", mode="sync",
-                 localSteps=10, staleness=2, threshold=0.0):
+                 localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
+                 resume=False, threshold=0.0):
         super().__init__()
         self._setDefault(rawPredictionCol="rawPrediction", threshold=0.0)
         self.setParams(**self._input_kwargs)
@@ -563,7 +622,8 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                   standardization=False, aggregationDepth=2, optimizer="lbfgs", stepSize=None,
                   miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
                   compression="none", topology="tree", mode="sync",
-                  localSteps=10, staleness=2, threshold=0.0):
+                  localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
+                  resume=False, threshold=0.0):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 

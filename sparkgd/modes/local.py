@@ -37,7 +37,7 @@ from ..optim import first_order
 from ..optim.base import converged
 from ..penalties import Penalty, soft_threshold
 from ..stats import Preconditioner
-from .sync import FitResult
+from .sync import FitResult, diverged
 
 log = logging.getLogger("sparkgd")
 
@@ -133,7 +133,8 @@ def round_sums(blocks, theta, loss, layout, work, round_no, index, threads=1):
     return out
 
 
-def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=None):
+def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=None,
+        checkpoint=None, resumed=None):
     """``max_iter`` rounds of local SGD from ``x0`` (theta space); stops early when F
     at two successive averages changes by at most ``tol`` (relatively).
 
@@ -149,17 +150,28 @@ def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=N
     history, times, evaluations = [], [], 0
     message, done, rounds = "maxIter reached", False, 0
     last = [start, engine.bytes_communicated]
-    f_prev = None
-    for r in range(1, int(max_iter) + 1):
+    f_prev, first, base = None, 1, 0.0
+    if resumed:
+        rounds = first = int(resumed["iteration"])
+        first += 1
+        theta = checkpoint.state()["theta"].copy()
+        history = list(resumed["objectiveHistory"]) + [float("nan")]
+        times = list(resumed["objectiveTimes"]) + [0.0]
+        f_prev = resumed.get("f_prev")
+        base = times[-2] if len(times) > 1 else 0.0
+        log.info("resumed from iteration %d (%s)", rounds, checkpoint.dir)
+    for r in range(first, int(max_iter) + 1):
         total = engine.evaluate(theta, loss, layout, (1.0, work.seed, r), codec, work=config)
         evaluations += 1
         weight = total[1]
         if weight <= 0:
             raise RuntimeError("a local round over no rows")   # pragma: no cover
         f_start = _objective(total, penalty, l1, theta)  # F at the last average
+        if not np.isfinite(f_start):
+            raise diverged(f_start, r - 1, checkpoint)
         if history:
             history[-1] = f_start   # (the entry for round r - 1 was a placeholder)
-            times[-1] = time.perf_counter() - start
+            times[-1] = base + time.perf_counter() - start
         theta = theta + total[2:] / weight
         rounds = r
         now, sent = time.perf_counter(), engine.bytes_communicated
@@ -177,13 +189,16 @@ def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=N
         f_prev = f_start
         history.append(float("nan"))
         times.append(0.0)
-        if not np.isfinite(f_start):
-            message = "objective is not finite (step size too large?)"
-            break
+        if checkpoint is not None and checkpoint.due(r):
+            # after round r: its model; F there comes with round r + 1's pass
+            checkpoint.save(r, history[:-1], times[:-1], state={"theta": theta},
+                            extra={"f_prev": f_prev})
     final = engine.evaluate(theta, loss, layout, None, codecs.NONE)
     evaluations += 1
     f = _objective(final, penalty, l1, theta)
-    seconds = time.perf_counter() - start
+    if not np.isfinite(f):
+        raise diverged(f, rounds, checkpoint)
+    seconds = base + time.perf_counter() - start
     if history:
         history[-1], times[-1] = f, seconds
     else:

@@ -57,7 +57,7 @@ import numpy as np
 
 from ..optim.base import converged
 from ..penalties import soft_threshold
-from .sync import FitResult
+from .sync import FitResult, diverged
 
 log = logging.getLogger("sparkgd")
 
@@ -106,6 +106,8 @@ class Server:
         self.stopped_at = None        # the clock whose model the fit returns, on tol
         self.pushes = 0
         self.speed = {}               # task -> seconds per unit of work (running)
+        self.checkpoint = None        # a Checkpointer: the model every interval clocks
+        self.started = time.perf_counter()
         self.asked = {}               # task -> the fraction it was last asked for
 
     def lr(self, clock):
@@ -174,7 +176,7 @@ class Server:
         for old in [k for k in self.snapshots if k < c - 1]:
             del self.snapshots[old]
         if c < 2:
-            return False
+            return self._checkpoint(c)
         f_prev, f = self.reported.pop(c - 1, np.nan), self.reported.get(c, np.nan)
         self.history.append(f)
         self.times.append(time.perf_counter())
@@ -185,7 +187,31 @@ class Server:
         if converged(f_prev, f, self.tol):
             self.stopped_at = c - 1
             return True
+        return self._checkpoint(c)
+
+    def _checkpoint(self, c):
+        if self.checkpoint is not None and self.checkpoint.due(c):
+            u = self.u.copy()
+            for k, moved in self.applied.items():    # later clocks' pushes, undone
+                if k > c:
+                    u += moved
+            self.checkpoint.save(c, self.history, [t - self.started for t in self.times],
+                                 state={"u": u},
+                                 extra={"f_prev": self.reported.get(c)})
         return False
+
+    def restore(self, meta, state, started):
+        """Go on from a checkpoint of clock K (its model; the pushes of clock K + 1
+        start afresh)."""
+        k = int(meta["iteration"])
+        self.u = np.array(state["u"], dtype=np.float64)
+        self.clock = k
+        self.history = list(meta["objectiveHistory"])
+        saved = list(meta["objectiveTimes"])
+        self.started = started - (saved[-1] if saved else 0.0)
+        self.times = [self.started + t for t in saved]
+        self.reported = {} if meta.get("f_prev") is None else {k: float(meta["f_prev"])}
+        self.snapshots = {k: self.theta()}
 
     def _bulk_step(self, c):
         """Staleness 0: clock c's pushes, all computed at theta_{c-1}, as sync's step:
@@ -217,8 +243,11 @@ class Server:
 
 
 def fit(engine, loss, layout, penalty, x0, *, weight, pre=None, step_size=None,
-        fraction=1.0, seed=0, staleness=2, max_iter=100, tol=1e-6, codec=None):
-    """``max_iter`` clocks of asynchronous sgd from ``x0`` (theta space)."""
+        fraction=1.0, seed=0, staleness=2, max_iter=100, tol=1e-6, codec=None,
+        checkpoint=None, resumed=None):
+    """``max_iter`` clocks of asynchronous sgd from ``x0`` (theta space).
+    ``checkpoint``: the server's model at every ``checkpointInterval``-th clock (later
+    clocks' pushes undone); ``resumed``: go on from it."""
     from .. import codecs
     from ..optim.first_order import DEFAULT_STEP
 
@@ -228,19 +257,27 @@ def fit(engine, loss, layout, penalty, x0, *, weight, pre=None, step_size=None,
     server = Server(x0 if pre is None else pre.from_theta(x0), weight, penalty, pre,
                     DEFAULT_STEP["sgd"] if step_size is None else step_size, fraction, seed,
                     tol, staleness=staleness, task_weights=engine.task_weights())
+    server.started = start
+    server.checkpoint = checkpoint
+    if resumed:
+        server.restore(resumed, checkpoint.state(), start)
+        start = server.started
+        log.info("resumed from iteration %d (%s)", server.clock, checkpoint.dir)
     done = engine.run_async(loss, layout, codec, server, staleness, int(max_iter),
                             work={"mode": "async", "fraction": float(fraction)})
+    if server.stopped_at is not None and not np.isfinite(server.history[-1]):
+        raise diverged(server.history[-1], server.stopped_at, checkpoint)
     if server.stopped_at is not None:
         theta, iterations = server.snapshots[server.stopped_at], server.stopped_at
-        message = "relative change of the objective <= tol" \
-            if np.isfinite(server.history[-1]) else \
-            "objective is not finite (step size too large?)"
+        message = "relative change of the objective <= tol"
     else:
         theta, iterations, message = server.theta(), done, "maxIter reached"
     history = server.history[:iterations]
     times = [t - start for t in server.times[:iterations]]
     total = engine.evaluate(theta, loss, layout, None, codecs.NONE)
     f = float(total[0] / total[1]) + server._penalty_value(theta)
+    if not np.isfinite(f):
+        raise diverged(f, iterations, checkpoint)
     if server.stopped_at is None and iterations > 0:
         # the last clock's change is checked too, as sync checks its last iteration
         prev = server.history[iterations - 2] if iterations >= 2 else \

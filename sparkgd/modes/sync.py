@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import codecs, optim
+from ..checkpoint import Replay
+from ..errors import SparkgdError
 
 log = logging.getLogger("sparkgd")
 
@@ -86,8 +88,20 @@ class FitResult:
     objective_times: list = None
 
 
+class Diverged(SparkgdError):
+    """The objective or its gradient stopped being finite: the fit cannot go on."""
+
+
+def diverged(f, iteration, checkpoint=None, what="objective"):
+    """-> the error for a non-finite ``what`` at ``iteration``."""
+    kept = "" if checkpoint is None or not checkpoint.iteration else \
+        f"; the checkpoint of iteration {checkpoint.iteration} in {checkpoint.dir} stays"
+    return Diverged(f"the {what} is {f} at iteration {iteration}: the fit diverged (a step "
+                    f"too large for this data? lower stepSize){kept}")
+
+
 def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None,
-        precondition=None, mini_batch_fraction=1.0, seed=0):
+        precondition=None, mini_batch_fraction=1.0, seed=0, checkpoint=None, resumed=None):
     """Minimize F = smooth + L1 from ``x0`` (in theta space).
 
     ``precondition`` (a :class:`~sparkgd.stats.Preconditioner`, optional): the
@@ -95,6 +109,12 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
     standardized (and, for line-search methods, centred). The objective is the
     same function; only the space the optimizer steps in changes (Spark ML
     trains in a scaled space too).
+
+    ``checkpoint`` (a :class:`~sparkgd.checkpoint.Checkpointer`): every evaluation is
+    logged and saved every ``checkpointInterval`` iterations; ``resumed`` (its loaded
+    meta): the logged evaluations answer the optimizer's first requests, so it reaches
+    the checkpoint's iteration in the lost driver's exact state (:mod:`sparkgd.checkpoint`).
+    A non-finite objective or gradient raises :class:`Diverged`, naming the iteration.
     """
     start = time.perf_counter()
     pre = precondition
@@ -117,27 +137,65 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
             f, g = objective.smooth(to_theta(u), sample=(mini_batch_fraction, seed, iteration))
             return f, (g if pre is None else pre.grad_to_u(g))
 
+    at = {"iteration": 0}
+
+    def guarded(f_and_g):
+        f, g = f_and_g
+        if np.isfinite(f) and not np.all(np.isfinite(g)):
+            raise diverged("not finite", at["iteration"] + 1, checkpoint, "gradient")
+        return f, g
+
+    plain_fun, plain_batch = fun, batch_fun
+    fun = (lambda u: guarded(plain_fun(u)))
+    if plain_batch is not None:
+        batch_fun = (lambda u, it: guarded(plain_batch(u, it)))
+    replay = None
+    if checkpoint is not None:
+        replay = Replay(checkpoint.evaluations() if resumed else None)
+        fun = replay.wrap(fun)
+        if batch_fun is not None:
+            batch_fun = replay.wrap(batch_fun, batch=True)
+    done_before = int(resumed["iteration"]) if resumed else 0
+    saved_times = list(resumed.get("objectiveTimes", [])) if resumed else []
+    if resumed:
+        log.info("resumed from iteration %d (replaying %d evaluations from %s)",
+                 done_before, len(replay.hashes), checkpoint.dir)
     last = [start, objective.engine.bytes_communicated]
-    times = []
+    times, hist = [], []
+    origin = {"t": start, "base": 0.0}
 
     def progress(it, f, gnorm, step):
         now, sent = time.perf_counter(), objective.engine.bytes_communicated
-        times.append(now - start)
+        at["iteration"] = it
+        if not np.isfinite(f):
+            raise diverged(f, it, checkpoint)
+        hist.append(float(f))
+        if it <= done_before and it <= len(saved_times):
+            # replayed: when the lost driver had it; this run's time counts from here
+            times.append(saved_times[it - 1])
+            origin["t"], origin["base"] = now, saved_times[it - 1]
+            last[0] = now
+            return
+        times.append(origin["base"] + now - origin["t"])
         log.info("iter %4d  objective %.12g  |grad| %.3e  step %.3e  %.2fs  %d bytes",
                  it, f, gnorm, step, now - last[0], sent - last[1])
         last[0], last[1] = now, sent
+        if checkpoint is not None and checkpoint.due(it):
+            checkpoint.save(it, hist, times, evaluations=replay.pending())
 
     res = optim.minimize(optimizer, fun, u0, max_iter=max_iter, tol=tol, step_size=step_size,
                          l1=l1_u, callback=progress, batch_fun=batch_fun,
                          inexact=objective.codec.lossy)
     theta = res.x if pre is None else pre.to_theta(res.x)
     history = [float(v) for v in res.history]
+    if history and not np.isfinite(history[-1]):
+        raise diverged(history[-1], res.iterations, checkpoint)
     if objective.theta_codec.lossy and history:
         # the tasks computed at what they held, not at theta: the last entry is F at
         # the returned coefficients, from one pass with theta sent exactly
         f, _ = objective.smooth(theta, exact=True)
         history[-1] = float(f) + optim.l1_value(l1, theta)
-    seconds = time.perf_counter() - start
+    seconds = origin["base"] + time.perf_counter() - origin["t"]
     times = (times + [seconds] * len(res.history))[:len(res.history)]
     return FitResult(
         theta=theta, objective_history=history,
