@@ -254,9 +254,13 @@ class FileStore:
 
     def __init__(self, frame, spec, dtype="float64"):
         fit_id = uuid.uuid4().hex[:16]
-        rows = frame.mapInArrow(
-            lambda it, _s=spec, _t=dtype: write_arrow_partition(it, _s, fit_id, _t),
-            "info string, handle string")
+        fails = jobs.fail_first(frame.sparkSession.sparkContext.getConf())
+
+        def build(it, _s=spec, _t=dtype):
+            jobs.failing_first(fails)
+            return write_arrow_partition(it, _s, fit_id, _t)
+
+        rows = frame.mapInArrow(build, "info string, handle string")
         self._handles = rows.rdd.mapPartitionsWithIndex(_parse_handles)
         self.fit_id = fit_id
         self.rebuilds = 0
@@ -443,8 +447,10 @@ class WorkerSession(jobs.ServingJob):
         self.num_tasks = rdd.getNumPartitions()
         hub = self.hub
         address, secret, timeout = self.address, hub.secret, self.connect_seconds
+        fails = self.fail_first
 
         def body(i, it):
+            jobs.failing_first(fails)
             return serve_partition(i, it, address, secret, threads, timeout)
 
         self._start(lambda: rdd.mapPartitionsWithIndex(body).collect(),

@@ -39,6 +39,33 @@ HELLO_CONF = "spark.sparkgd.hub.helloTimeout"
 SLOW_TASK_CONF = "spark.sparkgd.testing.slowTask"
 
 
+#: Spark conf (also at run time), for tests only: ``true`` makes the first attempt of
+#: every task sparkgd runs fail at its start, as a flaky executor would (Spark retries
+#: it when ``spark.task.maxFailures`` allows: ``local[N,F]``).
+FAIL_FIRST_CONF = "spark.sparkgd.testing.failFirstAttempt"
+
+
+def fail_first(conf):
+    """-> whether :data:`FAIL_FIRST_CONF` is on (runtime conf first, then ``conf``)."""
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    text = session.conf.get(FAIL_FIRST_CONF, None) if session is not None else None
+    text = text or conf.get(FAIL_FIRST_CONF, None) or "false"
+    return str(text).strip().lower() == "true"
+
+
+def failing_first(enabled):
+    """Executor side: raise in a task's first attempt when ``enabled`` (a plain bool)."""
+    if not enabled:
+        return
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    if ctx is not None and ctx.attemptNumber() == 0:
+        raise RuntimeError(f"sparkgd: a first attempt failed on purpose ({FAIL_FIRST_CONF})")
+
+
 def slow_task(conf):
     """-> [index, factor] from :data:`SLOW_TASK_CONF` (the session's runtime conf
     first, then ``conf``), or None."""
@@ -105,6 +132,7 @@ class ServingJob:
                        hello_seconds=self.connect_seconds, ports=ports)
         self.address = (host, self.hub.port)
         self.slow = slow_task(conf)
+        self.fail_first = fail_first(conf)
 
     def _start(self, action, description):
         from pyspark import InheritableThread
@@ -212,12 +240,13 @@ class ServingJob:
             self._thread.join(timeout=30)
 
 
-def _kernel_task(index, blocks, bc, loss, layout, sample, threads, work=None):
+def _kernel_task(index, blocks, bc, loss, layout, sample, threads, work=None, fails=False):
     """Executor side: one partition's ``[loss_sum, weight_sum, grad...]`` (``work``, a
     :class:`~sparkgd.modes.local.Work`: its local round ``sample[2]`` instead).
 
     Captures only the broadcast and small plain values (never an estimator).
     """
+    failing_first(fails)
     if work is not None:
         from ..modes import local
 
@@ -234,6 +263,7 @@ def pass_sums(store, theta, loss, layout, sample, aggregator, work=None):
     """One pass as one Spark job over ``store``'s blocks -> the summed vector."""
     bc = store.context.broadcast(theta)
     threads = store.threads_per_task
+    fails = fail_first(store.context.getConf())
     if work is not None:
         from ..modes import local
 
@@ -241,7 +271,7 @@ def pass_sums(store, theta, loss, layout, sample, aggregator, work=None):
 
     def job(rdd):
         partials = rdd.mapPartitionsWithIndex(
-            lambda i, it: _kernel_task(i, it, bc, loss, layout, sample, threads, work))
+            lambda i, it: _kernel_task(i, it, bc, loss, layout, sample, threads, work, fails))
         return aggregator.sum(partials, 2 + layout.size)
 
     try:

@@ -114,8 +114,10 @@ class ServedJob(jobs.ServingJob):
         self.lost = False
         hub = self.hub
         address, secret, timeout = self.address, hub.secret, self.connect_seconds
+        fails = self.fail_first
 
         def body(it, _spec=spec, _dtype=dtype, _threads=threads):
+            jobs.failing_first(fails)
             return serve_arrow_partition(it, _spec, _dtype, address, secret, _threads, timeout)
 
         try:
