@@ -59,6 +59,23 @@ def fingerprint(facts):
             "histogram": None if hist is None else [float(v) for v in hist]}
 
 
+def same_data(a, b, rtol=1e-12):
+    """Fingerprints of the same data: counts equal, sums equal up to the rounding that
+    another grouping of the rows into tasks gives."""
+    if a is None or b is None or set(a) != set(b):
+        return a == b
+
+    def close(x, y):
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            return len(x) == len(y) and all(close(u, v) for u, v in zip(x, y))
+        if isinstance(x, float) or isinstance(y, float):
+            return x is not None and y is not None and \
+                abs(x - y) <= rtol * max(abs(x), abs(y), 1.0)
+        return x == y
+
+    return all(close(a[k], b[k]) for k in a)
+
+
 def decisive(params):
     """The params a checkpoint must agree on (JSON values)."""
     return {k: v for k, v in sorted(params.items()) if k not in FREE_PARAMS}
@@ -107,7 +124,7 @@ class Checkpointer:
         if meta.get("format") != FORMAT:
             raise SparkgdError(f"checkpoint {path} has format {meta.get('format')}, "
                                f"not {FORMAT}")
-        if meta.get("fingerprint") != self.fingerprint:
+        if not same_data(meta.get("fingerprint"), self.fingerprint):
             raise SparkgdError(
                 f"checkpoint in {self.dir} was written for other data ({_describe(meta.get('fingerprint'))}; "
                 f"this data: {_describe(self.fingerprint)}): refusing to resume from it")
@@ -200,17 +217,26 @@ def _describe(fp):
 class Replay:
     """sync: wraps ``fun`` (and ``batch_fun``) so every evaluation is logged, and the
     logged ones are answered from the log on resume. ``pending()`` -> what was
-    evaluated since the last checkpoint; ``replaying`` while the log lasts."""
+    evaluated since the last checkpoint; ``replaying`` while the log lasts. The log
+    grows in memory too (for :class:`Recovery`) until it holds ``max_bytes``."""
 
-    def __init__(self, log=None):
+    def __init__(self, log=None, max_bytes=None):
         self.hashes, self.batch, self.fs, grads = log or ([], [], [], [])
+        self.hashes, self.batch, self.fs = list(self.hashes), list(self.batch), list(self.fs)
         self.grads = [row for g in grads for row in g]
         self.position = 0
         self.new = ([], [], [], [])
+        self.max_bytes = max_bytes
+        self.bytes = sum(g.nbytes for g in self.grads)
+        self.complete = True      # the log holds every evaluation so far
 
     @property
     def replaying(self):
         return self.position < len(self.hashes)
+
+    def rewind(self):
+        """A new attempt of the fit: answer from the start of the log again."""
+        self.position = 0
 
     def wrap(self, fun, batch=False):
         def wrapped(x, *args):
@@ -224,8 +250,17 @@ class Replay:
                 self.position += 1
                 return self.fs[k], np.array(self.grads[k])
             f, g = fun(x, *args)
-            for part, v in zip(self.new, (h, batch, float(f), np.array(g, dtype="<f8"))):
+            entry = (h, batch, float(f), np.array(g, dtype="<f8"))
+            for part, v in zip(self.new, entry):
                 part.append(v)
+            if self.complete and (self.max_bytes is None or
+                                  self.bytes + entry[3].nbytes <= self.max_bytes):
+                for part, v in zip((self.hashes, self.batch, self.fs, self.grads), entry):
+                    part.append(v)
+                self.bytes += entry[3].nbytes
+                self.position += 1
+            else:
+                self.complete = False
             return f, g
 
         return wrapped
@@ -234,6 +269,36 @@ class Replay:
         out = self.new
         self.new = ([], [], [], [])
         return out
+
+
+class Recovery:
+    """What one fit keeps in the driver's memory across attempts of its engine, so a
+    serving task lost mid-fit costs a rebuild of the blocks, not the passes before it:
+    sync's evaluation log (:class:`Replay`, up to :data:`MAX_MEMORY_BYTES` of
+    gradients; beyond, a lost task starts the fit over), local's and async's model at
+    the last whole round or clock (``snapshot``: a checkpoint's meta and state)."""
+
+    #: Gradients a fit keeps in memory to go on after a lost task.
+    MAX_MEMORY_BYTES = 512 << 20
+
+    def __init__(self):
+        self.replay = None
+        self.iteration = 0        # sync: the last iteration reached
+        self.times = []
+        self.snapshot = None      # local, async: (meta, state)
+        self.data = None          # the fingerprint of the blocks all this was computed on
+
+    def vouch(self, facts):
+        """A new attempt's blocks: what was kept may be used only if they hold the same
+        data as those it was computed on (a lost task's input might have ended early;
+        a rebuild that reads the same rows says it did not). -> True when it may."""
+        now = fingerprint(facts)
+        if self.data is not None and not same_data(self.data, now):
+            self.replay, self.snapshot, self.iteration, self.times = None, None, 0, []
+            self.data = now
+            return False
+        self.data = now
+        return True
 
 
 def clear_directory(directory):
@@ -245,5 +310,5 @@ def clear_directory(directory):
             f"resume=True) or give an empty directory")
 
 
-__all__ = ["Checkpointer", "Replay", "fingerprint", "decisive", "clear_directory",
-           "point_hash"]
+__all__ = ["Checkpointer", "Recovery", "Replay", "fingerprint", "decisive",
+           "clear_directory", "point_hash", "same_data"]

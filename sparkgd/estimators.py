@@ -322,6 +322,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                                   self.getLabelCol(), weight_col or None, source=source)
         optim.preload(self.getOptimizer())   # overlaps the block build
         self._checkpoint_started = False     # a restarted attempt resumes its own
+        self._recovery = checkpoint.Recovery()   # ... and goes on where the lost one was
         topology = self.getTopology()
         if self.getMode() == "async" and topology != "star":
             log.info("sparkgd: mode async: tasks push to the server on the driver (topology "
@@ -383,7 +384,10 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         codec = codecs.parse(self.getCompression())
         mode = self.getMode()
         ck, resumed = self._checkpointer(facts)
-        saving = dict(checkpoint=ck, resumed=resumed)
+        if not self._recovery.vouch(facts):
+            log.warning("sparkgd: the blocks built again hold other data than the lost ones "
+                        "(%s): the fit starts over", checkpoint.fingerprint(facts))
+        saving = dict(checkpoint=ck, resumed=resumed, recovery=self._recovery)
         if mode == "local":
             work = local.Work(optimizer, step, self.getLocalSteps(),
                               self.getMiniBatchFraction(), self.getSeed(), self.getRegParam(),

@@ -133,3 +133,21 @@ def test_a_replay_refuses_a_point_other_than_the_logged_one():
                           [np.array([[0.5, 0.5]])]))
     with pytest.raises(SparkgdError, match="does not replay"):
         replay.wrap(lambda x: (2.0, np.ones(2)))(np.ones(2))
+
+
+def test_what_a_fit_kept_is_used_only_on_blocks_of_the_same_data():
+    class Facts:
+        def __init__(self, rows, weight):
+            self.infos = [{"wsum": weight, "ymin": 0.0, "ymax": 1.0, "nnz": rows * 3}]
+            self.num_rows, self.num_features = rows, 3
+
+        def label_weights(self):
+            return None
+
+    recovery = ckpt.Recovery()
+    assert recovery.vouch(Facts(100, 50.0))
+    recovery.replay, recovery.iteration = object(), 7
+    # the same data grouped otherwise: its sums differ in the last bits only
+    assert recovery.vouch(Facts(100, 50.0 * (1 + 1e-15))) and recovery.iteration == 7
+    assert not recovery.vouch(Facts(99, 49.5))         # a task's input had ended early
+    assert recovery.replay is None and recovery.iteration == 0

@@ -521,11 +521,13 @@ def wait_idle(spark, seconds=20):
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "sgd"])
-def test_a_lost_serving_task_starts_the_fit_over(spark, data, monkeypatch, caplog, optimizer):
+def test_a_lost_serving_task_costs_a_rebuild_not_the_fit(spark, data, monkeypatch, caplog,
+                                                          optimizer):
     """SIGKILL the Python worker of served task 0 at the third pass: Spark fails its task
-    (no retries in these tests), the fit starts over on blocks built anew, and the
-    model is exactly the undisturbed fit's. A job that ends without Spark vouching for
-    every task (certified False) is started over too."""
+    (no retries in these tests), the blocks are built anew and the fit goes on from the
+    iteration it had reached (the passes before are replayed from memory, not
+    recomputed); the model is exactly the undisturbed fit's. A job that ends without
+    Spark vouching for every task (certified False) is built again too."""
     import logging
     import os
     import signal
@@ -548,10 +550,13 @@ def test_a_lost_serving_task_starts_the_fit_over(spark, data, monkeypatch, caplo
         return real_eval(self, theta, sample)
 
     monkeypatch.setattr(served.ServedJob, "evaluate", killing_eval)
-    with caplog.at_level(logging.WARNING, logger="sparkgd"):
+    with caplog.at_level(logging.INFO, logger="sparkgd"):
         model = est.fit(data)
     assert len(jobs) == 2 and jobs[0].lost and not jobs[0].certified and jobs[1].certified
-    assert "starting the fit over" in caplog.text
+    assert "building the blocks again" in caplog.text
+    assert "continuing from iteration" in caplog.text
+    # the second job computed only what the first had not: its pass 3 on
+    assert jobs[1].calls == reference.summary.numEvaluations - 2
     np.testing.assert_array_equal(model.coefficients, reference.coefficients)
     assert model.intercept == reference.intercept
     assert model.summary.objectiveHistory == reference.summary.objectiveHistory

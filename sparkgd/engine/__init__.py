@@ -17,8 +17,8 @@ The choice of store, and every fallback, is made here and nowhere else:
   (``kind="workers"``) or, when those cannot all run at once, one Spark job per pass
   (``kind="jobs"``, :mod:`.jobs`).
 
-A served task lost mid-fit cannot be vouched for; :func:`run` starts the fit over (on
-the file store after repeated losses). Modules: :mod:`.slots` (what the cluster can
+A served task lost mid-fit cannot be vouched for; :func:`run` builds the blocks again
+and the fit goes on from where it was (on the file store after repeated losses). Modules: :mod:`.slots` (what the cluster can
 run at once), :mod:`.wire` (frames, and the task's end), :mod:`.hub` (the driver's
 end), :mod:`.jobs` (the Spark jobs), :mod:`.files` and :mod:`.served` (the stores).
 """
@@ -290,10 +290,13 @@ def run(dataset, spec, train, *, source="the DataFrame", dtype="float64",
     vouches for every pass.
 
     A task holding served blocks lost mid-fit means its passes are not vouched for:
-    the fit starts over on blocks built anew -- the same objective, so lbfgs and gd
-    reach the same model up to rounding (sgd's mini-batches follow the blocks and may
-    differ if the slots changed). After repeated losses the file store is used, which
-    recovers lost blocks through lineage instead."""
+    ``train`` runs again on blocks built anew (on the slots the cluster has now), and
+    goes on from the iteration the lost attempt had reached -- the fit keeps what it
+    computed in memory (:class:`sparkgd.checkpoint.Recovery`): sync replays its logged
+    evaluations to the optimizer, local and async take their last model. The same
+    objective, so the same model up to rounding (bit for bit on the same slots).
+    After repeated losses the file store is used, which recovers lost blocks through
+    lineage instead."""
     store = "auto"
     for attempt in range(1, MAX_SERVED_ATTEMPTS + 2):
         try:
@@ -305,8 +308,8 @@ def run(dataset, spec, train, *, source="the DataFrame", dtype="float64",
                 raise TaskLost("the serving job did not end cleanly")
             return result
         except TaskLost as e:
-            log.warning("sparkgd: %s; starting the fit over (attempt %d)",
-                        str(e).splitlines()[0], attempt + 1)
+            log.warning("sparkgd: %s; building the blocks again (attempt %d): the fit goes "
+                        "on from where it was", str(e).splitlines()[0], attempt + 1)
             if attempt >= MAX_SERVED_ATTEMPTS:
                 store = "files"
     raise SparkgdError("the fit could not complete")  # pragma: no cover - files never lose

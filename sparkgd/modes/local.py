@@ -134,7 +134,7 @@ def round_sums(blocks, theta, loss, layout, work, round_no, index, threads=1):
 
 
 def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=None,
-        checkpoint=None, resumed=None):
+        checkpoint=None, resumed=None, recovery=None):
     """``max_iter`` rounds of local SGD from ``x0`` (theta space); stops early when F
     at two successive averages changes by at most ``tol`` (relatively).
 
@@ -151,15 +151,23 @@ def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=N
     message, done, rounds = "maxIter reached", False, 0
     last = [start, engine.bytes_communicated]
     f_prev, first, base = None, 1, 0.0
+    state = None
+    if recovery is not None and recovery.snapshot is not None:
+        resumed, state = recovery.snapshot
+        log.info("continuing from iteration %d after a lost serving task",
+                 int(resumed["iteration"]))
+    elif resumed:
+        state = checkpoint.state()
     if resumed:
         rounds = first = int(resumed["iteration"])
         first += 1
-        theta = checkpoint.state()["theta"].copy()
+        theta = np.array(state["theta"], dtype=np.float64)
         history = list(resumed["objectiveHistory"]) + [float("nan")]
         times = list(resumed["objectiveTimes"]) + [0.0]
         f_prev = resumed.get("f_prev")
         base = times[-2] if len(times) > 1 else 0.0
-        log.info("resumed from iteration %d (%s)", rounds, checkpoint.dir)
+        if recovery is None or recovery.snapshot is None:
+            log.info("resumed from iteration %d (%s)", rounds, checkpoint.dir)
     for r in range(first, int(max_iter) + 1):
         total = engine.evaluate(theta, loss, layout, (1.0, work.seed, r), codec, work=config)
         evaluations += 1
@@ -193,6 +201,10 @@ def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=N
             # after round r: its model; F there comes with round r + 1's pass
             checkpoint.save(r, history[:-1], times[:-1], state={"theta": theta},
                             extra={"f_prev": f_prev})
+        if recovery is not None:
+            recovery.snapshot = ({"iteration": r, "objectiveHistory": history[:-1],
+                                  "objectiveTimes": times[:-1], "f_prev": f_prev},
+                                 {"theta": theta.copy()})
     final = engine.evaluate(theta, loss, layout, None, codecs.NONE)
     evaluations += 1
     f = _objective(final, penalty, l1, theta)

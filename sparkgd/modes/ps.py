@@ -107,6 +107,7 @@ class Server:
         self.pushes = 0
         self.speed = {}               # task -> seconds per unit of work (running)
         self.checkpoint = None        # a Checkpointer: the model every interval clocks
+        self.recovery = None          # a Recovery: the model at every clock, in memory
         self.started = time.perf_counter()
         self.asked = {}               # task -> the fraction it was last asked for
 
@@ -190,14 +191,21 @@ class Server:
         return self._checkpoint(c)
 
     def _checkpoint(self, c):
-        if self.checkpoint is not None and self.checkpoint.due(c):
-            u = self.u.copy()
-            for k, moved in self.applied.items():    # later clocks' pushes, undone
-                if k > c:
-                    u += moved
-            self.checkpoint.save(c, self.history, [t - self.started for t in self.times],
-                                 state={"u": u},
+        saving = self.checkpoint is not None and self.checkpoint.due(c)
+        if not saving and self.recovery is None:
+            return False
+        u = self.u.copy()
+        for k, moved in self.applied.items():    # later clocks' pushes, undone
+            if k > c:
+                u += moved
+        times = [t - self.started for t in self.times]
+        if saving:
+            self.checkpoint.save(c, self.history, times, state={"u": u},
                                  extra={"f_prev": self.reported.get(c)})
+        if self.recovery is not None:
+            self.recovery.snapshot = ({"iteration": c, "objectiveHistory": list(self.history),
+                                       "objectiveTimes": times,
+                                       "f_prev": self.reported.get(c)}, {"u": u})
         return False
 
     def restore(self, meta, state, started):
@@ -244,7 +252,7 @@ class Server:
 
 def fit(engine, loss, layout, penalty, x0, *, weight, pre=None, step_size=None,
         fraction=1.0, seed=0, staleness=2, max_iter=100, tol=1e-6, codec=None,
-        checkpoint=None, resumed=None):
+        checkpoint=None, resumed=None, recovery=None):
     """``max_iter`` clocks of asynchronous sgd from ``x0`` (theta space).
     ``checkpoint``: the server's model at every ``checkpointInterval``-th clock (later
     clocks' pushes undone); ``resumed``: go on from it."""
@@ -258,8 +266,12 @@ def fit(engine, loss, layout, penalty, x0, *, weight, pre=None, step_size=None,
                     DEFAULT_STEP["sgd"] if step_size is None else step_size, fraction, seed,
                     tol, staleness=staleness, task_weights=engine.task_weights())
     server.started = start
-    server.checkpoint = checkpoint
-    if resumed:
+    server.checkpoint, server.recovery = checkpoint, recovery
+    if recovery is not None and recovery.snapshot is not None:
+        server.restore(*recovery.snapshot, start)
+        start = server.started
+        log.info("continuing from iteration %d after a lost serving task", server.clock)
+    elif resumed:
         server.restore(resumed, checkpoint.state(), start)
         start = server.started
         log.info("resumed from iteration %d (%s)", server.clock, checkpoint.dir)

@@ -101,7 +101,8 @@ def diverged(f, iteration, checkpoint=None, what="objective"):
 
 
 def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None,
-        precondition=None, mini_batch_fraction=1.0, seed=0, checkpoint=None, resumed=None):
+        precondition=None, mini_batch_fraction=1.0, seed=0, checkpoint=None, resumed=None,
+        recovery=None):
     """Minimize F = smooth + L1 from ``x0`` (in theta space).
 
     ``precondition`` (a :class:`~sparkgd.stats.Preconditioner`, optional): the
@@ -115,6 +116,9 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
     meta): the logged evaluations answer the optimizer's first requests, so it reaches
     the checkpoint's iteration in the lost driver's exact state (:mod:`sparkgd.checkpoint`).
     A non-finite objective or gradient raises :class:`Diverged`, naming the iteration.
+    ``recovery`` (a :class:`~sparkgd.checkpoint.Recovery`): the log is kept in memory
+    too, and a later attempt of the same fit (a serving task was lost) replays it and
+    goes on from the iteration the lost attempt had reached.
     """
     start = time.perf_counter()
     pre = precondition
@@ -150,16 +154,28 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
     if plain_batch is not None:
         batch_fun = (lambda u, it: guarded(plain_batch(u, it)))
     replay = None
-    if checkpoint is not None:
-        replay = Replay(checkpoint.evaluations() if resumed else None)
+    done_before = int(resumed["iteration"]) if resumed else 0
+    saved_times = list(resumed.get("objectiveTimes", [])) if resumed else []
+    limit = None if recovery is None else recovery.MAX_MEMORY_BYTES
+    if recovery is not None and recovery.replay is not None and recovery.replay.complete:
+        replay = recovery.replay          # a later attempt: the whole log is in memory
+        replay.rewind()
+        done_before, saved_times = recovery.iteration, list(recovery.times)
+        log.info("continuing from iteration %d after a lost serving task (replaying %d "
+                 "evaluations)", done_before, len(replay.hashes))
+    elif checkpoint is not None:
+        replay = Replay(checkpoint.evaluations() if resumed else None, limit)
+        if resumed:
+            log.info("resumed from iteration %d (replaying %d evaluations from %s)",
+                     done_before, len(replay.hashes), checkpoint.dir)
+    elif recovery is not None:
+        replay = Replay(None, limit)
+    if recovery is not None:
+        recovery.replay = replay
+    if replay is not None:
         fun = replay.wrap(fun)
         if batch_fun is not None:
             batch_fun = replay.wrap(batch_fun, batch=True)
-    done_before = int(resumed["iteration"]) if resumed else 0
-    saved_times = list(resumed.get("objectiveTimes", [])) if resumed else []
-    if resumed:
-        log.info("resumed from iteration %d (replaying %d evaluations from %s)",
-                 done_before, len(replay.hashes), checkpoint.dir)
     last = [start, objective.engine.bytes_communicated]
     times, hist = [], []
     origin = {"t": start, "base": 0.0}
@@ -177,6 +193,8 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
             last[0] = now
             return
         times.append(origin["base"] + now - origin["t"])
+        if recovery is not None:
+            recovery.iteration, recovery.times = it, list(times)
         log.info("iter %4d  objective %.12g  |grad| %.3e  step %.3e  %.2fs  %d bytes",
                  it, f, gnorm, step, now - last[0], sent - last[1])
         last[0], last[1] = now, sent
