@@ -337,3 +337,25 @@ def test_the_hub_binds_ipv6_and_a_configured_port_range():
             assert hub.port in ports and hub.port != taken
         finally:
             hub.close()
+
+
+def test_a_cluster_that_lost_slots_is_not_waited_for():
+    """Two serving tasks, one running, and the cluster says it has one slot now (an
+    executor gone for good): SlotsShrank after the short grace, not the 30 s wait; the
+    engine then serves on the slots there are."""
+    from sparkgd.engine.hub import SlotsShrank
+
+    hub = Hub(2, 4, "127.0.0.1", lambda: None, lambda: 1, 30.0, slots=lambda: 1)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SlotsShrank, match="1 task slots now, fewer than the 2"):
+            hub.wait_for_tasks()
+        assert Hub.SHRINK_GRACE <= time.monotonic() - t0 < Hub.SHRINK_GRACE + 2.0
+    finally:
+        hub.close()
+    hub = Hub(2, 4, "127.0.0.1", lambda: None, lambda: 1, 0.5, slots=lambda: 2)
+    try:     # the slots are there, the tasks are just not running yet: the usual wait
+        with pytest.raises(WorkersUnavailable, match="only 1 of 2 serving tasks"):
+            hub.wait_for_tasks()
+    finally:
+        hub.close()

@@ -35,7 +35,7 @@ from ..data.schema import project
 from ..errors import SparkgdError
 from ..stats import moments_from_parts
 from . import jobs
-from .hub import Cancelled, TaskLost, WorkersFailed, WorkersUnavailable, skews
+from .hub import Cancelled, SlotsShrank, TaskLost, WorkersFailed, WorkersUnavailable, skews
 
 from .balance import balanced
 from .slots import dynamic_allocation, local_cores, spark_encrypts, task_cpus, task_slots
@@ -51,6 +51,8 @@ STORES = ("auto", "served", "files")
 PER_PASS = ("auto", "workers", "jobs")
 #: Fits on the served store started over after lost tasks before the file store is used.
 MAX_SERVED_ATTEMPTS = 3
+#: Served builds started again on fewer slots (the cluster lost executors meanwhile).
+MAX_SHRINKS = 2
 
 
 class Engine:
@@ -110,23 +112,35 @@ class Engine:
             # served needs every task running at once: not with executors coming and going
             store = "files" if dynamic_allocation(sc) else "served"
         if store == "served":
-            # one task per slot, their rows within 20% of one another (engine/balance.py)
-            seen = {}
-            try:
-                tasks_frame, how = balanced(frame, task_slots(sc), info=seen)
-            except Exception as e:  # the count job: the input's own errors show here first
-                raise SparkgdError(f"cannot read {source}: {_first_line(e)}") from None
-            counts = seen["counts"]
-            log.info("sparkgd: %d rows in %d partitions -> %d serving tasks (%s)",
-                     sum(counts), len(counts), min(task_slots(sc), max(1, sum(counts))), how)
-            served = ServedStore(tasks_frame, read_spec, dtype,
-                                 num_partitions or len(counts), wait, threads=task_cpus(sc))
-            try:
-                return cls._materialize(served, spec, source, aggregator, "served")
-            except WorkersUnavailable as e:
-                if explicit:
-                    raise
-                log.warning("sparkgd: %s; building block files instead", e)
+            counts = None
+            for shrink in range(MAX_SHRINKS + 1):
+                # one task per slot, their rows within 20% of one another (balance.py)
+                seen, slots = {}, task_slots(sc)
+                try:
+                    tasks_frame, how = balanced(frame, slots, counts=counts, info=seen)
+                except Exception as e:  # the count job: the input's own errors show first
+                    raise SparkgdError(f"cannot read {source}: {_first_line(e)}") from None
+                counts = seen["counts"]
+                log.info("sparkgd: %d rows in %d partitions -> %d serving tasks (%s)",
+                         sum(counts), len(counts), min(slots, max(1, sum(counts))), how)
+                served = ServedStore(tasks_frame, read_spec, dtype,
+                                     num_partitions or len(counts), wait,
+                                     threads=task_cpus(sc))
+                try:
+                    return cls._materialize(served, spec, source, aggregator, "served")
+                except SlotsShrank as e:
+                    if shrink < MAX_SHRINKS:
+                        # executors gone for good: the tasks that can run take their rows
+                        log.warning("sparkgd: %s; serving with the slots there are", e)
+                        continue
+                    if explicit:
+                        raise
+                    log.warning("sparkgd: %s; building block files instead", e)
+                except WorkersUnavailable as e:
+                    if explicit:
+                        raise
+                    log.warning("sparkgd: %s; building block files instead", e)
+                break
         files = FileStore(frame, read_spec, dtype)
         files.wait_seconds = wait
         engine = cls._materialize(files, spec, source, aggregator,

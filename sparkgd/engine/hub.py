@@ -74,6 +74,11 @@ class WorkersUnavailable(RuntimeError):
     hub, or one stalled): passes must go another way."""
 
 
+class SlotsShrank(WorkersUnavailable):
+    """The cluster has fewer task slots now than the job has serving tasks (executors
+    gone for good): no point waiting for them."""
+
+
 class WorkersFailed(RuntimeError):
     """The serving job ended with an error (its message is the job's)."""
 
@@ -192,8 +197,9 @@ class Hub:
 
     def __init__(self, num_tasks, size, bind, ended, running, wait_seconds=30.0,
                  expected=None, strict=False, failed=None, deadline=DEADLINE_SECONDS,
-                 hello_seconds=HELLO_SECONDS, ports=(0,)):
+                 hello_seconds=HELLO_SECONDS, ports=(0,), slots=None):
         self.num_tasks, self.size = int(num_tasks), int(size)
+        self._slots = slots           # -> the task slots the cluster has now (or None)
         self.codec = self.theta_codec = codecs.NONE
         self.strict = strict
         self.expected = expected
@@ -576,11 +582,30 @@ class Hub:
                     short_since = None
                 elif short_since is None:
                     short_since = time.monotonic()
+                elif self._shrunk(short_since):
+                    self.short = True
+                    raise SlotsShrank(
+                        f"the cluster has {self._slots_seen} task slots now, fewer than the "
+                        f"{self.num_tasks} serving tasks")
                 elif time.monotonic() - short_since > self.wait_seconds:
                     self.short = True
                     raise WorkersUnavailable(
                         f"only {running} of {self.num_tasks} serving tasks could run at "
                         f"once for {self.wait_seconds:g}s")
+
+    #: Seconds short of slots before the cluster's own count of them is asked.
+    SHRINK_GRACE = 2.0
+
+    def _shrunk(self, short_since):
+        """Short of running tasks for a while, and the cluster says it has fewer slots
+        than tasks (Spark already knows executors are gone): waiting will not help."""
+        if self._slots is None or time.monotonic() - short_since < self.SHRINK_GRACE:
+            return False
+        try:
+            self._slots_seen = int(self._slots())
+        except Exception:   # pragma: no cover - the question is only a shortcut
+            return False
+        return 0 < self._slots_seen < self.num_tasks
 
     def _accept(self):
         now = time.monotonic()

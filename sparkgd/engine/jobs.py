@@ -22,6 +22,7 @@ from ..errors import SparkgdError
 from ..stats import block_moments, merge_moments
 from .hub import (DEADLINE_SECONDS, HELLO_SECONDS, PORTS_CONF, Cancelled, Hub, WorkersFailed,
                   WorkersUnavailable, driver_address, parse_ports)
+from .slots import task_slots
 from .wire import UNREACHABLE_MARKER
 
 
@@ -129,7 +130,8 @@ class ServingJob:
                        wait_seconds, expected, strict=strict,
                        failed=self._failed_tasks if strict else None,
                        deadline=conf_seconds(conf, DEADLINE_CONF, DEADLINE_SECONDS),
-                       hello_seconds=self.connect_seconds, ports=ports)
+                       hello_seconds=self.connect_seconds, ports=ports,
+                       slots=lambda: task_slots(sc))
         self.address = (host, self.hub.port)
         self.slow = slow_task(conf)
         self.fail_first = fail_first(conf)
