@@ -9,6 +9,8 @@ needs no pickle to load::
     evals-00001.npy/json sync: the evaluations since the previous checkpoint (the
                          gradients; F values and point hashes)
     state.npz            local, async: the model (and the server's), float64 arrays
+    space.npz            the optimizer's space: its start and the feature moments it
+                         scaled by (a resumed fit uses these, to the bit)
 
 Every file is written beside its name and renamed into place, ``checkpoint.json``
 last, so a driver killed while writing leaves the previous checkpoint whole.
@@ -107,6 +109,8 @@ class Checkpointer:
         self.mode = mode
         self.segments = []          # sync: the evaluation files so far
         self.iteration = 0          # of the last checkpoint written or read
+        self.space_arrays = None    # the optimizer's space: start, feature moments
+        self._space_written = False
 
     # ------------------------------------------------------------ reading
 
@@ -156,6 +160,15 @@ class Checkpointer:
             grads.append(g)
         return hashes, batch, fs, grads
 
+    def space(self):
+        """The optimizer's space the checkpointed fit started with (``x0``, and ``mean``,
+        ``std`` where it used the moments), or None."""
+        path = os.path.join(self.dir, "space.npz")
+        if not os.path.isfile(path):
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
     def state(self):
         """local, async: the saved vectors, by name."""
         path = os.path.join(self.dir, "state.npz")
@@ -169,6 +182,10 @@ class Checkpointer:
         ``(hashes, batch flags, F values, gradients as rows)``; ``state``: local's and
         async's vectors by name."""
         os.makedirs(self.dir, exist_ok=True)
+        if self.space_arrays is not None and not self._space_written:
+            _write(os.path.join(self.dir, "space.npz"), lambda f: np.savez(
+                f, **{k: np.asarray(v, dtype="<f8") for k, v in self.space_arrays.items()}))
+            self._space_written = True
         if evaluations is not None and evaluations[0]:
             hashes, batch, fs, grads = evaluations
             name = f"evals-{len(self.segments) + 1:05d}"
@@ -196,7 +213,7 @@ class Checkpointer:
 
     def remove(self):
         """After a fit that ended well: its checkpoint is no longer needed."""
-        for name in [META, "state.npz"] + [s + ext for s in self.segments
+        for name in [META, "state.npz", "space.npz"] + [s + ext for s in self.segments
                                            for ext in (".npy", ".json")]:
             try:
                 os.remove(os.path.join(self.dir, name))
@@ -212,6 +229,10 @@ def _describe(fp):
     if not fp:
         return "unknown"
     return f"{fp.get('rows')} rows, {fp.get('features')} features, weight {fp.get('weight'):g}"
+
+
+class ReplayMismatch(SparkgdError):
+    """The optimizer asked for another point than the log's at the same evaluation."""
 
 
 class Replay:
@@ -244,7 +265,7 @@ class Replay:
             if self.replaying:
                 k = self.position
                 if self.hashes[k] != h or self.batch[k] != batch:
-                    raise SparkgdError(
+                    raise ReplayMismatch(
                         f"the checkpoint does not replay: evaluation {k + 1} was at another "
                         "point (another optimizer version?); start the fit afresh")
                 self.position += 1
@@ -286,6 +307,7 @@ class Recovery:
         self.iteration = 0        # sync: the last iteration reached
         self.times = []
         self.snapshot = None      # local, async: (meta, state)
+        self.space = None         # the optimizer's space: start, feature moments
         self.data = None          # the fingerprint of the blocks all this was computed on
 
     def vouch(self, facts):
@@ -295,6 +317,7 @@ class Recovery:
         now = fingerprint(facts)
         if self.data is not None and not same_data(self.data, now):
             self.replay, self.snapshot, self.iteration, self.times = None, None, 0, []
+            self.space = None
             self.data = now
             return False
         self.data = now

@@ -362,13 +362,28 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         self._check_labels(facts, loss_name)
         layout = kernels.Layout(facts.num_features, loss.n_outputs(num_classes),
                                 self.getFitIntercept())
-        x0 = _initial_theta(self.getInitialModel(), layout, num_classes, loss_name)
-        if self.getInitialModel() is None and layout.fit_intercept:
-            x0 = self._start(x0, layout, facts, loss_name)
+        ck, resumed = self._checkpointer(facts)
+        if not self._recovery.vouch(facts):
+            log.warning("sparkgd: the blocks built again hold other data than the lost ones "
+                        "(%s): the fit starts over", checkpoint.fingerprint(facts))
         line_search = optimizer == "lbfgs" or (optimizer == "gd" and step is None)
         mean = std = pre = None
-        if line_search or standardize:
-            mean, std = engine.moments(layout.d)
+        # the optimizer's space (start, moments) is part of its state: a fit that goes on
+        # (a lost task, a lost driver) takes the one it started with, to the bit, whatever
+        # grouping of the rows the moments are summed in now
+        space = self._recovery.space or (ck.space() if resumed else None)
+        if space is not None:
+            x0, mean, std = space["x0"], space.get("mean"), space.get("std")
+        else:
+            x0 = _initial_theta(self.getInitialModel(), layout, num_classes, loss_name)
+            if self.getInitialModel() is None and layout.fit_intercept:
+                x0 = self._start(x0, layout, facts, loss_name)
+            if line_search or standardize:
+                mean, std = engine.moments(layout.d)
+            space = {"x0": x0} if mean is None else {"x0": x0, "mean": mean, "std": std}
+        self._recovery.space = space
+        if ck is not None:
+            ck.space_arrays = space
         penalty = Penalty(layout, self.getRegParam(), self.getElasticNetParam(),
                           feature_scale=std if standardize else None)
         if std is not None:
@@ -383,10 +398,6 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                 curvature=loss.curvature)
         codec = codecs.parse(self.getCompression())
         mode = self.getMode()
-        ck, resumed = self._checkpointer(facts)
-        if not self._recovery.vouch(facts):
-            log.warning("sparkgd: the blocks built again hold other data than the lost ones "
-                        "(%s): the fit starts over", checkpoint.fingerprint(facts))
         saving = dict(checkpoint=ck, resumed=resumed, recovery=self._recovery)
         if mode == "local":
             work = local.Work(optimizer, step, self.getLocalSteps(),
@@ -406,10 +417,23 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
             objective = sync.DistributedObjective(
                 engine, loss, layout, penalty, codec=codec,
                 theta_codec=sync.theta_codec_for(codec, self.getOptimizer(), step))
-            result = sync.fit(objective, x0, optimizer=optimizer, max_iter=self.getMaxIter(),
-                              tol=self.getTol(), step_size=step, precondition=pre,
-                              mini_batch_fraction=self.getMiniBatchFraction(),
-                              seed=self.getSeed(), **saving)
+            def run_sync():
+                return sync.fit(objective, x0, optimizer=optimizer,
+                                max_iter=self.getMaxIter(), tol=self.getTol(), step_size=step,
+                                precondition=pre,
+                                mini_batch_fraction=self.getMiniBatchFraction(),
+                                seed=self.getSeed(), **saving)
+
+            try:
+                result = run_sync()
+            except checkpoint.ReplayMismatch as e:
+                if resumed is not None:
+                    raise               # the user's checkpoint: say so, change nothing
+                # what this fit kept in memory does not replay: compute it again
+                log.warning("sparkgd: %s; the fit starts over", e)
+                self._recovery.replay = None
+                self._recovery.iteration, self._recovery.times = 0, []
+                result = run_sync()
         return _Trained(result, layout, loss_name, loss, num_classes, facts, engine.rejected,
                         engine.task_skews(), engine.rows_per_task(), engine.rejected_pushes,
                         ck)
