@@ -109,8 +109,9 @@ class FakeTask(threading.Thread):
     or, with ``vanish``, reads one request and closes without answering."""
 
     def __init__(self, hub, index, attempt=0, value=1.0, vanish=False, secret=None, keys=None,
-                 host="127.0.0.1", floats=None, behave=None):
+                 host="127.0.0.1", floats=None, behave=None, facts=b""):
         super().__init__(daemon=True)
+        self.facts = facts
         self.hub, self.index, self.attempt = hub, index, attempt
         self.value, self.vanish = value, vanish
         self.secret = secret or hub.secret
@@ -122,7 +123,8 @@ class FakeTask(threading.Thread):
     def run(self):
         try:
             chan = wire.connect((self.host, self.hub.port), self.secret, self.index,
-                                self.attempt, self.keys, floats=self.floats, timeout=10)
+                                self.attempt, self.keys, facts=self.facts, floats=self.floats,
+                                timeout=10)
         except (OSError, EOFError, wire.ProtocolError):
             self.verdict = FAILED
             return
@@ -257,21 +259,43 @@ def test_hub_reports_the_job_ending():
         hub.close()
 
 
-def test_strict_hub_reports_a_lost_task_instead_of_waiting():
-    """Tasks that hold their own blocks (the served store): a task that dies mid-pass,
-    or a second attempt of one, ends the fit's use of them (TaskLost), at once."""
-    hub = Hub(2, 4, "127.0.0.1", lambda: None, lambda: 2, 5.0, strict=True)
-    tasks = [FakeTask(hub, 0), FakeTask(hub, 1, vanish=True)]
-    for t in tasks:
-        t.start()
-    try:
-        hub.wait_for_tasks()
-        t0 = time.monotonic()
-        with pytest.raises(TaskLost, match="serving task 1 was lost"):
-            hub.evaluate(np.array([1.0]))
-        assert time.monotonic() - t0 < 5
-    finally:
-        hub.close()
+def test_strict_hub_takes_a_retry_only_when_it_built_the_same_blocks():
+    """Tasks that hold their own blocks (the served store). A task whose process dies
+    mid-pass is waited for: its next attempt takes its place if it built the very same
+    blocks (facts and moments equal), and the pass completes; one that built other
+    blocks is refused (TaskLost); when the cluster has no slot left for it, the hub
+    says so within seconds (SlotsShrank)."""
+    from sparkgd.engine.hub import SlotsShrank
+
+    facts = json.dumps({"n": 10, "wsum": 10.0, "pid": 1}).encode()
+    moved = json.dumps({"n": 10, "wsum": 10.0, "pid": 2}).encode()   # another process
+    other = json.dumps({"n": 9, "wsum": 9.0, "pid": 2}).encode()     # its input ended early
+    for retry, outcome in ((moved, "goes on"), (other, "refused"), (None, "no slot")):
+        hub = Hub(2, 4, "127.0.0.1", lambda: None, lambda: len(hub._tasks), 5.0,
+                  strict=True, slots=lambda: 1)
+        tasks = [FakeTask(hub, 0, facts=facts), FakeTask(hub, 1, vanish=True, facts=facts)]
+        for t in tasks:
+            t.start()
+        try:
+            hub.wait_for_tasks()
+            if retry is not None:
+                again = FakeTask(hub, 1, attempt=1, value=2.0, facts=retry)
+                threading.Timer(0.3, again.start).start()
+            t0 = time.monotonic()
+            if outcome == "goes on":
+                parts = hub.evaluate(np.array([1.0]))
+                assert [p[0] for p in parts] == [1.0, 2.0] and hub.reconnects == 1
+            elif outcome == "refused":
+                with pytest.raises(TaskLost, match=r"new attempt, 1"):
+                    hub.evaluate(np.array([1.0]))
+            else:
+                with pytest.raises(SlotsShrank, match="1 task slots now"):
+                    hub.evaluate(np.array([1.0]))
+            assert time.monotonic() - t0 < 5
+        finally:
+            hub.close()
+
+def test_strict_hub_refuses_a_second_attempt_beside_a_live_first():
     hub = Hub(1, 4, "127.0.0.1", lambda: None, lambda: 1, 5.0, strict=True)
     FakeTask(hub, 0).start()
     try:

@@ -703,9 +703,12 @@ class Hub:
             self._refuse(peer, f"task index {i} out of range")
             return
         if self.strict and i in self._seen:
-            self._refuse(peer, "a second attempt")
-            self._lost(i, attempt)
-            return
+            if not self._vouched(i, facts, floats):
+                self._refuse(peer, "a second attempt with other blocks")
+                self._lost(i, attempt)
+                return
+            log.info("sparkgd: serving task %d (attempt %d) built the very blocks the lost "
+                     "attempt held: the fit goes on", i, attempt)
         if self.expected is not None and keys != self.expected[i]:
             self.refused += 1
             log.info("serving task %d (attempt %d) refused: %d of %d blocks as expected",
@@ -880,7 +883,28 @@ class Hub:
         self._sent_to.discard(peer.index)
         if self.topology != "star":     # the others' links to it are gone: redo the pass
             self._redo()
+        if self.strict and not (bad or stalled):
+            # its process died (an executor lost, say): Spark retries the task, and a new
+            # attempt that built the very same blocks takes its place (:meth:`_vouched`);
+            # if none can run, the job fails or the hub runs short of tasks (TaskLost)
+            log.info("sparkgd: waiting for serving task %d's next attempt", peer.index)
+            return
         self._lost(peer.index)
+
+    def _vouched(self, i, facts, floats):
+        """A new attempt of task ``i`` may stand in for the lost one only if it built
+        the same blocks: its facts (rows, weight, labels, non-zeros...; all but the
+        process id) and feature moments equal to the last bit. Then the lost attempt's
+        input was complete too (Spark vouches for the new one when it ends), and every
+        pass it answered stands."""
+        try:
+            old, new = json.loads(self.facts[i] or b"{}"), json.loads(facts or b"{}")
+        except ValueError:
+            return False
+        for d in (old, new):
+            d.pop("pid", None)
+        return bool(old) and "error" not in old and old == new and \
+            np.array_equal(self.floats.get(i), floats)
 
     def _lost(self, i, attempt=None):
         if self.strict and self._listener is not None:

@@ -157,6 +157,10 @@ class ServedJob(jobs.ServingJob):
     def _guarded(self, run, *args):
         try:
             return run(*args)
+        except WorkersUnavailable as e:   # a lost task's next attempt could not run
+            self.lost = True
+            raise TaskLost(f"a serving task was lost and could not run again: "
+                           f"{str(e).splitlines()[0]}") from None
         except TaskLost:
             self.lost = True
             self.raise_if_cancelled()
