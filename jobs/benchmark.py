@@ -156,6 +156,20 @@ def timed(fn, repeat=1):
     return best, out
 
 
+def _in_scratch(args, run):
+    """``run()`` with ``args.tmp`` a fresh directory (under ``--workdir``), removed after."""
+    import shutil
+
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
+    args.tmp = tempfile.mkdtemp(prefix="sparkgd-bench-", dir=args.workdir)
+    try:
+        run()
+    finally:
+        shutil.rmtree(args.tmp, ignore_errors=True)
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="jobs/benchmark.py")
     p.add_argument("--rows", type=float, default=1e6)
@@ -223,42 +237,17 @@ def main(argv=None):
     if args.comm:
         import bench_comm
 
-        if args.workdir:
-            os.makedirs(args.workdir, exist_ok=True)
-        args.tmp = tempfile.mkdtemp(prefix="sparkgd-bench-", dir=args.workdir)
-        try:
-            bench_comm.run(spark, args)
-        finally:
-            import shutil
-
-            shutil.rmtree(args.tmp, ignore_errors=True)
-        return 0
+        return _in_scratch(args, lambda: bench_comm.run(spark, args))
     if args.modes:
         import bench_modes
 
-        if args.workdir:
-            os.makedirs(args.workdir, exist_ok=True)
-        args.tmp = tempfile.mkdtemp(prefix="sparkgd-bench-", dir=args.workdir)
-        try:
-            bench_modes.run(spark, args)
-        finally:
-            import shutil
-
-            shutil.rmtree(args.tmp, ignore_errors=True)
-        return 0
+        return _in_scratch(args, lambda: bench_modes.run(spark, args))
     if args.sparse:
         import bench_sparse
 
-        if args.workdir:
-            os.makedirs(args.workdir, exist_ok=True)
-        args.tmp = tempfile.mkdtemp(prefix="sparkgd-bench-", dir=args.workdir)
-        try:   # the driver's Python (SciPy's copy of the rows) is under the JVM too
-            bench_sparse.run(spark, args, lambda: PeakRss(os.getppid()))
-        finally:
-            import shutil
-
-            shutil.rmtree(args.tmp, ignore_errors=True)
-        return 0
+        # the driver's Python (SciPy's copy of the rows) is under the JVM too
+        return _in_scratch(args, lambda: bench_sparse.run(spark, args,
+                                                          lambda: PeakRss(os.getppid())))
     results = {"master": sc.master, "rows": int(args.rows), "features": args.features,
                "partitions": args.partitions}
 

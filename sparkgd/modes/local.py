@@ -153,7 +153,7 @@ def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=N
     f_prev, first, base = None, 1, 0.0
     state = None
     if recovery is not None and recovery.snapshot is not None:
-        resumed, state = recovery.snapshot
+        resumed, state = recovery.snapshot.taken()
         log.info("continuing from iteration %d after a lost serving task",
                  int(resumed["iteration"]))
     elif resumed:
@@ -202,9 +202,9 @@ def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=N
             checkpoint.save(r, history[:-1], times[:-1], state={"theta": theta},
                             extra={"f_prev": f_prev})
         if recovery is not None:
-            recovery.snapshot = ({"iteration": r, "objectiveHistory": history[:-1],
-                                  "objectiveTimes": times[:-1], "f_prev": f_prev},
-                                 {"theta": theta.copy()})
+            # references, not copies (theta is a new array each round; entries before
+            # r never change again): sliced only if a later attempt needs them
+            recovery.snapshot = _Lazy(r, history, times, f_prev, theta)
     final = engine.evaluate(theta, loss, layout, None, codecs.NONE)
     evaluations += 1
     f = _objective(final, penalty, l1, theta)
@@ -221,6 +221,21 @@ def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=N
         seconds=seconds, bytes_communicated=engine.bytes_communicated,
         driver_bytes=engine.driver_bytes, evaluations=evaluations, converged=done,
         message=message, objective_times=[round(t, 6) for t in times])
+
+
+class _Lazy:
+    """A round's model for :class:`~sparkgd.checkpoint.Recovery`, kept by reference:
+    ``taken()`` -> (meta, state) as a checkpoint would hold them."""
+
+    def __init__(self, r, history, times, f_prev, theta):
+        self.r, self.history, self.times = r, history, times
+        self.f_prev, self.theta = f_prev, theta
+
+    def taken(self):
+        n = self.r - 1
+        return ({"iteration": self.r, "objectiveHistory": self.history[:n],
+                 "objectiveTimes": self.times[:n], "f_prev": self.f_prev},
+                {"theta": self.theta})
 
 
 def _objective(total, penalty, l1, theta):

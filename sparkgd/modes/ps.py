@@ -198,14 +198,14 @@ class Server:
         for k, moved in self.applied.items():    # later clocks' pushes, undone
             if k > c:
                 u += moved
-        times = [t - self.started for t in self.times]
+        snapshot = _Snapshot(c, self.history, self.times, self.started,
+                             self.reported.get(c), u)
         if saving:
-            self.checkpoint.save(c, self.history, times, state={"u": u},
-                                 extra={"f_prev": self.reported.get(c)})
+            meta, state = snapshot.taken()
+            self.checkpoint.save(c, meta["objectiveHistory"], meta["objectiveTimes"],
+                                 state=state, extra={"f_prev": meta["f_prev"]})
         if self.recovery is not None:
-            self.recovery.snapshot = ({"iteration": c, "objectiveHistory": list(self.history),
-                                       "objectiveTimes": times,
-                                       "f_prev": self.reported.get(c)}, {"u": u})
+            self.recovery.snapshot = snapshot
         return False
 
     def restore(self, meta, state, started):
@@ -250,6 +250,23 @@ class Server:
         return f
 
 
+class _Snapshot:
+    """The server at a whole clock, for a checkpoint or a later attempt: the model
+    copied (it moves in place), the history by reference (its first entries never
+    change), sliced only in ``taken()`` -> (meta, state)."""
+
+    def __init__(self, c, history, times, started, f_prev, u):
+        self.c, self.history, self.times, self.started = c, history, times, started
+        self.f_prev, self.u = f_prev, u
+
+    def taken(self):
+        n = len(self.history) if self.c >= 2 else 0
+        n = min(n, self.c - 1)
+        return ({"iteration": self.c, "objectiveHistory": list(self.history[:n]),
+                 "objectiveTimes": [t - self.started for t in self.times[:n]],
+                 "f_prev": self.f_prev}, {"u": self.u})
+
+
 def fit(engine, loss, layout, penalty, x0, *, weight, pre=None, step_size=None,
         fraction=1.0, seed=0, staleness=2, max_iter=100, tol=1e-6, codec=None,
         checkpoint=None, resumed=None, recovery=None):
@@ -268,7 +285,7 @@ def fit(engine, loss, layout, penalty, x0, *, weight, pre=None, step_size=None,
     server.started = start
     server.checkpoint, server.recovery = checkpoint, recovery
     if recovery is not None and recovery.snapshot is not None:
-        server.restore(*recovery.snapshot, start)
+        server.restore(*recovery.snapshot.taken(), start)
         start = server.started
         log.info("continuing from iteration %d after a lost serving task", server.clock)
     elif resumed:

@@ -193,8 +193,8 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
             last[0] = now
             return
         times.append(origin["base"] + now - origin["t"])
-        if recovery is not None:
-            recovery.iteration, recovery.times = it, list(times)
+        if recovery is not None:   # the list itself: it only grows (a copy would be O(T^2))
+            recovery.iteration, recovery.times = it, times
         log.info("iter %4d  objective %.12g  |grad| %.3e  step %.3e  %.2fs  %d bytes",
                  it, f, gnorm, step, now - last[0], sent - last[1])
         last[0], last[1] = now, sent
