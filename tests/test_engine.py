@@ -544,7 +544,7 @@ def wait_idle(spark, seconds=20):
     return not active_jobs(spark)
 
 
-@pytest.mark.parametrize("optimizer", ["lbfgs", "sgd"])
+@pytest.mark.parametrize("optimizer", ["lbfgs", "sgd", "local"])
 def test_a_lost_serving_task_costs_a_rebuild_not_the_fit(spark, data, monkeypatch, caplog,
                                                           optimizer):
     """SIGKILL the Python worker of served task 0 at the third pass: Spark fails its task
@@ -561,6 +561,10 @@ def test_a_lost_serving_task_costs_a_rebuild_not_the_fit(spark, data, monkeypatc
         est = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight", optimizer="sgd",
                                          miniBatchFraction=0.5, stepSize=0.5, maxIter=8,
                                          seed=3)
+    if optimizer == "local":   # the model after round 2 is kept: rounds 3.. are computed
+        est = sparkgd.LogisticRegression(regParam=0.1, weightCol="weight", optimizer="sgd",
+                                         mode="local", localSteps=3, stepSize=0.5,
+                                         maxIter=6, tol=0)
     reference = est.fit(data)
     jobs, real_eval = [], served.ServedJob.evaluate
 
@@ -594,7 +598,7 @@ def test_a_lost_serving_task_costs_a_rebuild_not_the_fit(spark, data, monkeypatc
         if len(closes) == 1:
             self.certified = False
 
-    if optimizer == "sgd":
+    if optimizer != "lbfgs":
         return
     monkeypatch.setattr(served.ServedJob, "evaluate", real_eval)
     monkeypatch.setattr(served.ServedJob, "close", uncertified_once)
