@@ -128,15 +128,11 @@ class Engine:
                                      threads=task_cpus(sc))
                 try:
                     return cls._materialize(served, spec, source, aggregator, "served")
-                except SlotsShrank as e:
-                    if shrink < MAX_SHRINKS:
+                except WorkersUnavailable as e:
+                    if isinstance(e, SlotsShrank) and shrink < MAX_SHRINKS:
                         # executors gone for good: the tasks that can run take their rows
                         log.warning("sparkgd: %s; serving with the slots there are", e)
                         continue
-                    if explicit:
-                        raise
-                    log.warning("sparkgd: %s; building block files instead", e)
-                except WorkersUnavailable as e:
                     if explicit:
                         raise
                     log.warning("sparkgd: %s; building block files instead", e)
