@@ -25,6 +25,7 @@ end), :mod:`.jobs` (the Spark jobs), :mod:`.files` and :mod:`.served` (the store
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -149,6 +150,7 @@ class Engine:
 
     @classmethod
     def _materialize(cls, store, spec, source, aggregator, kind):
+        started = time.monotonic()
         try:
             try:
                 infos = store.materialize()
@@ -160,6 +162,8 @@ class Engine:
         except BaseException:
             store.release()
             raise
+        log.info("sparkgd: blocks built by %d tasks in %.2f s (%s)", store.num_tasks,
+                 time.monotonic() - started, kind)
         return cls(store, _facts.Facts(infos, spec, store.num_partitions), aggregator, kind)
 
     @property
