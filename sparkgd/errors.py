@@ -1,4 +1,5 @@
 """The one exception type users see for bad usage or bad input."""
+import re
 
 
 class SparkgdError(ValueError):
@@ -6,3 +7,28 @@ class SparkgdError(ValueError):
 
     The command line prints it as ``sparkgd: error: <message>`` and exits 2.
     """
+
+
+_MISSING = re.compile(r"(?:ModuleNotFoundError|ImportError): No module named '([\w.]+)'")
+_PY_ERROR = re.compile(r"^\s*(\w+(?:Error|Exception)): (.+)$", re.M)
+
+
+def first_line(e):
+    """One line saying what went wrong in ``e`` -- a Spark exception included, whose
+    first line is often only "An exception was thrown from the Python worker:" with the
+    cause further down. A module missing on the executors names the module and the fix."""
+    text = str(e).strip()
+    missing = _MISSING.search(text)
+    if missing:
+        return (f"the Python running Spark's tasks has no module '{missing.group(1)}': set "
+                "PYSPARK_PYTHON (or spark.pyspark.python) to an interpreter with sparkgd's "
+                "dependencies installed, on every executor (./spark-submit.sh does this "
+                "for local runs; on a cluster ship a packed environment, see README)")
+    lines = text.splitlines()
+    first = lines[0].strip() if lines else type(e).__name__
+    if first.rstrip(":").endswith("thrown from the Python worker") or first.endswith(":"):
+        causes = _PY_ERROR.findall(text)
+        if causes:
+            kind, what = causes[-1]
+            return f"{first.rstrip(':')}: {kind}: {what.strip()}"
+    return first

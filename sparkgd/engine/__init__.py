@@ -33,7 +33,7 @@ from .. import codecs
 from ..comm import Aggregator
 from ..data import facts as _facts
 from ..data.schema import project
-from ..errors import SparkgdError
+from ..errors import SparkgdError, first_line
 from ..stats import moments_from_parts
 from . import jobs
 from .hub import Cancelled, SlotsShrank, TaskLost, WorkersFailed, WorkersUnavailable, skews
@@ -91,7 +91,7 @@ class Engine:
         try:
             frame, read_spec = project(dataset, spec)
         except Exception as e:
-            raise SparkgdError(f"cannot read {source}: {_first_line(e)}") from None
+            raise SparkgdError(f"cannot read {source}: {first_line(e)}") from None
         if num_partitions:
             frame = frame.repartition(int(num_partitions))
         sc = frame.sparkSession.sparkContext
@@ -106,7 +106,7 @@ class Engine:
         if spark_encrypts(sc):
             # Spark encrypts its own traffic here: the hub's channel is authenticated
             # but not encrypted, so passes go through Spark's jobs instead
-            log.info("sparkgd: Spark's network encryption is on: block files and one "
+            log.info("Spark's network encryption is on: block files and one "
                      "Spark job per pass, no sockets of sparkgd's own")
             store, per_pass, explicit = "files", "jobs", False
         if store == "auto":
@@ -118,11 +118,12 @@ class Engine:
                 # one task per slot, their rows within 20% of one another (balance.py)
                 seen, slots = {}, task_slots(sc)
                 try:
-                    tasks_frame, how = balanced(frame, slots, counts=counts, info=seen)
+                    with jobs.described(sc, "sparkgd: count rows"):
+                        tasks_frame, how = balanced(frame, slots, counts=counts, info=seen)
                 except Exception as e:  # the count job: the input's own errors show first
-                    raise SparkgdError(f"cannot read {source}: {_first_line(e)}") from None
+                    raise SparkgdError(f"cannot read {source}: {first_line(e)}") from None
                 counts = seen["counts"]
-                log.info("sparkgd: %d rows in %d partitions -> %d serving tasks (%s)",
+                log.info("%d rows in %d partitions -> %d serving tasks (%s)",
                          sum(counts), len(counts), min(slots, max(1, sum(counts))), how)
                 served = ServedStore(tasks_frame, read_spec, dtype,
                                      num_partitions or len(counts), wait,
@@ -132,11 +133,11 @@ class Engine:
                 except WorkersUnavailable as e:
                     if isinstance(e, SlotsShrank) and shrink < MAX_SHRINKS:
                         # executors gone for good: the tasks that can run take their rows
-                        log.warning("sparkgd: %s; serving with the slots there are", e)
+                        log.warning("%s; serving with the slots there are", e)
                         continue
                     if explicit:
                         raise
-                    log.warning("sparkgd: %s; building block files instead", e)
+                    log.warning("%s; building block files instead", e)
                 break
         files = FileStore(frame, read_spec, dtype)
         files.wait_seconds = wait
@@ -157,12 +158,12 @@ class Engine:
             except (TaskLost, WorkersUnavailable, Cancelled, SparkgdError):
                 raise                 # start over / use files / the caller's own error
             except Exception as e:  # e.g. a corrupt file, or a cast Spark cannot make
-                raise SparkgdError(f"cannot read {source}: {_first_line(e)}") from None
+                raise SparkgdError(f"cannot read {source}: {first_line(e)}") from None
             _facts.check(infos, spec, source)
         except BaseException:
             store.release()
             raise
-        log.info("sparkgd: blocks built by %d tasks in %.2f s (%s)", store.num_tasks,
+        log.info("blocks built by %d tasks in %.2f s (%s)", store.num_tasks,
                  time.monotonic() - started, kind)
         return cls(store, _facts.Facts(infos, spec, store.num_partitions), aggregator, kind)
 
@@ -205,11 +206,11 @@ class Engine:
             except WorkersUnavailable as e:
                 if self.kind == "served":
                     raise
-                log.warning("sparkgd: %s; falling back to one Spark job per pass", e)
+                log.warning("%s; falling back to one Spark job per pass", e)
                 self._store.close_session()
                 self.kind = "jobs"
         if self.topology == "ring":
-            log.warning("sparkgd: one Spark job per pass has no ring: its passes use "
+            log.warning("one Spark job per pass has no ring: its passes use "
                         "treeAggregate (topology tree)")
             self.topology = self.aggregator.topology = "tree"
         return jobs.pass_sums(self._store, theta, loss, layout, sample, self.aggregator, work)
@@ -231,7 +232,7 @@ class Engine:
             except WorkersUnavailable as e:
                 if self.kind == "served":
                     raise
-                log.warning("sparkgd: %s; falling back to one Spark job per pass, each "
+                log.warning("%s; falling back to one Spark job per pass, each "
                             "clock bulk-synchronous", e)
                 moved = self._store.last_bytes
                 self.aggregator.count_driver(moved["driver_out"] + moved["driver_in"])
@@ -322,13 +323,8 @@ def run(dataset, spec, train, *, source="the DataFrame", dtype="float64",
                 raise TaskLost("the serving job did not end cleanly")
             return result
         except TaskLost as e:
-            log.warning("sparkgd: %s; building the blocks again (attempt %d): the fit goes "
+            log.warning("%s; building the blocks again (attempt %d): the fit goes "
                         "on from where it was", str(e).splitlines()[0], attempt + 1)
             if attempt >= MAX_SERVED_ATTEMPTS:
                 store = "files"
     raise SparkgdError("the fit could not complete")  # pragma: no cover - files never lose
-
-
-def _first_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -303,7 +303,10 @@ class FileStore:
             tasks, parents = handles, [[i] for i in range(handles.getNumPartitions())]
         self.rdd = tasks.mapPartitions(_open_partition, preservesPartitioning=True)
         self.serving_rdd = tasks.mapPartitions(_open_keyed, preservesPartitioning=True)
-        infos = handles.map(lambda p: p[0]).collect()
+        from .jobs import described
+
+        with described(handles.context, "sparkgd: build blocks"):
+            infos = handles.map(lambda p: p[0]).collect()
         self.task_keys = keys_by_task(infos, parents)
         return infos
 
@@ -454,7 +457,7 @@ class WorkerSession(jobs.ServingJob):
             return serve_partition(i, it, address, secret, threads, timeout)
 
         self._start(lambda: rdd.mapPartitionsWithIndex(body).collect(),
-                    "sparkgd: serving gradient passes")
+                    "sparkgd: serve passes")
         try:
             hub.wait_for_tasks()
         except BaseException:

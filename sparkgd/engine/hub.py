@@ -359,7 +359,7 @@ class Hub:
                     any(i not in self.addresses for i in range(self.num_tasks)):
                 return
             if any(not self.addresses[i] for i in range(self.num_tasks)):
-                log.warning("sparkgd: a serving task cannot listen for other tasks; they "
+                log.warning("a serving task cannot listen for other tasks; they "
                             "send to the driver directly (topology star)")
                 self.topology, self._peers_current, self.fell_back = "star", False, True
         if not self._peers_current:
@@ -520,7 +520,7 @@ class Hub:
             return
         if asked is None or asked[0] != frame.pass_no:
             self.rejected_pushes += 1
-            log.info("sparkgd: a push from task %d for request %d was not applied (%s)", i,
+            log.info("a push from task %d for request %d was not applied (%s)", i,
                      frame.pass_no, "a duplicate" if frame.pass_no <= self.pass_no
                      else "never asked for")
             return
@@ -707,7 +707,7 @@ class Hub:
                 self._refuse(peer, "a second attempt with other blocks")
                 self._lost(i, attempt)
                 return
-            log.info("sparkgd: serving task %d (attempt %d) built the very blocks the lost "
+            log.info("serving task %d (attempt %d) built the very blocks the lost "
                      "attempt held: the fit goes on", i, attempt)
         if self.expected is not None and keys != self.expected[i]:
             self.refused += 1
@@ -741,7 +741,7 @@ class Hub:
             self._send_request(peer)
 
     def _refuse(self, peer, why):
-        log.debug("sparkgd: hub refused a task: %s", why)
+        log.debug("hub refused a task: %s", why)
         peer.frame(wire.OP_REJECT)
         peer.close_when_sent = True
         peer.hello_deadline = time.monotonic() + self.hello_seconds
@@ -807,11 +807,11 @@ class Hub:
         pass; after ``MAX_PEER_FAILURES`` in a row with every task connected, the tasks
         send to the driver directly (star) for the rest of the fit."""
         self.peer_failures += 1
-        log.info("sparkgd: pass %d redone: %s", self.pass_no, why)
+        log.info("pass %d redone: %s", self.pass_no, why)
         if len(self._tasks) == self.num_tasks:
             self._failures_in_row += 1
             if self._failures_in_row >= MAX_PEER_FAILURES and self.topology != "star":
-                log.warning("sparkgd: links between serving tasks failed %d times in a row "
+                log.warning("links between serving tasks failed %d times in a row "
                             "(last: %s); the tasks send to the driver directly (topology "
                             "star) from now on", self._failures_in_row, why)
                 self.topology, self.fell_back = "star", True
@@ -862,7 +862,7 @@ class Hub:
     def _reject(self, peer, why):
         """A stranger (or a refused task) is dropped."""
         self.rejected += 1
-        log.debug("sparkgd: hub dropped a connection: %s", why)
+        log.debug("hub dropped a connection: %s", why)
         self._close(peer)
 
     def _gone(self, peer, why, bad=False, stalled=False):
@@ -874,9 +874,9 @@ class Hub:
             self.rejected += 1
         self._close(peer)
         if not is_task:
-            log.debug("sparkgd: hub dropped a connection: %s", why)
+            log.debug("hub dropped a connection: %s", why)
             return
-        log.info("sparkgd: serving task %d: %s", peer.index, why)
+        log.info("serving task %d: %s", peer.index, why)
         if stalled and not self.strict and self._listener is not None:
             raise WorkersUnavailable(f"serving task {peer.index} {why}")
         self._holders.discard(peer.index)
@@ -887,7 +887,7 @@ class Hub:
             # its process died (an executor lost, say): Spark retries the task, and a new
             # attempt that built the very same blocks takes its place (:meth:`_vouched`);
             # if none can run, the job fails or the hub runs short of tasks (TaskLost)
-            log.info("sparkgd: waiting for serving task %d's next attempt", peer.index)
+            log.info("waiting for serving task %d's next attempt", peer.index)
             return
         self._lost(peer.index)
 
@@ -932,5 +932,5 @@ class Hub:
         self._sel.close()
         listener.close()
         if self.rejected:
-            log.info("sparkgd: the hub dropped %d connection(s) or frame(s) that were not "
+            log.info("the hub dropped %d connection(s) or frame(s) that were not "
                      "this fit's tasks speaking its protocol", self.rejected)

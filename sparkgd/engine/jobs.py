@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 import uuid
 
@@ -261,6 +263,20 @@ def _kernel_task(index, blocks, bc, loss, layout, sample, threads, work=None, fa
                                  threads=threads)
 
 
+@contextlib.contextmanager
+def described(sc, text):
+    """Spark UI job description ``text`` for the jobs this thread starts meanwhile."""
+    old = sc.getLocalProperty("spark.job.description")
+    sc.setJobDescription(text)
+    try:
+        yield
+    finally:
+        sc.setLocalProperty("spark.job.description", old)
+
+
+_PASSES = itertools.count(1)
+
+
 def pass_sums(store, theta, loss, layout, sample, aggregator, work=None):
     """One pass as one Spark job over ``store``'s blocks -> the summed vector."""
     bc = store.context.broadcast(theta)
@@ -277,7 +293,8 @@ def pass_sums(store, theta, loss, layout, sample, aggregator, work=None):
         return aggregator.sum(partials, 2 + layout.size)
 
     try:
-        total = store.run(job)
+        with described(store.context, f"sparkgd pass {next(_PASSES)}"):
+            total = store.run(job)
     finally:
         bc.destroy()
     aggregator.count_out(theta.size, store.num_tasks)   # the broadcast, once per task

@@ -125,8 +125,8 @@ class ServedJob(jobs.ServingJob):
             # (``.rdd``) runs its upstream stages, so a second query would run them again.
             self.rdd = frame.mapInArrow(body, "rows long").rdd
             self.num_tasks = hub.num_tasks = self.rdd.getNumPartitions()
-            log.info("sparkgd: %d task(s) build and serve the blocks", self.num_tasks)
-            self._start(self.rdd.collect, "sparkgd: blocks built and served by the same tasks")
+            log.info("%d task(s) build and serve the blocks", self.num_tasks)
+            self._start(self.rdd.collect, "sparkgd: build blocks and serve passes")
             hub.wait_for_tasks()
         except BaseException:
             self.lost = True
@@ -167,7 +167,7 @@ class ServedJob(jobs.ServingJob):
             raise
         except WorkersFailed as e:  # the job ended under the fit: its blocks are gone
             self.lost = True
-            log.info("sparkgd: the serving job failed: %s", e)
+            log.info("the serving job failed: %s", e)
             raise TaskLost(f"the serving job failed: {str(e).splitlines()[0]}") from None
 
     def close(self):
