@@ -14,7 +14,7 @@ import re
 import sys
 import time
 
-from .errors import SparkgdError
+from .errors import SparkgdError, first_line
 from .optim import OPTIMIZERS
 
 LOSS_ESTIMATOR = {"squared": "LinearRegression", "huber": "LinearRegression",
@@ -59,7 +59,8 @@ def _column_list(text):
 def build_parser(default_data=None):
     p = _Parser(
         prog="jobs/train.py",
-        description="Train a linear model with distributed gradient descent on Spark.")
+        description="Train a linear model with distributed gradient descent on Spark.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=default_data,
                    help="Parquet file or partitioned directory (default: the bundled sample)")
     p.add_argument("--format", default="parquet", choices=["parquet", "libsvm"],
@@ -70,8 +71,8 @@ def build_parser(default_data=None):
                    help="features column: array<double|float> or Spark ML vector")
     p.add_argument("--feature-cols", type=_column_list, default=None,
                    help="comma-separated numeric columns to use as features instead")
-    p.add_argument("--label-col", default="label")
-    p.add_argument("--weight-col", default=None)
+    p.add_argument("--label-col", default="label", help="label column")
+    p.add_argument("--weight-col", default=None, help="row weights column (none: all 1)")
     p.add_argument("--loss", default="logistic", choices=sorted(LOSS_ESTIMATOR),
                    help="logistic (binary, or multiclass labels -> multinomial), multinomial, "
                         "squared, huber, hinge (linear SVM)")
@@ -100,9 +101,12 @@ def build_parser(default_data=None):
     p.add_argument("--resume", action="store_true",
                    help="go on from the checkpoint in --checkpoint-dir (refused if written "
                         "for other data or params; from iteration 0 if there is none)")
-    p.add_argument("--max-iter", type=_int, default=100)
-    p.add_argument("--tol", type=_float, default=1e-6)
-    p.add_argument("--reg-param", type=_float, default=0.0)
+    p.add_argument("--max-iter", type=_int, default=100,
+                   help="iterations (mode local: rounds; mode async: clocks)")
+    p.add_argument("--tol", type=_float, default=1e-6,
+                   help="stop when the objective's relative change is at most this (0: run "
+                        "all --max-iter)")
+    p.add_argument("--reg-param", type=_float, default=0.0, help="penalty strength")
     p.add_argument("--elastic-net-param", type=_float, default=0.0,
                    help="L1 share of the penalty, in [0, 1]")
     p.add_argument("--step-size", type=_float, default=None,
@@ -114,14 +118,23 @@ def build_parser(default_data=None):
                    help="penalize standardized coefficients (Spark ML's meaning)")
     p.add_argument("--no-intercept", action="store_true", help="fit without an intercept")
     p.add_argument("--initial-model", default=None, help="warm start from a saved model")
-    p.add_argument("--aggregation-depth", type=_int, default=2)
+    p.add_argument("--aggregation-depth", type=_int, default=2,
+                   help="topology tree: the fan-in is tasks ** (1 / depth)")
     p.add_argument("--dtype", default="float64",
                    help="float64 or float32: how the cached blocks store dense features (float32: half the "
                         "memory; sums stay float64)")
     p.add_argument("--partitions", type=_positive_int, default=None,
                    help="repartition the input into this many partitions")
     p.add_argument("--output", default="out/model",
-                   help="directory to save the model to (replaced atomically on success)")
+                   help="directory to save the model to: a local path or a Hadoop-FS URI "
+                        "(file:, hdfs://, s3a://); replaced atomically on success where the "
+                        "file system renames atomically (local, HDFS; not object stores)")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="also write a PNG of the objective against iterations and seconds "
+                        "and the bytes each iteration sent (needs matplotlib)")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="sparkgd's progress lines (INFO: one per iteration)")
     return p
 
 
@@ -139,17 +152,20 @@ def check_paths(args):
         raise SparkgdError("--data is required (no bundled sample found)")
     if _is_local(args.data) and not os.path.exists(_strip_file(args.data)):
         raise SparkgdError(f"--data '{args.data}': no such file or directory")
-    if args.initial_model is not None:
-        if not _is_local(args.initial_model) or not os.path.isfile(
+    if args.initial_model is not None and _is_local(args.initial_model):
+        if not os.path.isfile(
                 os.path.join(_strip_file(args.initial_model), "metadata.json")):
             raise SparkgdError(f"--initial-model '{args.initial_model}': not a saved sparkgd "
                                "model (no metadata.json there)")
     if args.format == "libsvm" and (args.feature_cols or args.weight_col):
         raise SparkgdError("--format libsvm has only 'label' and 'features' columns; "
                            "--feature-cols and --weight-col do not apply")
+    if args.plot is not None and (not args.plot.lower().endswith(".png") or
+                                  not _is_local(args.plot)):
+        raise SparkgdError(f"--plot '{args.plot}': expected a local path ending in .png")
     out = args.output
     if not _is_local(out):
-        raise SparkgdError(f"--output '{out}': only local paths are supported")
+        return            # another file system: checked once Spark is up (check_output)
     out = os.path.abspath(_strip_file(out))
     if os.path.exists(out):
         if not os.path.isdir(out):
@@ -227,13 +243,14 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
-def _setup_logging():
+def _setup_logging(level="INFO"):
+    """sparkgd's progress through Python logging: ``sparkgd: <message>`` on stdout."""
     log = logging.getLogger("sparkgd")
     if not log.handlers:
         h = _StdoutHandler()
         h.setFormatter(logging.Formatter("sparkgd: %(message)s"))
         log.addHandler(h)
-    log.setLevel(logging.INFO)
+    log.setLevel(getattr(logging, level))
     log.propagate = False
 
 
@@ -248,10 +265,13 @@ def run(args):
         raise SparkgdError(_flag_names(str(e), estimator)) from None
     estimator._source_name = f"--data '{args.data}'"
     spark = SparkSession.builder.appName("sparkgd").getOrCreate()
+    from . import persist
+
+    persist.check_target(args.output, overwrite=True)   # (a Hadoop-FS one, now Spark is up)
     df = read_data(spark, args)
     if args.partitions:
         df = df.repartition(args.partitions)
-    _setup_logging()
+    _setup_logging(args.log_level)
     started = time.perf_counter()
     model = estimator.fit(df)
     s = model.summary
@@ -260,9 +280,30 @@ def run(args):
           f"{time.perf_counter() - started:.2f}s with data preparation, "
           f"{s.bytesCommunicated} bytes communicated, {s.driverBytes} of them through the "
           f"driver ({s.message})")
+    print("sparkgd: training metrics: " + _metrics_line(model))
     model.save(args.output, overwrite=True)
     print(f"sparkgd: model ({model.numFeatures} features) saved to {args.output}")
+    if args.plot:
+        s.plot(args.plot)
+        print(f"sparkgd: plot written to {args.plot}")
     return model
+
+
+def _metrics_line(model):
+    """Spark ML's names for the training data's metrics (one pass)."""
+    s = model.summary
+    if s._evaluated() is None:
+        return "not computed: " + s.__dict__.get("_no_metrics", "no metrics")
+    if model.lossName in ("squared", "huber"):
+        pairs = [("r2", s.r2), ("rootMeanSquaredError", s.rootMeanSquaredError),
+                 ("meanAbsoluteError", s.meanAbsoluteError)]
+    else:
+        pairs = [("accuracy", s.accuracy), ("weightedFMeasure", s.weightedFMeasure())]
+        if model.numClasses == 2 and model.coefficients.ndim == 1:
+            pairs.insert(0, ("areaUnderROC", s.areaUnderROC))
+        if s.logLoss is not None:
+            pairs.append(("logLoss", s.logLoss))
+    return ", ".join(f"{k} {v:.6g}" for k, v in pairs)
 
 
 def main(argv=None, default_data=None):
@@ -272,5 +313,85 @@ def main(argv=None, default_data=None):
     except SparkgdError as e:
         msg = " ".join(str(e).split())
         print(f"sparkgd: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# --------------------------------------------------------------------------- jobs/predict.py
+
+
+def build_predict_parser():
+    p = _Parser(prog="jobs/predict.py",
+                description="Score a dataset with a saved sparkgd model; write Parquet.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="a saved model directory (local path or Hadoop-FS URI)")
+    p.add_argument("--data", required=True, help="Parquet file or directory to score")
+    p.add_argument("--format", default="parquet", choices=["parquet", "libsvm"],
+                   help="input format")
+    p.add_argument("--num-features", type=_int, default=None,
+                   help="libsvm: number of features (default: the model's)")
+    p.add_argument("--features-col", default=None,
+                   help="features column (default: the one the model was trained with)")
+    p.add_argument("--feature-cols", type=_column_list, default=None,
+                   help="comma-separated numeric columns to use as features instead")
+    p.add_argument("--output", required=True,
+                   help="Parquet directory for the input's columns plus prediction (and "
+                        "rawPrediction, probability as arrays); must not exist yet")
+    return p
+
+
+def predict(args):
+    """Score ``args.data`` with the model at ``args.model``; write ``args.output``
+    beside-then-rename (atomic where the file system renames atomically)."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import SparkSession
+
+    from . import estimators, persist
+
+    if _is_local(args.data) and not os.path.exists(_strip_file(args.data)):
+        raise SparkgdError(f"--data '{args.data}': no such file or directory")
+    if _is_local(args.model) and not os.path.isfile(
+            os.path.join(_strip_file(args.model), "metadata.json")):
+        raise SparkgdError(f"--model '{args.model}': not a saved sparkgd model (no "
+                           "metadata.json there)")
+    spark = SparkSession.builder.appName("sparkgd-predict").getOrCreate()
+    fs, target = persist.filesystem(args.output)
+    if fs.exists(target):
+        raise SparkgdError(f"--output '{args.output}' already exists; refusing to replace it")
+    model = estimators.load_model(args.model)
+    if args.features_col:
+        model.setFeaturesCol(args.features_col)
+    if args.feature_cols:
+        model.setFeatureCols(args.feature_cols)
+    if args.format == "libsvm" and args.num_features is None:
+        args.num_features = model.numFeatures
+    args.weight_col = None
+    df = read_data(spark, args)
+    scratch = fs.temp_dir_beside(target)
+    try:
+        scored = model.transform(df)
+        for col in ("rawPrediction", "probability"):
+            name = model.getOrDefault(col + "Col") if model.hasParam(col + "Col") else None
+            if name and name in scored.columns:   # arrays: readable by any Parquet reader
+                scored = scored.withColumn(name, vector_to_array(scored[name]))
+        tmp = fs.join(scratch, "scored")
+        try:
+            scored.write.parquet(tmp)
+        except Exception as e:
+            raise SparkgdError(f"cannot score --data '{args.data}': {first_line(e)}") \
+                from None
+        fs.rename(tmp, target)
+    finally:
+        fs.delete(scratch)
+    rows = spark.read.parquet(args.output).count()
+    print(f"sparkgd: {rows} rows scored with {args.model} -> {args.output}")
+
+
+def predict_main(argv=None):
+    try:
+        predict(build_predict_parser().parse_args(argv))
+    except SparkgdError as e:
+        print(f"sparkgd: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0

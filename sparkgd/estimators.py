@@ -16,6 +16,14 @@ import numpy as np
 from pyspark import keyword_only
 from pyspark.ml import Estimator, Model
 from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.util import (
+    DefaultParamsReadable,
+    DefaultParamsWriter,
+    MLReadable,
+    MLReader,
+    MLWritable,
+    MLWriter,
+)
 from pyspark.ml.param.shared import (
     HasAggregationDepth,
     HasCheckpointInterval,
@@ -32,11 +40,12 @@ from pyspark.ml.param.shared import (
     HasStandardization,
     HasStepSize,
     HasThreshold,
+    HasThresholds,
     HasTol,
     HasWeightCol,
 )
 
-from . import checkpoint, codecs, data, engine, kernels, optim, stats
+from . import checkpoint, codecs, data, engine, kernels, metrics, optim, stats
 from .comm import TOPOLOGIES
 from .errors import SparkgdError
 from .modes import local, ps, sync
@@ -283,8 +292,23 @@ class _Trained:
 # ----------------------------------------------------------------------------
 
 
-class _SparkgdEstimator(Estimator, _SparkgdParams):
+class _EstimatorWriter(DefaultParamsWriter):
+    """Spark ML's own params writer (``Pipeline.save``, ``CrossValidator.save``); an
+    ``initialModel`` given as a fitted model has no JSON form: save it and pass its
+    path."""
+
+    def saveImpl(self, path):
+        if isinstance(self.instance.getInitialModel(), Model):
+            raise SparkgdError("cannot save an estimator whose initialModel is a fitted "
+                               "model object: save that model and set initialModel to its path")
+        super().saveImpl(path)
+
+
+class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsReadable):
     _model_class = None
+
+    def write(self):
+        return _EstimatorWriter(self)
 
     def _loss(self, num_classes):
         """-> (loss name, loss object), once the number of classes is known."""
@@ -325,7 +349,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         self._recovery = checkpoint.Recovery()   # ... and goes on where the lost one was
         topology = self.getTopology()
         if self.getMode() == "async" and topology != "star":
-            log.info("sparkgd: mode async: tasks push to the server on the driver (topology "
+            log.info("mode async: tasks push to the server on the driver (topology "
                      "star; %s applies to modes sync and local)", topology)
             topology = "star"
         fit = engine.run(dataset, spec, self._train, source=source, dtype=self.getDtype(),
@@ -342,13 +366,16 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
             numPartitions=facts.num_partitions, droppedConnections=fit.dropped,
             objectiveTimes=list(result.objective_times or []),
             mode=self.getMode(), taskTimeSkew=[round(v, 3) for v in fit.skews],
-            rowsPerTask=fit.rows_per_task, rejectedPushes=fit.rejected_pushes)
+            rowsPerTask=fit.rows_per_task, rejectedPushes=fit.rejected_pushes,
+            bytesHistory=list(result.bytes_history or []))
         model = self._model_class._from_fit(coef, intercept, fit.loss_name, fit.num_classes,
                                             summary, fit.loss.params())
         if fit.checkpoint is not None:
             fit.checkpoint.remove()          # the fit ended well: nothing to resume
         model._est_params = self._param_values()
-        return self._copyValues(model)
+        model = self._copyValues(model)
+        summary._pending = (model, dataset)  # the metrics: one pass, when first asked for
+        return model
 
     def _train(self, engine):
         """One fit over ``engine``'s blocks: the loss (once the labels are known), the
@@ -364,7 +391,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                                 self.getFitIntercept())
         ck, resumed = self._checkpointer(facts)
         if not self._recovery.vouch(facts):
-            log.warning("sparkgd: the blocks built again hold other data than the lost ones "
+            log.warning("the blocks built again hold other data than the lost ones "
                         "(%s): the fit starts over", checkpoint.fingerprint(facts))
         line_search = optimizer == "lbfgs" or (optimizer == "gd" and step is None)
         mean = std = pre = None
@@ -430,7 +457,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
                 if resumed is not None:
                     raise               # the user's checkpoint: say so, change nothing
                 # what this fit kept in memory does not replay: compute it again
-                log.warning("sparkgd: %s; the fit starts over", e)
+                log.warning("%s; the fit starts over", e)
                 self._recovery.replay = None
                 self._recovery.iteration, self._recovery.times = 0, []
                 result = run_sync()
@@ -452,7 +479,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams):
         if self.getResume() or self._checkpoint_started:
             meta = ck.load()
             if meta is None and self.getResume():
-                log.info("sparkgd: no checkpoint in %s: the fit starts from iteration 0",
+                log.info("no checkpoint in %s: the fit starts from iteration 0",
                          ck.dir)
         else:
             checkpoint.clear_directory(ck.dir)
@@ -530,8 +557,60 @@ class LinearRegression(_SparkgdEstimator):
                            "expected squared or huber")
 
 
-class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionCol,
-                         HasThreshold):
+def _scaled(p, thresholds):
+    """Spark ML's ``probability / thresholds`` (a zero threshold wins where p > 0)."""
+    t = np.asarray(thresholds, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(t > 0, p / np.where(t > 0, t, 1), np.where(p > 0, np.inf, 0.0))
+
+
+class _Thresholds(HasProbabilityCol, HasRawPredictionCol, HasThreshold, HasThresholds):
+    """``threshold`` and ``thresholds`` as Spark ML's LogisticRegression keeps them: set
+    one and the other is cleared; both set must agree (binary)."""
+
+    def setThreshold(self, value):
+        self._set(threshold=value)
+        self.clear(self.thresholds)
+        return self
+
+    def setThresholds(self, value):
+        self._set(thresholds=value)
+        self.clear(self.threshold)
+        return self
+
+    def getThreshold(self):
+        self._checkThresholdConsistency()
+        if self.isSet(self.thresholds):
+            ts = self.getOrDefault(self.thresholds)
+            if len(ts) != 2:
+                raise ValueError("Logistic Regression getThreshold only applies to binary "
+                                 "classification, but thresholds has length != 2. "
+                                 f"thresholds: {ts}")
+            return 1.0 / (1.0 + ts[0] / ts[1])
+        return self.getOrDefault(self.threshold)
+
+    def getThresholds(self):
+        self._checkThresholdConsistency()
+        if not self.isSet(self.thresholds) and self.isSet(self.threshold):
+            t = self.getOrDefault(self.threshold)
+            return [1.0 - t, t]
+        return self.getOrDefault(self.thresholds)
+
+    def _checkThresholdConsistency(self):
+        if self.isSet(self.threshold) and self.isSet(self.thresholds):
+            ts = self.getOrDefault(self.thresholds)
+            if len(ts) != 2:
+                raise ValueError("Logistic Regression getThreshold only applies to binary "
+                                 "classification, but thresholds has length != 2. "
+                                 f"thresholds: {ts}")
+            t = 1.0 / (1.0 + ts[0] / ts[1])
+            t2 = self.getOrDefault(self.threshold)
+            if abs(t2 - t) >= 1e-5:
+                raise ValueError("Logistic Regression getThreshold found inconsistent values "
+                                 f"for threshold ({t2:g}) and thresholds (equivalent to {t:g})")
+
+
+class LogisticRegression(_SparkgdEstimator, _Thresholds):
     """Logistic regression: binomial (``log(1 + e^z) - y z``) or multinomial (softmax).
 
     ``family``: ``auto`` (binomial for labels {0, 1}, else multinomial),
@@ -552,11 +631,12 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                  seed=0, initialModel=None, dtype="float64",
                  compression="none", topology="tree", mode="sync",
                  localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
-                 resume=False, threshold=0.5, family="auto"):
+                 resume=False, threshold=0.5, thresholds=None, family="auto"):
         super().__init__()
         self._setDefault(probabilityCol="probability", rawPredictionCol="rawPrediction",
                          threshold=0.5, family="auto")
         self.setParams(**self._input_kwargs)
+        self._checkThresholdConsistency()
 
     @keyword_only
     def setParams(self, *, featuresCol="features", labelCol="label", predictionCol="prediction",
@@ -567,7 +647,7 @@ class LogisticRegression(_SparkgdEstimator, HasProbabilityCol, HasRawPredictionC
                   seed=0, initialModel=None, dtype="float64",
                   compression="none", topology="tree", mode="sync",
                   localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
-                  resume=False, threshold=0.5, family="auto"):
+                  resume=False, threshold=0.5, thresholds=None, family="auto"):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -667,7 +747,33 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
 # ----------------------------------------------------------------------------
 
 
-class _SparkgdModel(Model, _SparkgdParams):
+class _ModelWriter(MLWriter):
+    """``model.write().overwrite().save(path)``: the layout of :mod:`sparkgd.persist`
+    (DESIGN section 4 plus Spark ML's ``metadata/``), replaced atomically -- not
+    deleted first, as ``MLWriter``'s own overwrite does."""
+
+    def __init__(self, instance):
+        super().__init__()
+        self.instance = instance
+
+    def save(self, path):
+        from . import persist
+
+        persist.save_model(self.instance, path, overwrite=self.shouldOverwrite)
+
+
+class _ModelReader(MLReader):
+    def __init__(self, cls):
+        super().__init__()
+        self.cls = cls
+
+    def load(self, path):
+        from . import persist
+
+        return persist.load_model(path, MODEL_CLASSES, expected=self.cls)
+
+
+class _SparkgdModel(Model, _SparkgdParams, MLWritable, MLReadable):
     _estimator_class = None
 
     def __init__(self):
@@ -733,10 +839,51 @@ class _SparkgdModel(Model, _SparkgdParams):
 
         return transform.margin_column(dataset, self, self._coef, self._intercept)
 
-    def save(self, path, overwrite=False):
-        from . import persist
+    def write(self):
+        return _ModelWriter(self)
 
-        persist.save_model(self, path, overwrite=overwrite)
+    @classmethod
+    def read(cls):
+        return _ModelReader(cls)
+
+    def save(self, path, overwrite=False):
+        """Save to a local path or any Hadoop-FS URI (:mod:`sparkgd.persist`)."""
+        writer = self.write()
+        if overwrite:
+            writer.overwrite()
+        writer.save(path)
+
+    def evaluate(self, dataset):
+        """Metrics on ``dataset`` with Spark ML's names (``r2``, ``rootMeanSquaredError``,
+        ``areaUnderROC``, ``accuracy``, ...), from one distributed pass."""
+        return metrics.evaluate(self, dataset)
+
+    def _vector(self, value):
+        """One row's features (a Spark ML vector, list or 1-d array) as a (1, d) matrix."""
+        if hasattr(value, "toArray"):
+            value = value.toArray()
+        x = np.asarray(value, dtype=np.float64)
+        if x.ndim != 1 or x.shape[0] != self.numFeatures:
+            raise ValueError(f"expected a vector of {self.numFeatures} features, got shape "
+                             f"{x.shape}")
+        return x[None, :]
+
+    def predictRaw(self, value):
+        """Raw prediction of one feature vector (a DenseVector, as Spark ML's)."""
+        from pyspark.ml.linalg import Vectors
+
+        z = self.margins(self._vector(value))[0]
+        return Vectors.dense(np.array([-z[0], z[0]]) if z.shape[0] == 1 and
+                             self._loss_name != "squared" and self._loss_name != "huber"
+                             else z)
+
+    def predict(self, value):
+        """Prediction of one feature vector (a float), as ``transform`` gives it."""
+        z = self.margins(self._vector(value))[0]
+        return self._predict_margin(z)
+
+    def _predict_margin(self, z):
+        return float(z[0])
 
     def __repr__(self):
         return (f"{type(self).__name__}(numFeatures={self.numFeatures}, "
@@ -750,8 +897,7 @@ class LinearRegressionModel(_SparkgdModel):
         return dataset.withColumn(self.getPredictionCol(), self._margin_column(dataset))
 
 
-class LogisticRegressionModel(_SparkgdModel, HasProbabilityCol, HasRawPredictionCol,
-                              HasThreshold):
+class LogisticRegressionModel(_SparkgdModel, _Thresholds):
     _estimator_class = LogisticRegression
 
     def __init__(self):
@@ -760,13 +906,27 @@ class LogisticRegressionModel(_SparkgdModel, HasProbabilityCol, HasRawPrediction
                          threshold=0.5)
 
     def predictProbability(self, X):
-        """Class probabilities for a NumPy/SciPy matrix, (n, K)."""
-        z = self.margins(X)
+        """Class probabilities: a DenseVector for one feature vector (as Spark ML's), an
+        (n, K) array for a NumPy/SciPy matrix."""
+        from pyspark.ml.linalg import Vectors
+
+        one = hasattr(X, "toArray") or np.ndim(X) == 1
+        z = self.margins(self._vector(X) if one else X)
         if z.shape[1] == 1:
             p1 = kernels._sigmoid(z[:, 0])
-            return np.column_stack([1.0 - p1, p1])
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+            p = np.column_stack([1.0 - p1, p1])
+        else:
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            p = e / e.sum(axis=1, keepdims=True)
+        return Vectors.dense(p[0]) if one else p
+
+    def _predict_margin(self, z):
+        if z.shape[0] == 1:
+            return float(kernels._sigmoid(z[0]) > self.getThreshold())
+        if self.isSet(self.thresholds):
+            e = np.exp(z - z.max())
+            return float(np.argmax(_scaled(e / e.sum(), self.getThresholds())))
+        return float(np.argmax(z))
 
     def _transform(self, dataset):
         from pyspark.ml.functions import array_to_vector
@@ -786,7 +946,14 @@ class LogisticRegressionModel(_SparkgdModel, HasProbabilityCol, HasRawPrediction
             total = F.aggregate(e, F.lit(0.0), lambda acc, v: acc + v)
             raw = z
             prob = F.transform(e, lambda v: v / total)
-            pred = (F.array_position(z, top) - 1).cast("double")
+            if self.isSet(self.thresholds):
+                # Spark ML: argmax of probability / threshold (a zero threshold wins)
+                ts = F.array(*[F.lit(float(t)) for t in self.getThresholds()])
+                scaled = F.zip_with(prob, ts, lambda p, t: F.when(t > 0, p / t).otherwise(
+                    F.when(p > 0, F.lit(float("inf"))).otherwise(0.0)))
+                pred = (F.array_position(scaled, F.array_max(scaled)) - 1).cast("double")
+            else:
+                pred = (F.array_position(z, top) - 1).cast("double")
         # a null margin (a LIBSVM comment line) scores null; array_to_vector cannot take it
         out = out.withColumn(self.getRawPredictionCol(),
                              F.when(z.isNotNull(), array_to_vector(raw)))
@@ -802,6 +969,9 @@ class LinearSVCModel(_SparkgdModel, HasRawPredictionCol, HasThreshold):
     def __init__(self):
         super().__init__()
         self._setDefault(rawPredictionCol="rawPrediction", threshold=0.0)
+
+    def _predict_margin(self, z):
+        return float(z[0] > self.getThreshold())
 
     def _transform(self, dataset):
         from pyspark.ml.functions import array_to_vector
@@ -820,6 +990,45 @@ class LinearSVCModel(_SparkgdModel, HasRawPredictionCol, HasThreshold):
 LinearRegression._model_class = LinearRegressionModel
 LogisticRegression._model_class = LogisticRegressionModel
 LinearSVC._model_class = LinearSVCModel
+
+#: What a fitted model lets you change, as Spark ML's models (``model.setThreshold``).
+MODEL_SETTERS = ("featuresCol", "featureCols", "predictionCol", "probabilityCol",
+                 "rawPredictionCol", "threshold", "thresholds")
+
+
+def _add_accessors(cls, names):
+    """``set<Name>``/``get<Name>`` for each param in ``names`` that ``cls`` has and does
+    not define yet (Spark ML's estimators have one per param)."""
+    for name in names:
+        if not isinstance(getattr(cls, name, None), Param):
+            continue
+        cap = name[0].upper() + name[1:]
+        if not hasattr(cls, "set" + cap):
+            setattr(cls, "set" + cap, _setter(name))
+        if not hasattr(cls, "get" + cap):
+            setattr(cls, "get" + cap, _getter(name))
+
+
+def _setter(name):
+    def set_(self, value):
+        return self._set(**{name: value})
+    set_.__name__ = "set" + name[0].upper() + name[1:]
+    set_.__doc__ = f"Sets the value of :py:attr:`{name}`."
+    return set_
+
+
+def _getter(name):
+    def get(self):
+        return self.getOrDefault(name)
+    get.__name__ = "get" + name[0].upper() + name[1:]
+    get.__doc__ = f"Gets the value of :py:attr:`{name}` or its default value."
+    return get
+
+
+for _cls in (LinearRegression, LogisticRegression, LinearSVC):
+    _add_accessors(_cls, [p.name for p in _cls().params])
+for _cls in (LinearRegressionModel, LogisticRegressionModel, LinearSVCModel):
+    _add_accessors(_cls, MODEL_SETTERS)
 
 #: Saved class name -> model class (``load_model`` looks names up here; nothing is eval'd).
 MODEL_CLASSES = {cls.__name__: cls for cls in (LinearRegressionModel, LogisticRegressionModel,

@@ -1,79 +1,254 @@
-"""Saved models: a directory readable without sparkgd.
+"""Saved models: a directory readable without sparkgd, on any Hadoop file system.
 
-    <path>/coefficients.npy   float64, (d,) or (K, d)
-    <path>/intercept.npy      float64, () or (K,)
-    <path>/metadata.json      {"class", "loss", "params", "numFeatures", "numClasses",
-                               "summary", "sparkgdVersion"}
+    <path>/coefficients.npy      float64, (d,) or (K, d)
+    <path>/intercept.npy         float64, () or (K,)
+    <path>/metadata.json         {"class", "loss", "params", "numFeatures", "numClasses",
+                                  "summary", "sparkgdVersion", "uid", "modelParams"}
+    <path>/metadata/part-00000   Spark ML's own metadata line (class, uid, paramMap):
+                                 what ``PipelineModel.load`` and ``CrossValidatorModel.load``
+                                 read to find the stage's class
 
-Saving is atomic: everything is written to a fresh directory beside the target
-and renamed into place; a model already at the target is replaced only when
-``overwrite`` is set, and only after the new one is complete. Loading reads
-JSON and ``.npy`` with ``allow_pickle=False``: nothing is unpickled or eval'd.
+``path``: a local path, a ``file:`` URI, or any URI Hadoop has a file system for
+(``hdfs://``, ``s3a://``, ...; those need an active Spark session, whose Hadoop
+configuration holds the credentials). Saving writes everything to a fresh directory
+beside the target and renames it into place; a model already at the target is
+replaced only with ``overwrite``, and only after the new one is complete. The rename is
+atomic on local disks and HDFS; object stores (S3A, GCS, ABFS without hierarchical
+namespace) copy on rename, so a reader there may see a half-moved directory, and a
+crash mid-rename leaves the temp directory beside the target. Loading reads JSON and
+``.npy`` with ``allow_pickle=False``: nothing is unpickled or eval'd.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import tempfile
+import time
+import uuid
+from urllib.parse import urlparse
 
 import numpy as np
 
-from .errors import SparkgdError
+from .errors import SparkgdError, first_line
 
 FORMAT_VERSION = 1
+#: Spark ML's metadata, one JSON line, in a directory of its own (``spark.read.text``).
+SPARK_METADATA = "metadata/part-00000"
 
 
-def _local_path(path):
+# --------------------------------------------------------------------------- file systems
+
+
+def local_path(path):
+    """The local path of ``path``, or None when it names another file system."""
     path = os.fspath(path)
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    elif "://" in path:
-        raise SparkgdError(f"model path '{path}': only local paths are supported")
+    if path.startswith("file:"):
+        u = urlparse(path)
+        if u.netloc not in ("", "localhost"):
+            raise SparkgdError(f"path '{path}': a file: URI names no host (file:///dir)")
+        return os.path.abspath(u.path)
+    if "://" in path:
+        return None
     return os.path.abspath(path)
+
+
+class _LocalFS:
+    """Plain files (no Spark needed)."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def join(self, *parts):
+        return os.path.join(*parts)
+
+    def exists(self, p):
+        return os.path.exists(p)
+
+    def is_dir(self, p):
+        return os.path.isdir(p)
+
+    def list(self, p):
+        return os.listdir(p)
+
+    def temp_dir_beside(self, target):
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".tmp-", dir=parent)
+        os.chmod(tmp, 0o755)
+        return tmp
+
+    def write(self, p, data):
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(data)
+
+    def read(self, p):
+        with open(p, "rb") as f:
+            return f.read()
+
+    def rename(self, src, dst):
+        os.rename(src, dst)
+
+    def delete(self, p):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+class _HadoopFS:
+    """A Hadoop ``FileSystem`` through the active Spark session's JVM."""
+
+    def __init__(self, uri):
+        from pyspark import SparkContext
+
+        sc = SparkContext._active_spark_context
+        if sc is None:
+            raise SparkgdError(f"model path '{uri}': a {urlparse(uri).scheme}:// path needs "
+                               "an active Spark session (its Hadoop configuration)")
+        self._jvm = sc._jvm
+        self._path = self._jvm.org.apache.hadoop.fs.Path
+        try:
+            self._fs = self._path(uri).getFileSystem(sc._jsc.hadoopConfiguration())
+        except Exception as e:
+            raise SparkgdError(f"model path '{uri}': {first_line(e)}") from None
+        self.root = uri.rstrip("/")
+
+    def join(self, *parts):
+        return "/".join([parts[0].rstrip("/"), *parts[1:]])
+
+    def exists(self, p):
+        return bool(self._fs.exists(self._path(p)))
+
+    def is_dir(self, p):
+        return self.exists(p) and bool(self._fs.getFileStatus(self._path(p)).isDirectory())
+
+    def list(self, p):
+        return [s.getPath().getName() for s in self._fs.listStatus(self._path(p))]
+
+    def temp_dir_beside(self, target):
+        parent, name = target.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
+        self._fs.mkdirs(self._path(tmp))
+        return tmp
+
+    def write(self, p, data):
+        out = self._fs.create(self._path(p), False)
+        try:
+            out.write(bytearray(data))
+        finally:
+            out.close()
+
+    def read(self, p):
+        stream = self._fs.open(self._path(p))
+        try:
+            return bytes(self._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
+        finally:
+            stream.close()
+
+    def rename(self, src, dst):
+        if not self._fs.rename(self._path(src), self._path(dst)):
+            raise OSError(f"could not rename {src} to {dst}")
+
+    def delete(self, p):
+        self._fs.delete(self._path(p), True)
+
+
+def filesystem(path):
+    """``(fs, root)`` for ``path`` (see the module docstring for what it may be)."""
+    local = local_path(path)
+    if local is not None:
+        return _LocalFS(local), local
+    fs = _HadoopFS(os.fspath(path))
+    return fs, fs.root
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def check_target(path, overwrite=True):
+    """Why ``path`` cannot take a model (SparkgdError), before anything is trained."""
+    fs, target = filesystem(path)
+    if not fs.exists(target):
+        return
+    if not overwrite:
+        raise SparkgdError(f"model path '{path}' already exists (use overwrite=True)")
+    if not fs.is_dir(target):
+        raise SparkgdError(f"model path '{path}' exists and is not a directory")
+    if fs.list(target) and not fs.exists(fs.join(target, "metadata.json")):
+        raise SparkgdError(f"model path '{path}' is a non-empty directory that is not a "
+                           "sparkgd model; refusing to replace it")
+
+
+def spark_metadata(model):
+    """Spark ML's DefaultParams metadata line for ``model`` (its set and default
+    params, where JSON can hold them)."""
+    import pyspark
+
+    def plain(params):
+        return {p.name: v for p, v in params.items() if _jsonable(v)}
+
+    return json.dumps({
+        "class": type(model).__module__ + "." + type(model).__name__,
+        "timestamp": int(time.time() * 1000),
+        "sparkVersion": pyspark.__version__,
+        "uid": model.uid,
+        "paramMap": plain(model._paramMap),
+        "defaultParamMap": plain(model._defaultParamMap),
+    }, separators=(",", ":"))
 
 
 def save_model(model, path, overwrite=False):
     from . import __version__
 
-    target = _local_path(path)
-    parent = os.path.dirname(target)
-    if os.path.exists(target) and not overwrite:
-        raise SparkgdError(f"model path '{path}' already exists (use overwrite=True)")
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise SparkgdError(f"model path '{path}' exists and is not a directory")
-    os.makedirs(parent, exist_ok=True)
+    fs, target = filesystem(path)
+    check_target(path, overwrite)
     coef = model._coef if model._coef.shape[0] > 1 else model._coef[0]
     intercept = model._intercept if model._intercept.shape[0] > 1 else model._intercept[0]
     meta = {
         "class": type(model).__name__,
         "formatVersion": FORMAT_VERSION,
         "sparkgdVersion": __version__,
+        "uid": model.uid,
         "loss": model._loss_name,
         "lossParams": model._loss_params,
         "params": model._est_params,
+        # the model's own output params (setThreshold, setPredictionCol, ... after fit)
+        "modelParams": {p.name: v for p, v in model._paramMap.items() if _jsonable(v)},
         "numFeatures": int(model._coef.shape[1]),
         "numClasses": model._num_classes,
         "summary": model._summary.to_dict() if model._summary is not None else None,
     }
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".tmp-", dir=parent)
+    files = {"coefficients.npy": _npy(coef), "intercept.npy": _npy(intercept),
+             "metadata.json": (json.dumps(meta, indent=2, default=_json_default) + "\n").encode(),
+             SPARK_METADATA: (spark_metadata(model) + "\n").encode()}
+    tmp = fs.temp_dir_beside(target)
     try:
-        np.save(os.path.join(tmp, "coefficients.npy"), np.asarray(coef, dtype=np.float64))
-        np.save(os.path.join(tmp, "intercept.npy"), np.asarray(intercept, dtype=np.float64))
-        with open(os.path.join(tmp, "metadata.json"), "w") as f:
-            json.dump(meta, f, indent=2, default=_json_default)
-            f.write("\n")
-        os.chmod(tmp, 0o755)
-        if os.path.exists(target):
+        for name, data in files.items():
+            fs.write(fs.join(tmp, *name.split("/")), data)
+        if fs.exists(target):
             old = tmp + ".old"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            fs.rename(target, old)
+            fs.rename(tmp, target)
+            fs.delete(old)
         else:
-            os.rename(tmp, target)
+            fs.rename(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fs.delete(tmp)
         raise
+
+
+def _npy(a):
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(a, dtype=np.float64), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _jsonable(v):
+    try:
+        json.dumps(v, default=_json_default)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _json_default(v):
@@ -84,23 +259,27 @@ def _json_default(v):
     raise TypeError(f"not JSON serializable: {type(v).__name__}")
 
 
-def load_model(path, classes):
+def load_model(path, classes, expected=None):
     """Read a model written by ``model.save``. ``classes``: saved class name -> model
-    class (:data:`sparkgd.estimators.MODEL_CLASSES`; a name is looked up, never eval'd)."""
+    class (:data:`sparkgd.estimators.MODEL_CLASSES`; a name is looked up, never eval'd);
+    ``expected``: the class it must be (``LogisticRegressionModel.load``)."""
     from .summary import TrainingSummary
 
-    root = _local_path(path)
-    meta_path = os.path.join(root, "metadata.json")
-    if not os.path.isfile(meta_path):
+    fs, root = filesystem(path)
+    meta_path = fs.join(root, "metadata.json")
+    if not fs.exists(meta_path):
         raise SparkgdError(f"'{path}' is not a saved sparkgd model (no metadata.json)")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        coef = np.load(os.path.join(root, "coefficients.npy"), allow_pickle=False)
-        intercept = np.load(os.path.join(root, "intercept.npy"), allow_pickle=False)
+        meta = json.loads(fs.read(meta_path))
+        coef = np.load(io.BytesIO(fs.read(fs.join(root, "coefficients.npy"))),
+                       allow_pickle=False)
+        intercept = np.load(io.BytesIO(fs.read(fs.join(root, "intercept.npy"))),
+                            allow_pickle=False)
         cls = classes.get(meta.get("class"))
         if cls is None:
             raise ValueError(f"unknown model class {meta.get('class')!r}")
+        if expected is not None and not issubclass(cls, expected):
+            raise ValueError(f"it holds a {cls.__name__}, not a {expected.__name__}")
         d = int(meta["numFeatures"])
         coef = np.asarray(coef, dtype=np.float64).reshape(-1, d)
         intercept = np.atleast_1d(np.asarray(intercept, dtype=np.float64))
@@ -112,9 +291,12 @@ def load_model(path, classes):
                               meta.get("lossParams"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise SparkgdError(f"cannot read model '{path}': {e}") from None
+    if isinstance(meta.get("uid"), str):
+        model._resetUid(meta["uid"])
     params = meta.get("params") or {}
     model._est_params = params
-    for name, value in params.items():
+    own = meta.get("modelParams") or {}
+    for name, value in [*params.items(), *own.items()]:
         if model.hasParam(name) and value is not None and name != "initialModel":
             try:
                 model._set(**{name: value})

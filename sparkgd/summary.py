@@ -33,8 +33,55 @@ class TrainingSummary:
     rowsPerTask: list = field(default_factory=list)
     #: async: pushes not applied (duplicated, or not asked for)
     rejectedPushes: int = 0
+    #: bytesCommunicated when each objectiveHistory entry was known (cumulative)
+    bytesHistory: list = field(default_factory=list)
+    #: the sums the training-data metrics derive from (:mod:`sparkgd.metrics`): one
+    #: distributed pass at the returned coefficients
+    metrics: dict = None
+
+    def __getattr__(self, name):
+        """Spark ML's training-summary metrics (``r2``, ``rootMeanSquaredError``,
+        ``areaUnderROC``, ``accuracy``, ``precisionByLabel``, ``logLoss``, ...) and
+        ``predictions`` (in the session that fitted the model)."""
+        if name.startswith("__") or name in ("metrics", "_evaluation"):
+            raise AttributeError(name)
+        evaluation = self._evaluated()
+        if evaluation is not None and (hasattr(type(evaluation), name) or name in (
+                "predictionCol", "labelCol", "featuresCol", "weightCol")):
+            return getattr(evaluation, name)
+        why = self.__dict__.get("_no_metrics")
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}" +
+                             (f" ({why})" if why else ""))
+
+    def _evaluated(self):
+        """The metrics' summary object: saved sums, or (after a fit in this session)
+        one pass over the training data at the returned coefficients."""
+        from . import metrics
+
+        evaluation = self.__dict__.get("_evaluation")
+        if evaluation is None and self.metrics:
+            evaluation = metrics.from_dict(self.metrics)
+        elif evaluation is None and self.__dict__.get("_pending") is not None:
+            from .errors import SparkgdError
+
+            model, dataset = self.__dict__.pop("_pending")
+            try:
+                evaluation = metrics.evaluate(model, dataset)
+                self.metrics = evaluation.to_dict()
+            except SparkgdError as e:
+                self.__dict__["_no_metrics"] = str(e)
+        self.__dict__["_evaluation"] = evaluation
+        return evaluation
+
+    def plot(self, path, title=None):
+        """A PNG at ``path``: the objective against iterations and seconds (log of
+        F - F_min) and the bytes each iteration sent (needs matplotlib)."""
+        from .plot import plot_summary
+
+        return plot_summary(self, path, title=title)
 
     def to_dict(self):
+        self._evaluated()   # a summary saved with its model carries the metrics
         return asdict(self)
 
     @classmethod

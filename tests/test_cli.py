@@ -258,3 +258,64 @@ def test_libsvm_bad_line_names_its_file_and_line(spark, tmp_path, capsys):
     code, _, err = run_cli(capsys, "--data", str(good), "--format", "libsvm",
                            "--num-features", "5", "--output", str(tmp_path / "m"))
     assert code == 2 and ", line 1: " in err and "num_features=5" in err, err
+
+
+def test_output_to_a_file_uri_and_a_second_path_round_trip(spark, tmp_path, capsys):
+    """--output takes Hadoop-FS URIs (file: here); the same model saved to a plain path
+    loads the same, and either feeds jobs/predict.py, whose Parquet matches transform."""
+    import sparkgd
+
+    uri = "file://" + str(tmp_path / "a" / "model")
+    code, out, err = run_cli(capsys, "--output", uri, "--max-iter", "15",
+                             "--plot", str(tmp_path / "fit.png"), "--log-level", "WARNING")
+    assert code == 0, err
+    assert "sparkgd: iter" not in out                      # --log-level WARNING
+    assert "sparkgd: sparkgd:" not in out
+    assert "training metrics: areaUnderROC" in out and "accuracy" in out
+    assert open(tmp_path / "fit.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    a = sparkgd.load_model(uri)
+    code, _, err = run_cli(capsys, "--output", str(tmp_path / "b"), "--max-iter", "15")
+    assert code == 0, err
+    b = sparkgd.load_model(str(tmp_path / "b"))
+    np.testing.assert_array_equal(a.coefficients, b.coefficients)
+    meta = json.load(open(tmp_path / "a" / "model" / "metadata.json"))
+    assert 0.5 < meta["summary"]["metrics"]["auc"] <= 1.0
+    assert sparkgd.LogisticRegressionModel.load(uri).summary.areaUnderROC == \
+        pytest.approx(a.summary.areaUnderROC)
+
+    scored = str(tmp_path / "scored")
+    assert cli.predict_main(["--model", uri, "--data", SAMPLE, "--output", scored]) == 0
+    out, err = capsys.readouterr()
+    assert "rows scored" in out, err
+    got = spark.read.parquet(scored).orderBy("label", "prediction").toPandas()
+    want = a.transform(spark.read.parquet(SAMPLE)).orderBy("label", "prediction").toPandas()
+    np.testing.assert_array_equal(got["prediction"], want["prediction"])
+    assert isinstance(got["probability"][0][0], float)     # arrays, not vectors
+    assert cli.predict_main(["--model", uri, "--data", SAMPLE, "--output", scored]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "fit.png", "scored"]   # no temp dirs
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    text = text[text.index("options:"):]         # past the usage lines
+    for option, default in [("--max-iter", "100"), ("--tol", "1e-06"), ("--reg-param", "0.0"),
+                            ("--optimizer", "lbfgs"), ("--output", "out/model"),
+                            ("--log-level", "INFO"), ("--staleness", "2")]:
+        block = text[text.index("  " + option):]
+        assert f"(default: {default})" in " ".join(block.split()[:40]), option
+
+
+def test_a_missing_module_on_the_executors_names_it_and_the_fix():
+    from sparkgd.errors import first_line
+
+    e = RuntimeError("An exception was thrown from the Python worker:\nTraceback (most recent "
+                     "call last):\n  File \"x.py\", line 1\nModuleNotFoundError: No module "
+                     "named 'pyarrow'")
+    msg = first_line(e)
+    assert "no module 'pyarrow'" in msg and "PYSPARK_PYTHON" in msg
+    e = RuntimeError("An exception was thrown from the Python worker:\nTraceback\n"
+                     "ValueError: the real cause")
+    assert first_line(e).endswith("ValueError: the real cause")

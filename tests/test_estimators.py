@@ -126,7 +126,7 @@ def test_failed_save_leaves_the_old_model(tmp_path, logistic_model, monkeypatch)
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("sparkgd.persist.json.dump", boom)
+    monkeypatch.setattr("sparkgd.persist.spark_metadata", boom)
     with pytest.raises(OSError):
         logistic_model.save(path, overwrite=True)
     assert open(os.path.join(path, "metadata.json")).read() == before

@@ -147,7 +147,7 @@ def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=N
     theta = np.asarray(x0, dtype=np.float64).copy()
     l1 = penalty.l1_weights if penalty.has_l1 else None
     config = work.to_config()
-    history, times, evaluations = [], [], 0
+    history, times, evaluations, sent_hist = [], [], 0, []
     message, done, rounds = "maxIter reached", False, 0
     last = [start, engine.bytes_communicated]
     f_prev, first, base = None, 1, 0.0
@@ -183,6 +183,7 @@ def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=N
         theta = theta + total[2:] / weight
         rounds = r
         now, sent = time.perf_counter(), engine.bytes_communicated
+        sent_hist.append(int(sent))
         log.info("round %4d  objective %.12g (at its start)  %.2fs  %d bytes",
                  r, f_start, now - last[0], sent - last[1])
         last[0], last[1] = now, sent
@@ -220,7 +221,8 @@ def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=N
         theta=theta, objective_history=[float(v) for v in history], iterations=rounds,
         seconds=seconds, bytes_communicated=engine.bytes_communicated,
         driver_bytes=engine.driver_bytes, evaluations=evaluations, converged=done,
-        message=message, objective_times=[round(t, 6) for t in times])
+        message=message, objective_times=[round(t, 6) for t in times],
+        bytes_history=(sent_hist + [engine.bytes_communicated] * len(history))[:len(history)])
 
 
 class _Lazy:

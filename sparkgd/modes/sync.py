@@ -86,6 +86,8 @@ class FitResult:
     message: str
     #: seconds from the fit's start at which each objectiveHistory entry was known
     objective_times: list = None
+    #: bytes communicated (cumulative) when each entry was known
+    bytes_history: list = None
 
 
 class Diverged(SparkgdError):
@@ -177,7 +179,7 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
         if batch_fun is not None:
             batch_fun = replay.wrap(batch_fun, batch=True)
     last = [start, objective.engine.bytes_communicated]
-    times, hist = [], []
+    times, hist, sent_hist = [], [], []
     origin = {"t": start, "base": 0.0}
 
     def progress(it, f, gnorm, step):
@@ -186,6 +188,7 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
         if not np.isfinite(f):
             raise diverged(f, it, checkpoint)
         hist.append(float(f))
+        sent_hist.append(int(sent))
         if it <= done_before and it <= len(saved_times):
             # replayed: when the lost driver had it; this run's time counts from here
             times.append(saved_times[it - 1])
@@ -215,10 +218,12 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
         history[-1] = float(f) + optim.l1_value(l1, theta)
     seconds = origin["base"] + time.perf_counter() - origin["t"]
     times = (times + [seconds] * len(res.history))[:len(res.history)]
+    sent = objective.engine.bytes_communicated
+    sent_hist = (sent_hist + [sent] * len(res.history))[:len(res.history)]
     return FitResult(
         theta=theta, objective_history=history,
         iterations=res.iterations, seconds=seconds,
         bytes_communicated=objective.engine.bytes_communicated,
         driver_bytes=objective.engine.driver_bytes,
         evaluations=objective.evaluations, converged=res.converged, message=res.message,
-        objective_times=[round(t, 6) for t in times])
+        objective_times=[round(t, 6) for t in times], bytes_history=sent_hist)

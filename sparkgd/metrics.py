@@ -1,0 +1,314 @@
+"""Evaluation metrics with Spark ML's names, from one distributed pass.
+
+:func:`evaluate` scores a DataFrame with a model and aggregates, in one Spark job, the
+few sums every metric derives from:
+
+* regression: weighted sums of y, y², prediction, prediction², error², |error| ->
+  ``r2``, ``r2adj``, ``meanSquaredError``, ``rootMeanSquaredError``,
+  ``meanAbsoluteError``, ``explainedVariance`` (Spark's ``RegressionMetrics``: SSreg / W);
+* classification: the weighted confusion matrix (label x prediction) and the log-loss
+  sum; for two classes also counts of positives and negatives per score bin (the margin
+  in steps of :data:`AUC_BIN` -- scores closer than that count as tied, which is what
+  bounds the ROC area's error) -> ``accuracy``, per-label and weighted
+  precision/recall/F-measure/TPR/FPR, ``areaUnderROC``, ``logLoss``.
+
+The sums are kept as a small JSON-able dict (saved with the model) and the summary
+classes compute each metric from it, as properties named as Spark ML's summaries name
+them.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: Width of a score bin (in margin units) for the ROC area.
+AUC_BIN = 1e-3
+#: Spark's LogLoss clamps probabilities to [eps, 1 - eps].
+LOG_LOSS_EPS = 1e-15
+
+
+def evaluate(model, dataset):
+    """The metrics of ``model`` on ``dataset`` (a summary object; see the classes
+    below), from one aggregation job."""
+    from .engine.jobs import described
+    from .errors import SparkgdError
+
+    if model.getLabelCol() not in dataset.columns:
+        raise SparkgdError(f"metrics need the label column '{model.getLabelCol()}' in the "
+                           "DataFrame (a LIBSVM text input holds it inside each line)")
+    scored = model.transform(dataset)
+    with described(dataset.sparkSession.sparkContext, "sparkgd: evaluate"):
+        return _evaluate(model, scored)
+
+
+def _evaluate(model, scored):
+    if model._loss_name in ("squared", "huber"):
+        cls, sums = RegressionSummary, _regression_sums(model, scored)
+    else:
+        cls = BinaryClassificationSummary if model._coef.shape[0] == 1 else \
+            ClassificationSummary
+        sums = _classification_sums(model, scored)
+    sums.update(predictionCol=model.getPredictionCol(), labelCol=model.getLabelCol(),
+                featuresCol=model.getFeaturesCol(),
+                weightCol=model.getWeightCol() if model.isSet(model.weightCol) else None)
+    return cls(sums, scored)
+
+
+def _weight(model, scored):
+    from pyspark.sql import functions as F
+
+    if model.isSet(model.weightCol) and model.getWeightCol() and \
+            model.getWeightCol() in scored.columns:
+        return F.col(model.getWeightCol()).cast("double")
+    return F.lit(1.0)
+
+
+def _regression_sums(model, scored):
+    from pyspark.sql import functions as F
+
+    y = F.col(model.getLabelCol()).cast("double")
+    p = F.col(model.getPredictionCol())
+    w = _weight(model, scored)
+    rows = scored.where(p.isNotNull() & y.isNotNull())
+    e = p - y
+    r = rows.agg(F.count(F.lit(1)), F.sum(w), F.sum(w * y), F.sum(w * y * y), F.sum(w * p),
+                 F.sum(w * p * p), F.sum(w * e * e), F.sum(w * F.abs(e))).first()
+    keys = ("n", "W", "Sy", "Syy", "Sp", "Spp", "See", "Sae")
+    sums = {k: float(v or 0.0) for k, v in zip(keys, r)}
+    sums.update(kind="regression", numFeatures=model.numFeatures,
+                fitIntercept=bool(model.getFitIntercept()))
+    return sums
+
+
+def _classification_sums(model, scored):
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    y = F.col(model.getLabelCol()).cast("double")
+    pred = F.col(model.getPredictionCol())
+    w = _weight(model, scored)
+    binary = model._coef.shape[0] == 1
+    raw = vector_to_array(F.col(model.getRawPredictionCol()))
+    score = raw[1] if binary else F.lit(0.0)
+    if "probabilityCol" in [p.name for p in model.params] and \
+            model.getProbabilityCol() in scored.columns:
+        prob = vector_to_array(F.col(model.getProbabilityCol()))
+        p_true = F.greatest(F.least(prob[y.cast("int")], F.lit(1 - LOG_LOSS_EPS)),
+                            F.lit(LOG_LOSS_EPS))
+        nll = -F.log(p_true)
+    else:
+        nll = F.lit(None).cast("double")
+    rows = scored.where(pred.isNotNull() & y.isNotNull())
+    bin_ = F.floor(score / F.lit(AUC_BIN)).cast("long") if binary else F.lit(0).cast("long")
+    groups = (rows.groupBy(y.alias("y"), pred.alias("p"), bin_.alias("b"))
+              .agg(F.count(F.lit(1)).alias("n"), F.sum(w).alias("w"),
+                   F.sum(w * nll).alias("nll"))
+              .collect())
+    labels = sorted({float(g["y"]) for g in groups} | {float(g["p"]) for g in groups} |
+                    {float(k) for k in range(model.numClasses or 2)})
+    index = {v: i for i, v in enumerate(labels)}
+    confusion = np.zeros((len(labels), len(labels)))
+    n, nll_sum, has_nll = 0, 0.0, True
+    bins = {}
+    for g in groups:
+        confusion[index[float(g["y"])], index[float(g["p"])]] += g["w"]
+        n += g["n"]
+        if g["nll"] is None:
+            has_nll = False
+        else:
+            nll_sum += g["nll"]
+        if binary:
+            pos_neg = bins.setdefault(int(g["b"]), [0.0, 0.0])
+            pos_neg[0 if g["y"] == 1.0 else 1] += g["w"]
+    sums = {"kind": "binary" if binary else "multiclass", "labels": labels,
+            "confusion": confusion.tolist(), "n": n,
+            "nll": nll_sum if has_nll else None}
+    if binary:
+        sums["auc"] = roc_area([(b, pn[0], pn[1]) for b, pn in bins.items()])
+    return sums
+
+
+def roc_area(bins):
+    """Area under the ROC curve from ``[(score, positives, negatives), ...]`` (weights),
+    ties counted as half (the curve's diagonal through a bin); NaN with one class."""
+    bins = sorted(bins, key=lambda t: -t[0])
+    pos = sum(b[1] for b in bins)
+    neg = sum(b[2] for b in bins)
+    if pos <= 0 or neg <= 0:
+        return float("nan")
+    area, tp = 0.0, 0.0
+    for _s, p, n in bins:
+        area += n * (tp + p / 2.0)
+        tp += p
+    return area / (pos * neg)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+class _Summary:
+    """Metrics from the sums of :func:`evaluate` (``sums``); ``predictions``: the
+    scored DataFrame when it was computed in this session (None once loaded)."""
+
+    def __init__(self, sums, predictions=None):
+        self._sums = sums
+        self._predictions = predictions
+        self.predictionCol = sums.get("predictionCol")
+        self.labelCol = sums.get("labelCol")
+        self.featuresCol = sums.get("featuresCol")
+        self.weightCol = sums.get("weightCol")
+
+    @property
+    def predictions(self):
+        if self._predictions is None:
+            raise RuntimeError("the scored DataFrame is not kept with a saved summary; "
+                               "call model.evaluate(df)")
+        return self._predictions
+
+    @property
+    def numInstances(self):
+        return int(self._sums["n"])
+
+    def to_dict(self):
+        return dict(self._sums)
+
+
+class RegressionSummary(_Summary):
+    """Spark ML's ``LinearRegressionSummary`` names."""
+
+    @property
+    def _mean(self):
+        return self._sums["Sy"] / self._sums["W"]
+
+    @property
+    def meanSquaredError(self):
+        return self._sums["See"] / self._sums["W"]
+
+    @property
+    def rootMeanSquaredError(self):
+        return math.sqrt(self.meanSquaredError)
+
+    @property
+    def meanAbsoluteError(self):
+        return self._sums["Sae"] / self._sums["W"]
+
+    @property
+    def explainedVariance(self):
+        s, m = self._sums, self._mean
+        return max(0.0, s["Spp"] - 2 * m * s["Sp"] + m * m * s["W"]) / s["W"]
+
+    @property
+    def r2(self):
+        s = self._sums
+        # through the origin without an intercept, as Spark's RegressionMetrics
+        total = s["Syy"] - (s["Sy"] ** 2 / s["W"] if s["fitIntercept"] else 0.0)
+        return 1.0 - s["See"] / total if total > 0 else float("nan")
+
+    @property
+    def degreesOfFreedom(self):
+        s = self._sums
+        return int(s["n"]) - int(s["numFeatures"]) - (1 if s["fitIntercept"] else 0)
+
+    @property
+    def r2adj(self):
+        s = self._sums
+        k = 1 if s["fitIntercept"] else 0
+        return 1.0 - (1.0 - self.r2) * (s["n"] - k) / self.degreesOfFreedom \
+            if self.degreesOfFreedom > 0 else float("nan")
+
+    @property
+    def residuals(self):
+        from pyspark.sql import functions as F
+
+        return self.predictions.select(
+            (F.col(self.labelCol) - F.col(self.predictionCol)).alias("residuals"))
+
+
+class ClassificationSummary(_Summary):
+    """Spark ML's ``LogisticRegressionSummary`` names (multiclass)."""
+
+    @property
+    def _c(self):
+        return np.asarray(self._sums["confusion"], dtype=np.float64)
+
+    @property
+    def labels(self):
+        return list(self._sums["labels"])
+
+    @property
+    def accuracy(self):
+        c = self._c
+        return float(np.trace(c) / c.sum())
+
+    def _per_label(self, num, den):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+        return [float(v) for v in out]
+
+    @property
+    def truePositiveRateByLabel(self):
+        c = self._c
+        return self._per_label(np.diag(c), c.sum(axis=1))
+
+    recallByLabel = truePositiveRateByLabel
+
+    @property
+    def falsePositiveRateByLabel(self):
+        c = self._c
+        fp = c.sum(axis=0) - np.diag(c)
+        return self._per_label(fp, c.sum() - c.sum(axis=1))
+
+    @property
+    def precisionByLabel(self):
+        c = self._c
+        return self._per_label(np.diag(c), c.sum(axis=0))
+
+    def fMeasureByLabel(self, beta=1.0):
+        b2 = beta * beta
+        p, r = np.array(self.precisionByLabel), np.array(self.recallByLabel)
+        den = b2 * p + r
+        return self._per_label((1 + b2) * p * r, den)
+
+    def _weighted(self, values):
+        c = self._c
+        return float(np.dot(c.sum(axis=1) / c.sum(), values))
+
+    @property
+    def weightedTruePositiveRate(self):
+        return self._weighted(self.truePositiveRateByLabel)
+
+    weightedRecall = weightedTruePositiveRate
+
+    @property
+    def weightedFalsePositiveRate(self):
+        return self._weighted(self.falsePositiveRateByLabel)
+
+    @property
+    def weightedPrecision(self):
+        return self._weighted(self.precisionByLabel)
+
+    def weightedFMeasure(self, beta=1.0):
+        return self._weighted(self.fMeasureByLabel(beta))
+
+    @property
+    def logLoss(self):
+        """Mean of -log p(true label) (weighted); None for a model without
+        probabilities (LinearSVC)."""
+        nll = self._sums.get("nll")
+        return None if nll is None else nll / self._c.sum()
+
+
+class BinaryClassificationSummary(ClassificationSummary):
+    """... and ``BinaryLogisticRegressionSummary``'s ``areaUnderROC``."""
+
+    @property
+    def areaUnderROC(self):
+        return self._sums["auc"]
+
+
+def from_dict(sums):
+    """The summary object of saved sums (no predictions)."""
+    cls = {"regression": RegressionSummary, "binary": BinaryClassificationSummary,
+           "multiclass": ClassificationSummary}[sums["kind"]]
+    return cls(sums)
