@@ -406,12 +406,15 @@ class _Progress:
 
     def __init__(self, path):
         self.path, self.offset, self.rest, self.last = path, 0, "", 0
+        self.first_at = None     # when the job's first line (the rows counted) was seen
 
     def __call__(self):
         with open(self.path, errors="replace") as f:
             f.seek(self.offset)
             chunk = f.read()
             self.offset = f.tell()
+        if chunk and self.first_at is None:
+            self.first_at = time.monotonic()
         lines = (self.rest + chunk).split("\n")
         self.rest = lines.pop()          # a line not yet ended
         for n in ITER_LINE.findall("\n".join(lines)):
@@ -625,8 +628,21 @@ def undisturbed(local_gd_reference, cluster, watch, tmp_path_factory):
     before = cluster.apps()
     out = base / "model"
     job = Job("cluster-run", [*cluster.submit_args(), *GD_TRAIN, "--output", str(out)],
-              str(base), watch).wait()
-    return job, out, sorted(cluster.apps() - before)
+              str(base), watch)
+    job.first_at = _first_output(job)
+    return job.wait(), out, sorted(cluster.apps() - before)
+
+
+def _first_output(job):
+    """When the job printed its first line (its rows counted): the fit's own time runs
+    from there; what comes before is JVM and session start-up, whose time varies by
+    seconds from run to run on a shared machine."""
+    progress = _Progress(job.out_path)
+    while progress.first_at is None and job.proc.poll() is None and \
+            time.monotonic() < job.deadline:
+        progress()
+        time.sleep(0.05)
+    return progress.first_at
 
 
 def _load_model(path):
@@ -797,16 +813,62 @@ def test_fit_survives_a_lost_worker(phase, undisturbed, local_gd_reference, clus
         launched = re.findall(rf"Launching executor {re.escape(killed['app'])}/(\d+) on", logs)
         assert len(launched) == WORKERS, (launched, info)
 
+        # Wall time from the first line on (start-up varies by seconds from run to run
+        # on a shared machine, and has nothing to do with the loss); both in full too.
         ref, _out, _apps = undisturbed
         assert ref.proc.returncode == 0, ref.describe()
         rebuild = builds[-1][1]
-        bound = ref.seconds + rebuild + 10
-        print(f"{job.name}: {job.seconds:.1f}s; undisturbed {ref.seconds:.1f}s; builds "
-              f"{builds} (tasks, s); bound {ref.seconds:.1f} + {rebuild:.1f} + 10 = "
-              f"{bound:.1f}s")
-        assert job.seconds <= bound, info
+        fit = job.started + job.seconds - killed["progress"].first_at
+        ref_fit = ref.started + ref.seconds - ref.first_at
+        bound = ref_fit + rebuild + 10
+        print(f"{job.name}: {fit:.1f}s from the first line ({job.seconds:.1f}s in all); "
+              f"undisturbed {ref_fit:.1f}s ({ref.seconds:.1f}s); builds {builds} (tasks, s); "
+              f"bound {ref_fit:.1f} + {rebuild:.1f} + 10 = {bound:.1f}s")
+        assert fit <= bound, info
 
         _same_model(killed["out"], local_gd_reference[1], info)
         watch.assert_loopback_only()
     finally:
         cluster.replace_worker(VICTIM)
+
+
+def test_a_packed_environment_ships_with_archives(cluster, watch, tmp_path):
+    """README's deployment recipe: the venv packed (without pyspark) into a .tar.gz (a
+    plain .tar loses the interpreter's execute bit when Spark unpacks it), shipped with
+    --archives ...#env, and spark.pyspark.python=./env/bin/python for the executors.
+    The job trains; every Python worker under the workers ran ./env/bin/python in its
+    executor's directory, where Spark unpacked the archive."""
+    archive = tmp_path / "sparkgd-env.tar.gz"
+    # (README's command, minus packages the executors never import, for the suite's time)
+    skip = ["pyspark", "matplotlib", "fontTools", "PIL", "pillow.libs", "pip", "setuptools",
+            "_pytest", "pygments", "kiwisolver"]
+    subprocess.run(["tar", "-h", "-C", os.path.dirname(VENV_BIN), "-I", "gzip -1",
+                    *[f"--exclude=lib/python3*/site-packages/{name}" for name in skip],
+                    "-cf", str(archive), "bin", "lib", "pyvenv.cfg"],
+                   check=True, timeout=120)
+    before = cluster.apps()
+    out_dir = tmp_path / "model"
+    with watch.lock:
+        seen_before = {pid for label, table in watch.cmdlines.items()
+                       if label.startswith("worker-") for pid in table}
+    job = Job("cluster-packed-env", [*cluster.submit_args(), "--archives", f"{archive}#env",
+                                     "--conf", "spark.pyspark.python=./env/bin/python",
+                                     "jobs/train.py", "--max-iter", "10", "--partitions", "4",
+                                     "--output", str(out_dir)], str(tmp_path), watch).wait()
+    print(f"\n{job.name}: {archive.stat().st_size / 2**20:.0f} MiB archive, "
+          f"{job.seconds:.1f}s")
+    assert job.proc.returncode == 0, job.describe() + "\n" + cluster.tails()
+    assert (out_dir / "metadata.json").exists()
+    app, = sorted(cluster.apps() - before)
+    app_dir = os.path.join(cluster.work_dir, app)
+    for e in os.listdir(app_dir):
+        assert os.path.exists(os.path.join(app_dir, e, "env", "bin", "python")), e
+    with watch.lock:
+        pythons = [argv for label, table in watch.cmdlines.items()
+                   if label.startswith("worker-")
+                   for pid, argv in table.items() if pid not in seen_before
+                   and "pyspark.daemon" in argv]
+    assert pythons, "no Python worker seen under the workers"
+    for argv in pythons:
+        assert argv[0] == "./env/bin/python", argv
+    watch.assert_loopback_only()
