@@ -211,6 +211,25 @@ def main(argv=None):
     p.add_argument("--staleness", type=int, default=4, help="--modes: async's staleness")
     p.add_argument("--target", type=float, default=1e-3,
                    help="--modes: relative distance to the optimum to time")
+    p.add_argument("--dp", action="store_true",
+                   help="DP-SGD: held-out accuracy against epsilon on generated data and on "
+                        "the breast-cancer data, beside diffprivlib (see jobs/bench_dp.py)")
+    p.add_argument("--dp-rows", type=int, default=200000, help="--dp: generated rows")
+    p.add_argument("--dp-features", type=int, default=50, help="--dp: generated features")
+    p.add_argument("--dp-optimizer", default="momentum", help="--dp: optimizer")
+    p.add_argument("--dp-step", type=float, default=0.5, help="--dp: stepSize")
+    p.add_argument("--dp-steps", type=int, default=200, help="--dp: maxIter (steps)")
+    p.add_argument("--dp-q", type=float, default=0.05, help="--dp: miniBatchFraction")
+    p.add_argument("--dp-clip", type=float, default=1.0, help="--dp: maxGradNorm")
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="--dp: dpDelta")
+    p.add_argument("--dp-runs", type=int, default=10, help="--dp: breast-cancer runs")
+    p.add_argument("--bc-optimizer", default="momentum", help="--dp breast cancer: optimizer")
+    p.add_argument("--bc-step", type=float, default=0.5, help="--dp breast cancer: stepSize")
+    p.add_argument("--bc-steps", type=int, default=60, help="--dp breast cancer: steps")
+    p.add_argument("--bc-q", type=float, default=0.25,
+                   help="--dp breast cancer: miniBatchFraction")
+    p.add_argument("--bc-clip", type=float, default=1.0, help="--dp breast cancer: maxGradNorm")
+    p.add_argument("--bc-reg", type=float, default=1e-3, help="--dp breast cancer: regParam")
     p.add_argument("--json", default=None)
     p.add_argument("--memory-only", action="store_true",
                    help="only build sparkgd's blocks from the Parquet files and run passes, "
@@ -238,6 +257,10 @@ def main(argv=None):
         import bench_comm
 
         return _in_scratch(args, lambda: bench_comm.run(spark, args))
+    if args.dp:
+        import bench_dp
+
+        return _in_scratch(args, lambda: bench_dp.run(spark, args))
     if args.modes:
         import bench_modes
 

@@ -125,6 +125,15 @@ def build_parser(default_data=None):
                         "memory; sums stay float64)")
     p.add_argument("--partitions", type=_positive_int, default=None,
                    help="repartition the input into this many partitions")
+    p.add_argument("--dp-epsilon", type=_float, default=None,
+                   help="differential privacy (DP-SGD, first-order optimizers): the target "
+                        "epsilon of the whole fit; the noise is calibrated to it")
+    p.add_argument("--dp-delta", type=_float, default=None,
+                   help="DP-SGD delta (default: 1/(10 n) rounded down to one digit)")
+    p.add_argument("--max-grad-norm", type=_float, default=1.0,
+                   help="DP-SGD: each row's gradient is clipped to this L2 norm")
+    p.add_argument("--noise-multiplier", type=_float, default=None,
+                   help="DP-SGD: noise std over --max-grad-norm, instead of --dp-epsilon")
     p.add_argument("--output", default="out/model",
                    help="directory to save the model to: a local path or a Hadoop-FS URI "
                         "(file:, hdfs://, s3a://); replaced atomically on success where the "
@@ -220,7 +229,8 @@ def make_estimator(args):
         dtype=args.dtype, compression=args.compression, topology=args.topology,
         mode=args.mode, localSteps=args.local_steps, staleness=args.staleness,
         checkpointDir=args.checkpoint_dir, checkpointInterval=args.checkpoint_interval,
-        resume=args.resume,
+        resume=args.resume, dpEpsilon=args.dp_epsilon, dpDelta=args.dp_delta,
+        maxGradNorm=args.max_grad_norm, noiseMultiplier=args.noise_multiplier,
         initialModel=_strip_file(args.initial_model) if args.initial_model else None)
     cls = getattr(estimators, LOSS_ESTIMATOR[args.loss])
     if cls is estimators.LinearRegression:
@@ -280,6 +290,11 @@ def run(args):
           f"{time.perf_counter() - started:.2f}s with data preparation, "
           f"{s.bytesCommunicated} bytes communicated, {s.driverBytes} of them through the "
           f"driver ({s.message})")
+    if s.privacy:
+        p = s.privacy
+        print(f"sparkgd: privacy: epsilon {p['epsilon']:.4g} at delta {p['delta']:g} "
+              f"({p['accountant']}): {p['steps']} steps, sampling rate {p['samplingRate']:g}, "
+              f"noise multiplier {p['noiseMultiplier']:.4g}, clip {p['maxGradNorm']:g}")
     print("sparkgd: training metrics: " + _metrics_line(model))
     model.save(args.output, overwrite=True)
     print(f"sparkgd: model ({model.numFeatures} features) saved to {args.output}")

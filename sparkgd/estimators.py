@@ -45,10 +45,10 @@ from pyspark.ml.param.shared import (
     HasWeightCol,
 )
 
-from . import checkpoint, codecs, data, engine, kernels, metrics, optim, stats
+from . import checkpoint, codecs, data, engine, kernels, metrics, optim, privacy, stats
 from .comm import TOPOLOGIES
 from .errors import SparkgdError
-from .modes import local, ps, sync
+from .modes import dp, local, ps, sync
 from .penalties import Penalty
 from .summary import TrainingSummary
 
@@ -116,6 +116,23 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
         "go on from the checkpoint in checkpointDir (refused if it was written for other "
         "data or params; a fresh start when there is none)",
         typeConverter=TypeConverters.toBoolean)
+    dpEpsilon = Param(
+        Params._dummy(), "dpEpsilon",
+        "differential privacy (DP-SGD): the target epsilon of the whole fit; enables DP "
+        "(the noise is calibrated to it; give this or noiseMultiplier)",
+        typeConverter=TypeConverters.toFloat)
+    dpDelta = Param(
+        Params._dummy(), "dpDelta",
+        "DP-SGD: delta (default 1/(10 n) rounded down to one significant digit)",
+        typeConverter=TypeConverters.toFloat)
+    maxGradNorm = Param(
+        Params._dummy(), "maxGradNorm",
+        "DP-SGD: each row's gradient is clipped to this L2 norm C (default 1.0)",
+        typeConverter=TypeConverters.toFloat)
+    noiseMultiplier = Param(
+        Params._dummy(), "noiseMultiplier",
+        "DP-SGD: the noise's standard deviation over C, instead of dpEpsilon (the "
+        "summary then reports the epsilon it spent)", typeConverter=TypeConverters.toFloat)
     topology = Param(
         Params._dummy(), "topology",
         "how serving tasks combine a pass: tree (default; fan-in from aggregationDepth, "
@@ -129,7 +146,8 @@ class _SparkgdParams(HasFeaturesCol, HasLabelCol, HasWeightCol, HasPredictionCol
                          fitIntercept=True, standardization=False, aggregationDepth=2,
                          optimizer="lbfgs", miniBatchFraction=1.0, seed=0, dtype="float64",
                          compression="none", topology="tree", mode="sync", localSteps=10,
-                         staleness=2, checkpointInterval=10, resume=False)
+                         staleness=2, checkpointInterval=10, resume=False,
+                         dpEpsilon=None, dpDelta=None, maxGradNorm=1.0, noiseMultiplier=None)
 
     def getFeatureCols(self):
         return self.getOrDefault(self.featureCols) if self.isDefined(self.featureCols) else None
@@ -285,6 +303,7 @@ class _Trained:
     rows_per_task: list
     rejected_pushes: int
     checkpoint: object = None
+    privacy: dict = None
 
 
 # ----------------------------------------------------------------------------
@@ -319,6 +338,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsRead
 
     def _validate(self):
         _validate_common(self)
+        dp.check(self)
 
     def _check_labels(self, facts, loss_name):
         lo, hi, integral = facts.label_range()
@@ -344,6 +364,12 @@ class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsRead
         weight_col = self.getWeightCol() if self.isSet(self.weightCol) else None
         spec = data.resolve_input(dataset.schema, self.getFeaturesCol(), self.getFeatureCols(),
                                   self.getLabelCol(), weight_col or None, source=source)
+        if dp.check(self) and weight_col:
+            from pyspark.sql import functions as F
+
+            # the clip bound is per row: a weight above 1 would stand for several rows
+            top = dataset.agg(F.max(F.col(weight_col).cast("double"))).first()[0]
+            privacy.check_weights(top if top is not None else 0.0, dp.check(self))
         optim.preload(self.getOptimizer())   # overlaps the block build
         self._checkpoint_started = False     # a restarted attempt resumes its own
         self._recovery = checkpoint.Recovery()   # ... and goes on where the lost one was
@@ -367,7 +393,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsRead
             objectiveTimes=list(result.objective_times or []),
             mode=self.getMode(), taskTimeSkew=[round(v, 3) for v in fit.skews],
             rowsPerTask=fit.rows_per_task, rejectedPushes=fit.rejected_pushes,
-            bytesHistory=list(result.bytes_history or []))
+            bytesHistory=list(result.bytes_history or []), privacy=fit.privacy)
         model = self._model_class._from_fit(coef, intercept, fit.loss_name, fit.num_classes,
                                             summary, fit.loss.params())
         if fit.checkpoint is not None:
@@ -394,6 +420,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsRead
             log.warning("the blocks built again hold other data than the lost ones "
                         "(%s): the fit starts over", checkpoint.fingerprint(facts))
         line_search = optimizer == "lbfgs" or (optimizer == "gd" and step is None)
+        private = dp.check(self) is not None
         mean = std = pre = None
         # the optimizer's space (start, moments) is part of its state: a fit that goes on
         # (a lost task, a lost driver) takes the one it started with, to the bit, whatever
@@ -403,7 +430,8 @@ class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsRead
             x0, mean, std = space["x0"], space.get("mean"), space.get("std")
         else:
             x0 = _initial_theta(self.getInitialModel(), layout, num_classes, loss_name)
-            if self.getInitialModel() is None and layout.fit_intercept:
+            if self.getInitialModel() is None and layout.fit_intercept and not private:
+                # (the label counts are data: a private fit starts from zero)
                 x0 = self._start(x0, layout, facts, loss_name)
             if line_search or standardize:
                 mean, std = engine.moments(layout.d)
@@ -440,6 +468,18 @@ class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsRead
                             seed=self.getSeed(), staleness=self.getStaleness(),
                             max_iter=self.getMaxIter(), tol=self.getTol(), codec=codec,
                             **saving)
+        elif private:
+            plan = dp.Plan(facts.num_rows, self.getMiniBatchFraction(), self.getMaxIter(),
+                           self.getMaxGradNorm(), delta=self.getDpDelta(),
+                           epsilon=self.getDpEpsilon(), sigma=self.getNoiseMultiplier())
+            log.info("DP-SGD: noise multiplier %.4g for %d steps at sampling rate %g "
+                     "(delta %g, clip %g)", plan.sigma, plan.steps, plan.q, plan.delta,
+                     plan.clip)
+            objective = dp.PrivateObjective(engine, loss, layout, penalty, plan)
+            # tol reads the data: a private fit takes all its maxIter steps
+            result = sync.fit(objective, x0, optimizer=optimizer, max_iter=self.getMaxIter(),
+                              tol=0.0, step_size=step, **saving)
+            privacy_summary = plan.summary(result.iterations)
         else:
             objective = sync.DistributedObjective(
                 engine, loss, layout, penalty, codec=codec,
@@ -463,7 +503,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsRead
                 result = run_sync()
         return _Trained(result, layout, loss_name, loss, num_classes, facts, engine.rejected,
                         engine.task_skews(), engine.rows_per_task(), engine.rejected_pushes,
-                        ck)
+                        ck, privacy_summary if private else None)
 
     def _checkpointer(self, facts):
         """-> (Checkpointer, the checkpoint's meta to resume from, or None), or
@@ -523,7 +563,8 @@ class LinearRegression(_SparkgdEstimator):
                  seed=0, initialModel=None, dtype="float64",
                  compression="none", topology="tree", mode="sync",
                  localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
-                 resume=False, loss="squared", epsilon=1.35):
+                 resume=False, dpEpsilon=None, dpDelta=None, maxGradNorm=1.0,
+                 noiseMultiplier=None, loss="squared", epsilon=1.35):
         super().__init__()
         self._setDefault(loss="squared", epsilon=1.35)
         self.setParams(**self._input_kwargs)
@@ -536,7 +577,8 @@ class LinearRegression(_SparkgdEstimator):
                   seed=0, initialModel=None, dtype="float64",
                   compression="none", topology="tree", mode="sync",
                   localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
-                  resume=False, loss="squared", epsilon=1.35):
+                  resume=False, dpEpsilon=None, dpDelta=None, maxGradNorm=1.0,
+                  noiseMultiplier=None, loss="squared", epsilon=1.35):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -631,7 +673,8 @@ class LogisticRegression(_SparkgdEstimator, _Thresholds):
                  seed=0, initialModel=None, dtype="float64",
                  compression="none", topology="tree", mode="sync",
                  localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
-                 resume=False, threshold=0.5, thresholds=None, family="auto"):
+                 resume=False, dpEpsilon=None, dpDelta=None, maxGradNorm=1.0,
+                 noiseMultiplier=None, threshold=0.5, thresholds=None, family="auto"):
         super().__init__()
         self._setDefault(probabilityCol="probability", rawPredictionCol="rawPrediction",
                          threshold=0.5, family="auto")
@@ -647,7 +690,8 @@ class LogisticRegression(_SparkgdEstimator, _Thresholds):
                   seed=0, initialModel=None, dtype="float64",
                   compression="none", topology="tree", mode="sync",
                   localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
-                  resume=False, threshold=0.5, thresholds=None, family="auto"):
+                  resume=False, dpEpsilon=None, dpDelta=None, maxGradNorm=1.0,
+                  noiseMultiplier=None, threshold=0.5, thresholds=None, family="auto"):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -718,7 +762,8 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                  miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
                  compression="none", topology="tree", mode="sync",
                  localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
-                 resume=False, threshold=0.0):
+                 resume=False, dpEpsilon=None, dpDelta=None, maxGradNorm=1.0,
+                 noiseMultiplier=None, threshold=0.0):
         super().__init__()
         self._setDefault(rawPredictionCol="rawPrediction", threshold=0.0)
         self.setParams(**self._input_kwargs)
@@ -731,7 +776,8 @@ class LinearSVC(_SparkgdEstimator, HasRawPredictionCol, HasThreshold):
                   miniBatchFraction=1.0, seed=0, initialModel=None, dtype="float64",
                   compression="none", topology="tree", mode="sync",
                   localSteps=10, staleness=2, checkpointDir=None, checkpointInterval=10,
-                  resume=False, threshold=0.0):
+                  resume=False, dpEpsilon=None, dpDelta=None, maxGradNorm=1.0,
+                  noiseMultiplier=None, threshold=0.0):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 

@@ -403,7 +403,8 @@ def keep_chunks(n, keep, seed, iteration, partition):
     return rng.random(n) < keep
 
 
-def partition_sums(blocks, theta, loss, layout, sample=None, threads=1, chunks=None):
+def partition_sums(blocks, theta, loss, layout, sample=None, threads=1, chunks=None,
+                   clip=None):
     """Sum of :func:`block_sums` over an iterable of (X, y, w) blocks.
 
     ``sample = (fraction, seed, iteration, partition_index)`` restricts each
@@ -420,6 +421,9 @@ def partition_sums(blocks, theta, loss, layout, sample=None, threads=1, chunks=N
     :func:`keep_chunks` draws are computed -- a lighter pass that copies nothing (views
     of dense chunks; a CSR block is one chunk), which a slow task is given in
     ``mode=async`` (the sums say how much weight it drew).
+
+    ``clip``: DP-SGD -- each row's gradient clipped to this L2 norm before the sum
+    (:func:`sparkgd.privacy.clipped_sums`; with ``sample``, Poisson sampling).
     """
     pieces = []
     for j, (X, y, w) in enumerate(blocks):
@@ -432,8 +436,14 @@ def partition_sums(blocks, theta, loss, layout, sample=None, threads=1, chunks=N
         kept = keep_chunks(len(pieces), *chunks)
         pieces = [piece for piece, k in zip(pieces, kept) if k]
 
-    def one(piece):
-        return _block_sums(piece[0], piece[1], piece[2], theta, loss, layout)
+    if clip is None:
+        def one(piece):
+            return _block_sums(piece[0], piece[1], piece[2], theta, loss, layout)
+    else:
+        from .privacy import clipped_sums
+
+        def one(piece):
+            return clipped_sums(piece[0], piece[1], piece[2], theta, loss, layout, clip)
 
     total = np.zeros(2 + layout.size)
     if threads > 1 and len(pieces) > 1 and any(sp.issparse(p[0]) for p in pieces):

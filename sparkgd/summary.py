@@ -38,6 +38,9 @@ class TrainingSummary:
     #: the sums the training-data metrics derive from (:mod:`sparkgd.metrics`): one
     #: distributed pass at the returned coefficients
     metrics: dict = None
+    #: DP-SGD: epsilon spent, delta, noiseMultiplier, maxGradNorm, samplingRate, steps,
+    #: accountant (:mod:`sparkgd.modes.dp`); None without DP
+    privacy: dict = None
 
     def __getattr__(self, name):
         """Spark ML's training-summary metrics (``r2``, ``rootMeanSquaredError``,

@@ -244,7 +244,8 @@ class ServingJob:
             self._thread.join(timeout=30)
 
 
-def _kernel_task(index, blocks, bc, loss, layout, sample, threads, work=None, fails=False):
+def _kernel_task(index, blocks, bc, loss, layout, sample, threads, work=None, fails=False,
+                 clip=None):
     """Executor side: one partition's ``[loss_sum, weight_sum, grad...]`` (``work``, a
     :class:`~sparkgd.modes.local.Work`: its local round ``sample[2]`` instead).
 
@@ -260,7 +261,7 @@ def _kernel_task(index, blocks, bc, loss, layout, sample, threads, work=None, fa
     if sample is not None:
         sample = sample + (index,)
     yield kernels.partition_sums(blocks, bc.value, loss, layout, sample=sample,
-                                 threads=threads)
+                                 threads=threads, clip=clip)
 
 
 @contextlib.contextmanager
@@ -282,6 +283,9 @@ def pass_sums(store, theta, loss, layout, sample, aggregator, work=None):
     bc = store.context.broadcast(theta)
     threads = store.threads_per_task
     fails = fail_first(store.context.getConf())
+    clip = None
+    if work is not None and work.get("mode") == "dp":   # DP-SGD: clipped, not a round
+        clip, work = float(work["clip"]), None
     if work is not None:
         from ..modes import local
 
@@ -289,7 +293,8 @@ def pass_sums(store, theta, loss, layout, sample, aggregator, work=None):
 
     def job(rdd):
         partials = rdd.mapPartitionsWithIndex(
-            lambda i, it: _kernel_task(i, it, bc, loss, layout, sample, threads, work, fails))
+            lambda i, it: _kernel_task(i, it, bc, loss, layout, sample, threads, work, fails,
+                                       clip))
         return aggregator.sum(partials, 2 + layout.size)
 
     try:

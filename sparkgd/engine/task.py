@@ -75,6 +75,7 @@ class _State:
         self.work = None          # mode=local: a pass is a round of local steps
         self.slow = 1.0           # a test's knob: this task takes this many times longer
         self.base_fraction = None  # mode=async: the user's miniBatchFraction
+        self.clip = None          # DP-SGD: each row's gradient clipped to this norm
         self.seconds = 0.0        # how long the last pass's computation took
 
     def configure(self, config):
@@ -83,7 +84,12 @@ class _State:
         self.codec = codecs.parse(config.get("compression", "none"))
         self.theta_codec = codecs.parse(config.get("theta_compression", "none"))
         work = config.get("work")
-        self.base_fraction = None
+        self.base_fraction = self.clip = None
+        if work is not None and work.get("mode") == "dp":
+            self.clip = float(work["clip"])
+            if not 0 < self.clip < float("inf"):
+                raise wire.ProtocolError(f"a clip bound of {self.clip}")
+            work = None
         if work is not None and work.get("mode") == "async":
             self.base_fraction = float(work["fraction"])
             if not 0 < self.base_fraction <= 1:
@@ -145,7 +151,8 @@ def serve(chan, blocks, index, threads, secret):
             sample = None if q >= 1.0 else (q, frame.seed, frame.iteration, index)
             chunks = None if keep >= 1.0 else (keep, frame.seed, frame.iteration, index)
             sums = kernels.partition_sums(blocks, theta, state.loss, state.layout,
-                                          sample=sample, threads=threads, chunks=chunks)
+                                          sample=sample, threads=threads, chunks=chunks,
+                                          clip=state.clip)
         took = time.perf_counter() - started
         if state.slow > 1.0:
             time.sleep((state.slow - 1.0) * took)

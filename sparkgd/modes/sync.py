@@ -136,7 +136,8 @@ def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
             return f, pre.grad_to_u(g)
 
     batch_fun = None
-    if optimizer in optim.STOCHASTIC and mini_batch_fraction < 1.0:
+    private = getattr(objective, "plan", None) is not None   # DP-SGD: every step noised
+    if optimizer in optim.STOCHASTIC and (mini_batch_fraction < 1.0 or private):
         to_theta = (lambda u: u) if pre is None else pre.to_theta
 
         def batch_fun(u, iteration):
