@@ -148,11 +148,16 @@ def build_parser(default_data=None):
 
 
 def _is_local(path):
-    return "://" not in path or path.startswith("file://")
+    from .persist import local_path
+
+    return local_path(path) is not None
 
 
 def _strip_file(path):
-    return path[len("file://"):] if path.startswith("file://") else path
+    """The local path of a local path or ``file:`` URI."""
+    from .persist import local_path
+
+    return local_path(path)
 
 
 def check_paths(args):
@@ -172,6 +177,12 @@ def check_paths(args):
     if args.plot is not None and (not args.plot.lower().endswith(".png") or
                                   not _is_local(args.plot)):
         raise SparkgdError(f"--plot '{args.plot}': expected a local path ending in .png")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401  (checked now: the plot comes after the save)
+        except ImportError:
+            raise SparkgdError("--plot needs matplotlib: pip install 'sparkgd[plot]'") \
+                from None
     out = args.output
     if not _is_local(out):
         return            # another file system: checked once Spark is up (check_output)
@@ -210,10 +221,8 @@ def read_data(spark, args):
     except SparkgdError as e:
         raise SparkgdError(_flag_names(str(e), None)) from None
     except Exception as e:  # AnalysisException, or a SparkException from the footer read
-        text = str(e).strip()
-        first = text.splitlines()[0] if text else type(e).__name__
-        raise SparkgdError(f"cannot read --data '{args.data}' as {args.format}: {first}") \
-            from None
+        raise SparkgdError(f"cannot read --data '{args.data}' as {args.format}: "
+                           f"{first_line(e)}") from None
 
 
 def make_estimator(args):
@@ -231,7 +240,8 @@ def make_estimator(args):
         checkpointDir=args.checkpoint_dir, checkpointInterval=args.checkpoint_interval,
         resume=args.resume, dpEpsilon=args.dp_epsilon, dpDelta=args.dp_delta,
         maxGradNorm=args.max_grad_norm, noiseMultiplier=args.noise_multiplier,
-        initialModel=_strip_file(args.initial_model) if args.initial_model else None)
+        initialModel=(_strip_file(args.initial_model) or args.initial_model)
+        if args.initial_model else None)
     cls = getattr(estimators, LOSS_ESTIMATOR[args.loss])
     if cls is estimators.LinearRegression:
         common.update(loss=args.loss, epsilon=args.epsilon)
@@ -295,9 +305,9 @@ def run(args):
         print(f"sparkgd: privacy: epsilon {p['epsilon']:.4g} at delta {p['delta']:g} "
               f"({p['accountant']}): {p['steps']} steps, sampling rate {p['samplingRate']:g}, "
               f"noise multiplier {p['noiseMultiplier']:.4g}, clip {p['maxGradNorm']:g}")
-    print("sparkgd: training metrics: " + _metrics_line(model))
     model.save(args.output, overwrite=True)
     print(f"sparkgd: model ({model.numFeatures} features) saved to {args.output}")
+    print("sparkgd: training metrics: " + _metrics_line(model))
     if args.plot:
         s.plot(args.plot)
         print(f"sparkgd: plot written to {args.plot}")

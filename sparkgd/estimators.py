@@ -400,7 +400,11 @@ class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsRead
             fit.checkpoint.remove()          # the fit ended well: nothing to resume
         model._est_params = self._param_values()
         model = self._copyValues(model)
-        summary._pending = (model, dataset)  # the metrics: one pass, when first asked for
+        if fit.privacy is None:
+            summary._pending = (model, dataset)  # the metrics: one pass, when first asked
+        else:     # exact training metrics would leave with the private model: none
+            summary._no_metrics = ("a private fit computes no training metrics (they are "
+                                   "not noised); use model.evaluate(held_out_df)")
         return model
 
     def _train(self, engine):

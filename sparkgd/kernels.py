@@ -404,7 +404,7 @@ def keep_chunks(n, keep, seed, iteration, partition):
 
 
 def partition_sums(blocks, theta, loss, layout, sample=None, threads=1, chunks=None,
-                   clip=None):
+                   piece_sums=None):
     """Sum of :func:`block_sums` over an iterable of (X, y, w) blocks.
 
     ``sample = (fraction, seed, iteration, partition_index)`` restricts each
@@ -422,8 +422,9 @@ def partition_sums(blocks, theta, loss, layout, sample=None, threads=1, chunks=N
     of dense chunks; a CSR block is one chunk), which a slow task is given in
     ``mode=async`` (the sums say how much weight it drew).
 
-    ``clip``: DP-SGD -- each row's gradient clipped to this L2 norm before the sum
-    (:func:`sparkgd.privacy.clipped_sums`; with ``sample``, Poisson sampling).
+    ``piece_sums(X, y, w, theta, loss, layout)``: the sums of one row chunk instead of
+    :func:`block_sums`' (DP-SGD: :func:`sparkgd.privacy.clipped_sums` with its clip bound,
+    on a Poisson ``sample``).
     """
     pieces = []
     for j, (X, y, w) in enumerate(blocks):
@@ -436,14 +437,10 @@ def partition_sums(blocks, theta, loss, layout, sample=None, threads=1, chunks=N
         kept = keep_chunks(len(pieces), *chunks)
         pieces = [piece for piece, k in zip(pieces, kept) if k]
 
-    if clip is None:
-        def one(piece):
-            return _block_sums(piece[0], piece[1], piece[2], theta, loss, layout)
-    else:
-        from .privacy import clipped_sums
+    kernel = _block_sums if piece_sums is None else piece_sums
 
-        def one(piece):
-            return clipped_sums(piece[0], piece[1], piece[2], theta, loss, layout, clip)
+    def one(piece):
+        return kernel(piece[0], piece[1], piece[2], theta, loss, layout)
 
     total = np.zeros(2 + layout.size)
     if threads > 1 and len(pieces) > 1 and any(sp.issparse(p[0]) for p in pieces):

@@ -8,8 +8,8 @@ few sums every metric derives from:
   ``meanAbsoluteError``, ``explainedVariance`` (Spark's ``RegressionMetrics``: SSreg / W);
 * classification: the weighted confusion matrix (label x prediction) and the log-loss
   sum; for two classes also counts of positives and negatives per score bin (the margin
-  in steps of :data:`AUC_BIN` -- scores closer than that count as tied, which is what
-  bounds the ROC area's error) -> ``accuracy``, per-label and weighted
+  relative steps of :data:`AUC_BINS_PER_OCTAVE` per octave -- scores closer than that
+  count as tied, which is what bounds the ROC area's error, whatever the margins' scale) -> ``accuracy``, per-label and weighted
   precision/recall/F-measure/TPR/FPR, ``areaUnderROC``, ``logLoss``.
 
 The sums are kept as a small JSON-able dict (saved with the model) and the summary
@@ -22,8 +22,9 @@ import math
 
 import numpy as np
 
-#: Width of a score bin (in margin units) for the ROC area.
-AUC_BIN = 1e-3
+#: Score bins per octave of |margin| for the ROC area: bins are 2^(1/512) - 1 = 0.14%
+#: of the score wide, whatever its scale (scores that close count as tied).
+AUC_BINS_PER_OCTAVE = 512
 #: Spark's LogLoss clamps probabilities to [eps, 1 - eps].
 LOG_LOSS_EPS = 1e-15
 
@@ -72,9 +73,9 @@ def _regression_sums(model, scored):
     w = _weight(model, scored)
     rows = scored.where(p.isNotNull() & y.isNotNull())
     e = p - y
-    r = rows.agg(F.count(F.lit(1)), F.sum(w), F.sum(w * y), F.sum(w * y * y), F.sum(w * p),
-                 F.sum(w * p * p), F.sum(w * e * e), F.sum(w * F.abs(e))).first()
-    keys = ("n", "W", "Sy", "Syy", "Sp", "Spp", "See", "Sae")
+    r = rows.agg(F.count(F.lit(1)), F.sum(w), F.sum(w * w), F.sum(w * y), F.sum(w * y * y),
+                 F.sum(w * p), F.sum(w * p * p), F.sum(w * e * e), F.sum(w * F.abs(e))).first()
+    keys = ("n", "W", "Sww", "Sy", "Syy", "Sp", "Spp", "See", "Sae")
     sums = {k: float(v or 0.0) for k, v in zip(keys, r)}
     sums.update(kind="regression", numFeatures=model.numFeatures,
                 fitIntercept=bool(model.getFitIntercept()))
@@ -94,19 +95,19 @@ def _classification_sums(model, scored):
     if "probabilityCol" in [p.name for p in model.params] and \
             model.getProbabilityCol() in scored.columns:
         prob = vector_to_array(F.col(model.getProbabilityCol()))
-        p_true = F.greatest(F.least(prob[y.cast("int")], F.lit(1 - LOG_LOSS_EPS)),
-                            F.lit(LOG_LOSS_EPS))
+        # (a label outside the classes gets no probability: null, not an error)
+        p_true = F.greatest(F.least(F.try_element_at(prob, y.cast("int") + 1),
+                                    F.lit(1 - LOG_LOSS_EPS)), F.lit(LOG_LOSS_EPS))
         nll = -F.log(p_true)
     else:
         nll = F.lit(None).cast("double")
     rows = scored.where(pred.isNotNull() & y.isNotNull())
-    bin_ = F.floor(score / F.lit(AUC_BIN)).cast("long") if binary else F.lit(0).cast("long")
+    bin_ = _score_bin(score) if binary else F.lit(0).cast("long")
     groups = (rows.groupBy(y.alias("y"), pred.alias("p"), bin_.alias("b"))
               .agg(F.count(F.lit(1)).alias("n"), F.sum(w).alias("w"),
                    F.sum(w * nll).alias("nll"))
               .collect())
-    labels = sorted({float(g["y"]) for g in groups} | {float(g["p"]) for g in groups} |
-                    {float(k) for k in range(model.numClasses or 2)})
+    labels = sorted({float(g["y"]) for g in groups} | {float(g["p"]) for g in groups})
     index = {v: i for i, v in enumerate(labels)}
     confusion = np.zeros((len(labels), len(labels)))
     n, nll_sum, has_nll = 0, 0.0, True
@@ -122,11 +123,21 @@ def _classification_sums(model, scored):
             pos_neg = bins.setdefault(int(g["b"]), [0.0, 0.0])
             pos_neg[0 if g["y"] == 1.0 else 1] += g["w"]
     sums = {"kind": "binary" if binary else "multiclass", "labels": labels,
+            "true": sorted({float(g["y"]) for g in groups}),
             "confusion": confusion.tolist(), "n": n,
             "nll": nll_sum if has_nll else None}
     if binary:
         sums["auc"] = roc_area([(b, pn[0], pn[1]) for b, pn in bins.items()])
     return sums
+
+
+def _score_bin(score):
+    """A long that orders as ``score`` does, equal for scores within one bin of
+    :data:`AUC_BINS_PER_OCTAVE` (sign, then octave and fraction of |score|; 0 apart)."""
+    from pyspark.sql import functions as F
+
+    octaves = F.floor(F.log2(F.abs(score)) * F.lit(AUC_BINS_PER_OCTAVE)) + F.lit(1 << 20)
+    return (F.when(score == 0, F.lit(0)).otherwise(F.signum(score) * octaves)).cast("long")
 
 
 def roc_area(bins):
@@ -201,8 +212,13 @@ class RegressionSummary(_Summary):
     @property
     def r2(self):
         s = self._sums
-        # through the origin without an intercept, as Spark's RegressionMetrics
-        total = s["Syy"] - (s["Sy"] ** 2 / s["W"] if s["fitIntercept"] else 0.0)
+        if s["fitIntercept"]:
+            # Spark's RegressionMetrics: SStot = unbiased weighted variance x (W - 1)
+            spread = s["Syy"] - s["Sy"] ** 2 / s["W"]
+            effective = s["W"] - s.get("Sww", s["W"]) / s["W"]
+            total = spread / effective * (s["W"] - 1) if effective > 0 else 0.0
+        else:
+            total = s["Syy"]           # through the origin
         return 1.0 - s["See"] / total if total > 0 else float("nan")
 
     @property
@@ -234,7 +250,14 @@ class ClassificationSummary(_Summary):
 
     @property
     def labels(self):
-        return list(self._sums["labels"])
+        """The labels present in the data (as Spark's MulticlassMetrics.labels)."""
+        return list(self._sums.get("true", self._sums["labels"]))
+
+    @property
+    def _rows(self):
+        """Indices of :attr:`labels` in the confusion matrix."""
+        index = {v: i for i, v in enumerate(self._sums["labels"])}
+        return [index[v] for v in self.labels]
 
     @property
     def accuracy(self):
@@ -244,7 +267,7 @@ class ClassificationSummary(_Summary):
     def _per_label(self, num, den):
         with np.errstate(invalid="ignore", divide="ignore"):
             out = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
-        return [float(v) for v in out]
+        return [float(v) for v in np.asarray(out)[self._rows]]
 
     @property
     def truePositiveRateByLabel(self):
@@ -268,11 +291,13 @@ class ClassificationSummary(_Summary):
         b2 = beta * beta
         p, r = np.array(self.precisionByLabel), np.array(self.recallByLabel)
         den = b2 * p + r
-        return self._per_label((1 + b2) * p * r, den)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(den > 0, (1 + b2) * p * r / np.where(den > 0, den, 1), 0.0)
+        return [float(v) for v in out]
 
     def _weighted(self, values):
         c = self._c
-        return float(np.dot(c.sum(axis=1) / c.sum(), values))
+        return float(np.dot(c.sum(axis=1)[self._rows] / c.sum(), values))
 
     @property
     def weightedTruePositiveRate(self):

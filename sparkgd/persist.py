@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import shutil
 import tempfile
@@ -49,7 +50,7 @@ def local_path(path):
         if u.netloc not in ("", "localhost"):
             raise SparkgdError(f"path '{path}': a file: URI names no host (file:///dir)")
         return os.path.abspath(u.path)
-    if "://" in path:
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", path):   # hdfs:/x, s3a://b/x, ...
         return None
     return os.path.abspath(path)
 
@@ -233,6 +234,8 @@ def save_model(model, path, overwrite=False):
         else:
             fs.rename(tmp, target)
     except BaseException:
+        if fs.exists(tmp + ".old") and not fs.exists(target):
+            fs.rename(tmp + ".old", target)      # the old model back in place
         fs.delete(tmp)
         raise
 
@@ -296,6 +299,8 @@ def load_model(path, classes, expected=None):
     params = meta.get("params") or {}
     model._est_params = params
     own = meta.get("modelParams") or {}
+    if own:   # the model's own map decides threshold(s): both from params may disagree
+        params = {k: v for k, v in params.items() if k not in ("threshold", "thresholds")}
     for name, value in [*params.items(), *own.items()]:
         if model.hasParam(name) and value is not None and name != "initialModel":
             try:

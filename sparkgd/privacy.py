@@ -204,6 +204,12 @@ def _clipped_sums(X, y, w, theta, loss, layout, C):
     return out
 
 
+def clipping(C):
+    """The row-chunk kernel of a DP-SGD pass (``kernels.partition_sums(piece_sums=)``):
+    :func:`clipped_sums` at clip bound ``C``; None (the plain kernel) for ``C`` None."""
+    return None if C is None else functools.partial(clipped_sums, C=float(C))
+
+
 def check_weights(max_weight, param="dpEpsilon"):
     """Refuse row weights above 1 under DP. The guarantee is per row, and ``C`` bounds
     one example's gradient: a weight above 1 usually stands for several examples

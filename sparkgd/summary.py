@@ -46,8 +46,8 @@ class TrainingSummary:
         """Spark ML's training-summary metrics (``r2``, ``rootMeanSquaredError``,
         ``areaUnderROC``, ``accuracy``, ``precisionByLabel``, ``logLoss``, ...) and
         ``predictions`` (in the session that fitted the model)."""
-        if name.startswith("__") or name in ("metrics", "_evaluation"):
-            raise AttributeError(name)
+        if name.startswith("_") or name in ("metrics",):
+            raise AttributeError(name)   # (IPython's _repr_*_ probes start no Spark job)
         evaluation = self._evaluated()
         if evaluation is not None and (hasattr(type(evaluation), name) or name in (
                 "predictionCol", "labelCol", "featuresCol", "weightCol")):

@@ -159,3 +159,13 @@ def test_the_command_line_reports_and_saves_the_privacy_spent(spark, tmp_path, c
                      str(tmp_path / "x")], default_data=os.path.join(ROOT, "data", "sample"))
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("sparkgd: error: dpEpsilon: DP-SGD takes one noised")
+
+
+def test_empty_samples_are_steps_not_divergence(scaled):
+    """At q n < 1 most steps draw no row: the step is noise and the penalty alone."""
+    _X, _y, df = scaled
+    m = sparkgd.LogisticRegression(optimizer="sgd", maxIter=8, miniBatchFraction=2e-4,
+                                   noiseMultiplier=1.0, regParam=0.01).fit(df)
+    assert m.summary.totalIterations == 8 and m.summary.privacy["steps"] == 8
+    with pytest.raises(AttributeError, match="private fit computes no training metrics"):
+        m.summary.accuracy

@@ -22,12 +22,12 @@ def _columns_frame(spark, X, y, w=None):
 @pytest.fixture(scope="module")
 def frames(spark):
     Xb, yb, wb = logistic_data(n=400, d=3, seed=11, weights=True)
-    Xr, yr, _ = regression_data(n=400, d=3, seed=12)
+    Xr, yr, wr = regression_data(n=400, d=3, seed=12, weights=True)
     rng = np.random.default_rng(13)
     Xm = rng.normal(size=(450, 3))
     ym = np.argmax(Xm @ rng.normal(size=(3, 3)) + rng.gumbel(size=(450, 3)), axis=1).astype(float)
     return {"binary": _columns_frame(spark, Xb, yb, wb),
-            "regression": _columns_frame(spark, Xr, yr),
+            "regression": _columns_frame(spark, Xr, yr, wr),
             "multiclass": _columns_frame(spark, Xm, ym)}
 
 
@@ -41,7 +41,7 @@ def _pipeline(estimator):
 
 CASES = [
     ("binary", lambda: sparkgd.LogisticRegression(regParam=0.01, weightCol="weight")),
-    ("regression", lambda: sparkgd.LinearRegression(regParam=0.01)),
+    ("regression", lambda: sparkgd.LinearRegression(regParam=0.01, weightCol="weight")),
     ("binary", lambda: sparkgd.LinearSVC(regParam=0.01, maxIter=50)),
     ("multiclass", lambda: sparkgd.LogisticRegression(regParam=0.01)),
 ]
@@ -77,7 +77,7 @@ def test_pipeline_fits_saves_loads_and_scores_like_spark(spark, frames, tmp_path
     # The training summary's metrics are Spark's evaluators' on the same predictions.
     s = fitted.summary
     if kind == "regression":
-        ev = RegressionEvaluator()
+        ev = RegressionEvaluator(weightCol="weight")     # Spark's weighted SStot too
         for name, attr in [("rmse", "rootMeanSquaredError"), ("mse", "meanSquaredError"),
                            ("mae", "meanAbsoluteError"), ("r2", "r2"),
                            ("var", "explainedVariance")]:
@@ -232,3 +232,31 @@ def test_roc_area_counts_ties_as_half():
     assert roc_area([(1, 1, 1)]) == 0.5
     assert roc_area([(3, 1, 0), (2, 0, 1), (1, 1, 0), (0, 0, 1)]) == 0.75
     assert np.isnan(roc_area([(1, 2, 0)]))
+
+
+def test_score_bins_keep_the_order_whatever_the_scale(spark):
+    from pyspark.sql import functions as F
+
+    from sparkgd.metrics import _score_bin
+
+    values = [-1e10, -3.0, -1e-8, 0.0, 1e-300, 1e-6, 1.01e-6, 2.0, 1e10]
+    df = spark.createDataFrame([(v,) for v in values], ["s"])
+    keys = [r.k for r in df.select(_score_bin(F.col("s")).alias("k")).collect()]
+    assert keys == sorted(keys) and len(set(keys)) == len(values)
+
+
+def test_saved_thresholds_load_back(spark, frames, tmp_path):
+    from pyspark.ml.feature import VectorAssembler
+
+    va = VectorAssembler(inputCols=["x0", "x1", "x2"], outputCol="features")
+    dfm = va.transform(frames["multiclass"])
+    m = sparkgd.LogisticRegression(thresholds=[0.3, 0.3, 0.4], maxIter=20).fit(dfm)
+    m.save(str(tmp_path / "m"))
+    assert sparkgd.load_model(str(tmp_path / "m")).getThresholds() == [0.3, 0.3, 0.4]
+    b = sparkgd.LogisticRegression(maxIter=20).fit(va.transform(frames["binary"]))
+    b.setThresholds([0.4, 0.6])
+    b.save(str(tmp_path / "b"))
+    assert sparkgd.load_model(str(tmp_path / "b")).getThreshold() == pytest.approx(0.6)
+    # Spark's labels are those in the data: a test set without class 1
+    ev = m.evaluate(dfm.where("label != 1"))
+    assert ev.labels == [0.0, 2.0] and len(ev.precisionByLabel) == 2

@@ -19,7 +19,7 @@ import uuid
 
 import numpy as np
 
-from .. import codecs, kernels
+from .. import codecs, kernels, privacy
 from ..errors import SparkgdError
 from ..stats import block_moments, merge_moments
 from .hub import (DEADLINE_SECONDS, HELLO_SECONDS, PORTS_CONF, Cancelled, Hub, WorkersFailed,
@@ -261,7 +261,7 @@ def _kernel_task(index, blocks, bc, loss, layout, sample, threads, work=None, fa
     if sample is not None:
         sample = sample + (index,)
     yield kernels.partition_sums(blocks, bc.value, loss, layout, sample=sample,
-                                 threads=threads, clip=clip)
+                                 threads=threads, piece_sums=privacy.clipping(clip))
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from .. import codecs, kernels
+from .. import codecs, kernels, privacy
 from ..modes import local
 from . import collective as co
 from . import peers, wire
@@ -152,7 +152,7 @@ def serve(chan, blocks, index, threads, secret):
             chunks = None if keep >= 1.0 else (keep, frame.seed, frame.iteration, index)
             sums = kernels.partition_sums(blocks, theta, state.loss, state.layout,
                                           sample=sample, threads=threads, chunks=chunks,
-                                          clip=state.clip)
+                                          piece_sums=privacy.clipping(state.clip))
         took = time.perf_counter() - started
         if state.slow > 1.0:
             time.sleep((state.slow - 1.0) * took)

@@ -74,7 +74,6 @@ class PrivateObjective(DistributedObjective):
         self._rng = privacy.noise_generator()
         # which rows a step drew must stay as secret as the noise: not the user's seed
         self._seed = int(self._rng.integers(0, 1 << 62))
-        self.steps = 0
 
     def smooth(self, theta, sample=None, exact=False):
         if sample is None:
@@ -86,11 +85,11 @@ class PrivateObjective(DistributedObjective):
                                      (plan.q, self._seed, iteration), codecs.NONE, codecs.NONE,
                                      work={"mode": "dp", "clip": plan.clip})
         self.evaluations += 1
-        self.steps = max(self.steps, int(iteration))
         noise = privacy.noise(self.layout.size, plan.sigma, plan.clip, self._rng)
         grad = privacy.dp_step_gradient(total[2:], noise, plan.q * plan.n)
-        # the sampled loss is not private (no noise): an estimate for the progress line
-        f = float(total[0] / total[1]) if total[1] > 0 else math.nan
+        # the sampled loss over the expected batch, as the gradient (an empty sample is
+        # 0, not a divergence): not private (no noise), only for the progress line
+        f = float(total[0] / (plan.q * plan.n))
         return self.penalty.add_l2(f, grad, theta)
 
     __call__ = smooth
