@@ -364,12 +364,13 @@ class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsRead
         weight_col = self.getWeightCol() if self.isSet(self.weightCol) else None
         spec = data.resolve_input(dataset.schema, self.getFeaturesCol(), self.getFeatureCols(),
                                   self.getLabelCol(), weight_col or None, source=source)
-        if dp.check(self) and weight_col:
+        private = dp.check(self)             # the param that enabled DP, or None
+        if private and weight_col:
             from pyspark.sql import functions as F
 
             # the clip bound is per row: a weight above 1 would stand for several rows
             top = dataset.agg(F.max(F.col(weight_col).cast("double"))).first()[0]
-            privacy.check_weights(top if top is not None else 0.0, dp.check(self))
+            privacy.check_weights(top if top is not None else 0.0, private)
         optim.preload(self.getOptimizer())   # overlaps the block build
         self._checkpoint_started = False     # a restarted attempt resumes its own
         self._recovery = checkpoint.Recovery()   # ... and goes on where the lost one was

@@ -281,29 +281,37 @@ def _widened(X):
 
 
 def _block_sums(X, y, w, theta, loss, layout):
+    if y.shape[0] == 0:
+        return np.zeros(2 + layout.size)
+    X, out, wdz = chunk_derivative(X, y, w, theta, loss, layout)
+    return add_gradient(out, X, wdz, layout)
+
+
+def chunk_derivative(X, y, w, theta, loss, layout):
+    """A non-empty row chunk's ``(X, out, wdz)``: ``X`` in float64 and ``layout.d``
+    wide, ``out = [loss_sum, weight_sum, 0...]`` and ``wdz`` the weighted derivative of
+    the loss in the margins, ``w * dloss/dz`` (n, K)."""
     out = np.zeros(2 + layout.size)
-    n = y.shape[0]
-    if n == 0:
-        return out
     if not sp.issparse(X) and X.dtype != np.float64:
         X = _widened(X)  # float32 storage: the chunk in float64, in a reused buffer
     elif sp.issparse(X):   # LIBSVM blocks are as wide as their largest index
         X = widen(X, layout.d)
     coef, intercept = layout.split(theta)
-    z = margins(X, coef, intercept)
-    value, dz = loss.value_and_derivative(y, z)
+    value, dz = loss.value_and_derivative(y, margins(X, coef, intercept))
     if w is None:
         out[0] = value.sum()
-        out[1] = n
-        wdz = dz
-    else:
-        out[0] = value @ w
-        out[1] = w.sum()
-        wdz = dz * w[:, None]
+        out[1] = y.shape[0]
+        return X, out, dz
+    out[0] = value @ w
+    out[1] = w.sum()
+    return X, out, dz * w[:, None]
+
+
+def add_gradient(out, X, wdz, layout):
+    """``out[2:]`` = the chunk's gradient sum ``X.T @ wdz`` (coefficients, (K, d) row by
+    row) and ``wdz``'s column sums (intercepts); returns ``out``."""
     grad = out[2:]
-    # (K, d): each row is X.T @ wdz[:, k]; X.T @ wdz is (d, K).
-    gc = X.T @ wdz
-    grad[: layout.n_coef] = np.asarray(gc).T.ravel()
+    grad[: layout.n_coef] = np.asarray(X.T @ wdz).T.ravel()
     if layout.fit_intercept:
         grad[layout.n_coef :] = wdz.sum(axis=0)
     return out

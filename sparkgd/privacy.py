@@ -36,7 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import SparkgdError
-from .kernels import _widened, margins, row_chunks, widen
+from .kernels import add_gradient, chunk_derivative, row_chunks
 
 try:
     ACCOUNTANT = f"rdp (dp-accounting {metadata.version('dp-accounting')})"
@@ -172,36 +172,16 @@ def clipped_sums(X, y, w, theta, loss, layout, C):
 
 
 def _clipped_sums(X, y, w, theta, loss, layout, C):
-    out = np.zeros(2 + layout.size)
-    n = y.shape[0]
-    if n == 0:
-        return out
-    if sp.issparse(X):     # LIBSVM blocks are as wide as their largest index
-        X = widen(X, layout.d)
-        sq = np.asarray(X.multiply(X).sum(axis=1)).ravel()
-    else:
-        if X.dtype != np.float64:
-            X = _widened(X)
-        sq = np.einsum("ij,ij->i", X, X)
+    if y.shape[0] == 0:
+        return np.zeros(2 + layout.size)
+    X, out, wdz = chunk_derivative(X, y, w, theta, loss, layout)
+    sq = np.asarray(X.multiply(X).sum(axis=1)).ravel() if sp.issparse(X) else \
+        np.einsum("ij,ij->i", X, X)
     if layout.fit_intercept:
         sq += 1.0
-    coef, intercept = layout.split(theta)
-    value, dz = loss.value_and_derivative(y, margins(X, coef, intercept))
-    if w is None:
-        out[0] = value.sum()
-        out[1] = n
-        wdz = dz
-    else:
-        out[0] = value @ w
-        out[1] = w.sum()
-        wdz = dz * w[:, None]
     norm = np.sqrt(np.einsum("ij,ij->i", wdz, wdz)) * np.sqrt(sq)
     wdz = wdz * (C / np.maximum(norm, C))[:, None]   # min(1, C / norm), and 1 at norm 0
-    grad = out[2:]
-    grad[: layout.n_coef] = np.asarray(X.T @ wdz).T.ravel()
-    if layout.fit_intercept:
-        grad[layout.n_coef :] = wdz.sum(axis=0)
-    return out
+    return add_gradient(out, X, wdz, layout)
 
 
 def clipping(C):

@@ -52,7 +52,6 @@ class Plan:
             except ValueError as e:
                 raise SparkgdError(f"dpEpsilon: {e}") from None
         self.sigma = float(sigma)
-        self.target = None if epsilon is None else float(epsilon)
 
     def summary(self, steps_taken):
         """``summary.privacy``: what the steps taken spent."""
