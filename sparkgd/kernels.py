@@ -280,6 +280,17 @@ def _widened(X):
     return out
 
 
+def as_float64(X, d):
+    """A row chunk as the kernels compute with it: dense float32 storage widened to
+    float64 (in this thread's reused buffer: valid until the next call), CSR as ``d``
+    columns wide (LIBSVM blocks are as wide as their largest index); float64 as is."""
+    if sp.issparse(X):
+        return widen(X, d)
+    if X.dtype != np.float64:
+        return _widened(X)
+    return X
+
+
 def _block_sums(X, y, w, theta, loss, layout):
     if y.shape[0] == 0:
         return np.zeros(2 + layout.size)
@@ -292,10 +303,7 @@ def chunk_derivative(X, y, w, theta, loss, layout):
     wide, ``out = [loss_sum, weight_sum, 0...]`` and ``wdz`` the weighted derivative of
     the loss in the margins, ``w * dloss/dz`` (n, K)."""
     out = np.zeros(2 + layout.size)
-    if not sp.issparse(X) and X.dtype != np.float64:
-        X = _widened(X)  # float32 storage: the chunk in float64, in a reused buffer
-    elif sp.issparse(X):   # LIBSVM blocks are as wide as their largest index
-        X = widen(X, layout.d)
+    X = as_float64(X, layout.d)
     coef, intercept = layout.split(theta)
     value, dz = loss.value_and_derivative(y, margins(X, coef, intercept))
     if w is None:
@@ -326,10 +334,7 @@ def partition_loss(blocks, theta, loss, layout):
         for Xc, yc, wc in row_chunks(X, y, w):
             if yc.shape[0] == 0:
                 continue
-            if not sp.issparse(Xc) and Xc.dtype != np.float64:
-                Xc = _widened(Xc)
-            elif sp.issparse(Xc):
-                Xc = widen(Xc, layout.d)
+            Xc = as_float64(Xc, layout.d)
             value, _ = loss.value_and_derivative(yc, margins(Xc, coef, intercept))
             out[0] += value.sum() if wc is None else value @ wc
             out[1] += yc.shape[0] if wc is None else wc.sum()

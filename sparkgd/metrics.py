@@ -32,14 +32,14 @@ LOG_LOSS_EPS = 1e-15
 def evaluate(model, dataset):
     """The metrics of ``model`` on ``dataset`` (a summary object; see the classes
     below), from one aggregation job."""
-    from .engine.jobs import described
+    from .engine.jobs import described_in
     from .errors import SparkgdError
 
     if model.getLabelCol() not in dataset.columns:
         raise SparkgdError(f"metrics need the label column '{model.getLabelCol()}' in the "
                            "DataFrame (a LIBSVM text input holds it inside each line)")
     scored = model.transform(dataset)
-    with described(dataset.sparkSession.sparkContext, "sparkgd: evaluate"):
+    with described_in(dataset.sparkSession, "sparkgd: evaluate"):
         return _evaluate(model, scored)
 
 
@@ -175,6 +175,8 @@ class _Summary:
         if self._predictions is None:
             raise RuntimeError("the scored DataFrame is not kept with a saved summary; "
                                "call model.evaluate(df)")
+        if callable(self._predictions):      # the training data, scored when first asked
+            self._predictions = self._predictions()
         return self._predictions
 
     @property
@@ -332,8 +334,168 @@ class BinaryClassificationSummary(ClassificationSummary):
         return self._sums["auc"]
 
 
-def from_dict(sums):
-    """The summary object of saved sums (no predictions)."""
+def from_dict(sums, predictions=None):
+    """The summary object of saved sums (``predictions``: the scored DataFrame, or a
+    function that makes it; none for a loaded model)."""
     cls = {"regression": RegressionSummary, "binary": BinaryClassificationSummary,
            "multiclass": ClassificationSummary}[sums["kind"]]
-    return cls(sums)
+    return cls(sums, predictions)
+
+
+# --------------------------------------------------------------- sums from the blocks
+#
+# The training summary's metrics come from the blocks the serving tasks hold, in one
+# more pass at the returned coefficients (no second read of the input): every task
+# adds up a fixed-size vector (:func:`block_sums`), the topology sums them like a
+# gradient, and :func:`sums_from_vector` turns the total into the dict the summaries
+# read -- the same dict :func:`evaluate` makes with Spark SQL.
+
+#: The ROC area's score bins cover |margin| in [2^-OCTAVES, 2^OCTAVES) (beyond, scores
+#: count as tied with the outermost bin's), AUC_BINS_PER_OCTAVE to an octave, per sign.
+OCTAVES = 32
+_LEVELS = 2 * OCTAVES * AUC_BINS_PER_OCTAVE
+#: Bins: negative scores (most negative first), zero, positive scores.
+SCORE_BINS = 2 * _LEVELS + 1
+#: Largest number of classes whose confusion matrix the blocks' pass carries.
+MAX_BLOCK_CLASSES = 1024
+_REGRESSION = ("n", "W", "Sww", "Sy", "Syy", "Sp", "Spp", "See", "Sae")
+
+
+def rule_of(model_kind, loss_name, num_classes, threshold=None, thresholds=None):
+    """How a model predicts, as plain values (what :func:`block_sums` needs):
+    ``model_kind`` ``regression``, ``logistic`` or ``svc``."""
+    if model_kind == "regression":
+        return {"kind": "regression"}
+    k = 2 if loss_name != "multinomial" else int(num_classes)
+    return {"kind": "binary" if loss_name != "multinomial" else "multiclass", "k": k,
+            "score": "hinge" if model_kind == "svc" else loss_name,
+            "threshold": None if threshold is None else float(threshold),
+            "thresholds": None if thresholds is None else [float(t) for t in thresholds]}
+
+
+def vector_size(rule):
+    """Floats in :func:`block_sums`' vector."""
+    if rule["kind"] == "regression":
+        return len(_REGRESSION)
+    k = rule["k"]
+    return 2 + 2 * k + k * k + (2 * SCORE_BINS if rule["kind"] == "binary" else 0)
+
+
+def score_bins(z):
+    """The bin of each score: ordered as the scores, equal within one of
+    :data:`AUC_BINS_PER_OCTAVE` per octave of |z| (as :func:`_score_bin`), clamped to
+    :data:`OCTAVES` octaves either side of 1."""
+    z = np.asarray(z, dtype=np.float64)
+    out = np.full(z.shape, _LEVELS, dtype=np.int64)          # zero
+    nz = z != 0
+    with np.errstate(divide="ignore"):
+        level = np.floor(np.log2(np.abs(z[nz])) * AUC_BINS_PER_OCTAVE)
+    level = np.clip(level, -OCTAVES * AUC_BINS_PER_OCTAVE,
+                    OCTAVES * AUC_BINS_PER_OCTAVE - 1).astype(np.int64) + \
+        OCTAVES * AUC_BINS_PER_OCTAVE
+    out[nz] = np.where(z[nz] > 0, _LEVELS + 1 + level, _LEVELS - 1 - level)
+    return out
+
+
+def _predict(z, rule):
+    """Predictions (class indices as floats) from margins ``z`` (n, K), as the
+    model's ``transform`` makes them."""
+    if rule["score"] == "hinge":
+        return (z[:, 0] > rule["threshold"]).astype(np.float64)
+    if rule["kind"] == "binary":
+        p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+        t = rule["threshold"] if rule["thresholds"] is None else \
+            1.0 / (1.0 + rule["thresholds"][0] / rule["thresholds"][1])
+        return (p1 > t).astype(np.float64)
+    if rule["thresholds"] is not None:
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        p = e / e.sum(axis=1, keepdims=True)
+        t = np.asarray(rule["thresholds"], dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scaled = np.where(t > 0, p / np.where(t > 0, t, 1), np.where(p > 0, np.inf, 0.0))
+        return np.argmax(scaled, axis=1).astype(np.float64)
+    return np.argmax(z, axis=1).astype(np.float64)
+
+
+def _nll(z, y, rule):
+    """-log p(true label), clamped as Spark's LogLoss; None without probabilities."""
+    if rule["score"] == "hinge":
+        return None
+    if rule["kind"] == "binary":
+        p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+        p = np.where(y == 1.0, p1, 1.0 - p1)
+    else:
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        p = (e / e.sum(axis=1, keepdims=True))[np.arange(z.shape[0]), y.astype(np.int64)]
+    return -np.log(np.clip(p, LOG_LOSS_EPS, 1 - LOG_LOSS_EPS))
+
+
+def block_sums(blocks, coef, intercept, rule):
+    """One task's metric sums over its ``(X, y, w)`` blocks at ``coef`` (K, d) and
+    ``intercept`` (K,): a float64 vector of :func:`vector_size` (add them up over
+    tasks; :func:`sums_from_vector` reads the total)."""
+    from . import kernels
+
+    out = np.zeros(vector_size(rule))
+    d = coef.shape[1]
+    for X, y, w in blocks:
+        for Xc, yc, wc in kernels.row_chunks(X, y, w):
+            if yc.shape[0] == 0:
+                continue
+            Xc = kernels.as_float64(Xc, d)
+            z = kernels.margins(Xc, coef, intercept)
+            wt = np.ones(yc.shape[0]) if wc is None else np.asarray(wc, dtype=np.float64)
+            if rule["kind"] == "regression":
+                p, e = z[:, 0], z[:, 0] - yc
+                out += [yc.shape[0], wt.sum(), wt @ wt, wt @ yc, wt @ (yc * yc), wt @ p,
+                        wt @ (p * p), wt @ (e * e), wt @ np.abs(e)]
+                continue
+            k = rule["k"]
+            pred = _predict(z, rule).astype(np.int64)
+            yi = yc.astype(np.int64)
+            out[0] += yc.shape[0]
+            nll = _nll(z, yc, rule)
+            if nll is not None:
+                out[1] += wt @ nll
+            at = 2
+            out[at:at + k] += np.bincount(yi, minlength=k)[:k]
+            at += k
+            out[at:at + k] += np.bincount(pred, minlength=k)[:k]
+            at += k
+            out[at:at + k * k] += np.bincount(yi * k + pred, weights=wt,
+                                              minlength=k * k)[:k * k]
+            at += k * k
+            if rule["kind"] == "binary":
+                b = score_bins(z[:, 0])
+                pos = yc == 1.0
+                out[at:at + SCORE_BINS] += np.bincount(b[pos], weights=wt[pos],
+                                                       minlength=SCORE_BINS)
+                out[at + SCORE_BINS:] += np.bincount(b[~pos], weights=wt[~pos],
+                                                     minlength=SCORE_BINS)
+    return out
+
+
+def sums_from_vector(total, rule, num_features, fit_intercept):
+    """The sums dict of :func:`evaluate` from :func:`block_sums`' total."""
+    total = np.asarray(total, dtype=np.float64)
+    if rule["kind"] == "regression":
+        sums = {k: float(v) for k, v in zip(_REGRESSION, total)}
+        sums.update(kind="regression", numFeatures=int(num_features),
+                    fitIntercept=bool(fit_intercept))
+        return sums
+    k = rule["k"]
+    at = 2
+    rows, cols = total[at:at + k], total[at + k:at + 2 * k]
+    at += 2 * k
+    confusion = total[at:at + k * k].reshape(k, k)
+    at += k * k
+    labels = [i for i in range(k) if rows[i] > 0 or cols[i] > 0]
+    sums = {"kind": rule["kind"], "labels": [float(i) for i in labels],
+            "true": [float(i) for i in range(k) if rows[i] > 0],
+            "confusion": confusion[np.ix_(labels, labels)].tolist(), "n": int(total[0]),
+            "nll": None if rule["score"] == "hinge" else float(total[1])}
+    if rule["kind"] == "binary":
+        pos, neg = total[at:at + SCORE_BINS], total[at + SCORE_BINS:]
+        seen = np.flatnonzero((pos > 0) | (neg > 0))
+        sums["auc"] = roc_area([(int(b), float(pos[b]), float(neg[b])) for b in seen])
+    return sums

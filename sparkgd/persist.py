@@ -10,7 +10,11 @@
 
 ``path``: a local path, a ``file:`` URI, or any URI Hadoop has a file system for
 (``hdfs://``, ``s3a://``, ...; those need an active Spark session, whose Hadoop
-configuration holds the credentials). Saving writes everything to a fresh directory
+configuration holds the credentials). From a Spark Connect session the path is the
+cluster's, as Spark ML's writers take it: a model is saved by one task of a one-task
+job (the files written beside the target and renamed, there) and loaded with Spark's
+``binaryFile`` reader; Hadoop-FS URIs are read that way too, but written only from a
+classic session (Connect has no call that writes a file or renames one). Saving writes everything to a fresh directory
 beside the target and renames it into place; a model already at the target is
 replaced only with ``overwrite``, and only after the new one is complete. The rename is
 atomic on local disks and HDFS; object stores (S3A, GCS, ABFS without hierarchical
@@ -154,6 +158,19 @@ class _HadoopFS:
         self._fs.delete(self._path(p), True)
 
 
+def _connect_session():
+    """The active Spark Connect session, or None (a classic one, or none)."""
+    try:
+        from pyspark.sql import SparkSession
+        from pyspark.sql.utils import is_remote
+    except ImportError:   # pragma: no cover
+        return None
+    if not is_remote():
+        return None
+    session = SparkSession.getActiveSession()
+    return session if type(session).__module__.startswith("pyspark.sql.connect") else None
+
+
 def filesystem(path):
     """``(fs, root)`` for ``path`` (see the module docstring for what it may be)."""
     local = local_path(path)
@@ -201,8 +218,6 @@ def spark_metadata(model):
 def save_model(model, path, overwrite=False):
     from . import __version__
 
-    fs, target = filesystem(path)
-    check_target(path, overwrite)
     coef = model._coef if model._coef.shape[0] > 1 else model._coef[0]
     intercept = model._intercept if model._intercept.shape[0] > 1 else model._intercept[0]
     meta = {
@@ -222,6 +237,19 @@ def save_model(model, path, overwrite=False):
     files = {"coefficients.npy": _npy(coef), "intercept.npy": _npy(intercept),
              "metadata.json": (json.dumps(meta, indent=2, default=_json_default) + "\n").encode(),
              SPARK_METADATA: (spark_metadata(model) + "\n").encode()}
+    session = _connect_session()
+    if session is not None:
+        _on_the_cluster(session, path, files, overwrite)
+        return
+    fs, target = filesystem(path)
+    check_target(path, overwrite)
+    write_dir(fs, target, files)
+
+
+def write_dir(fs, target, files):
+    """``files`` (name -> bytes) as the directory ``target``: written beside it, then
+    renamed into place (a model already there is renamed aside first, and back if the
+    rename fails)."""
     tmp = fs.temp_dir_beside(target)
     try:
         for name, data in files.items():
@@ -238,6 +266,54 @@ def save_model(model, path, overwrite=False):
             fs.rename(tmp + ".old", target)      # the old model back in place
         fs.delete(tmp)
         raise
+
+
+def _on_the_cluster(session, path, files, overwrite):
+    """A Connect session's save: one task writes the directory on the cluster's file
+    system (its one-line error, if any, comes back as the job's output)."""
+    local = local_path(path)
+    if local is None:
+        raise SparkgdError(
+            f"model path '{path}': a Spark Connect session cannot write a Hadoop-FS path "
+            "(Connect has no call that writes or renames a file); save to a path of the "
+            "cluster's own file system (a shared mount), or from a classic session")
+    import pyarrow as pa
+
+    def write(_batches, _local=local, _files=files, _overwrite=overwrite):
+        try:
+            check_target(_local, _overwrite)
+            write_dir(_LocalFS(_local), _local, _files)
+            error = ""
+        except SparkgdError as e:
+            error = str(e)
+        yield pa.RecordBatch.from_pydict({"error": [error]})
+
+    row = session.range(1, numPartitions=1).mapInArrow(write, "error string").head()
+    if row["error"]:
+        raise SparkgdError(row["error"].replace(local, os.fspath(path)))
+
+
+def _read_on_the_cluster(session, path, names):
+    """A Connect session's load: the named files of the directory ``path``, with
+    Spark's ``binaryFile`` reader (any file system the cluster reads) -> name -> bytes;
+    a missing file is missing from the result."""
+    root = os.fspath(path).rstrip("/")
+    local = local_path(root)
+    if local is not None:
+        root = "file://" + local
+    out = {}
+    for name in names:
+        try:
+            rows = session.read.format("binaryFile").load(f"{root}/{name}") \
+                .select("content").collect()
+        except Exception as e:
+            text = first_line(e)
+            if "PATH_NOT_FOUND" in text or "does not exist" in text:
+                continue
+            raise SparkgdError(f"cannot read model '{path}': {text}") from None
+        if rows:
+            out[name] = bytes(rows[0]["content"])
+    return out
 
 
 def _npy(a):
@@ -268,16 +344,25 @@ def load_model(path, classes, expected=None):
     ``expected``: the class it must be (``LogisticRegressionModel.load``)."""
     from .summary import TrainingSummary
 
-    fs, root = filesystem(path)
-    meta_path = fs.join(root, "metadata.json")
-    if not fs.exists(meta_path):
+    names = ("metadata.json", "coefficients.npy", "intercept.npy")
+    session = _connect_session()
+    if session is not None:
+        read = _read_on_the_cluster(session, path, names)
+    else:
+        fs, root = filesystem(path)
+
+        def one(name):
+            p = fs.join(root, name)
+            return fs.read(p) if fs.exists(p) else None
+        read = {name: one(name) for name in names}
+    if read.get("metadata.json") is None:
         raise SparkgdError(f"'{path}' is not a saved sparkgd model (no metadata.json)")
     try:
-        meta = json.loads(fs.read(meta_path))
-        coef = np.load(io.BytesIO(fs.read(fs.join(root, "coefficients.npy"))),
-                       allow_pickle=False)
-        intercept = np.load(io.BytesIO(fs.read(fs.join(root, "intercept.npy"))),
-                            allow_pickle=False)
+        if read.get("coefficients.npy") is None or read.get("intercept.npy") is None:
+            raise OSError("coefficients.npy or intercept.npy is missing")
+        meta = json.loads(read["metadata.json"])
+        coef = np.load(io.BytesIO(read["coefficients.npy"]), allow_pickle=False)
+        intercept = np.load(io.BytesIO(read["intercept.npy"]), allow_pickle=False)
         cls = classes.get(meta.get("class"))
         if cls is None:
             raise ValueError(f"unknown model class {meta.get('class')!r}")

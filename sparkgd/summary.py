@@ -41,6 +41,9 @@ class TrainingSummary:
     #: DP-SGD: epsilon spent, delta, noiseMultiplier, maxGradNorm, samplingRate, steps,
     #: accountant (:mod:`sparkgd.modes.dp`); None without DP
     privacy: dict = None
+    #: what carried the passes: ``served`` (tasks holding the blocks in memory),
+    #: ``files`` (block files, serving tasks) or ``jobs`` (one Spark job per pass)
+    engine: str = ""
 
     def __getattr__(self, name):
         """Spark ML's training-summary metrics (``r2``, ``rootMeanSquaredError``,
@@ -63,7 +66,9 @@ class TrainingSummary:
 
         evaluation = self.__dict__.get("_evaluation")
         if evaluation is None and self.metrics:
-            evaluation = metrics.from_dict(self.metrics)
+            scored = self.__dict__.get("_scored")
+            evaluation = metrics.from_dict(self.metrics, None if scored is None else
+                                           (lambda: scored[0].transform(scored[1])))
         elif evaluation is None and self.__dict__.get("_pending") is not None:
             from .errors import SparkgdError
 

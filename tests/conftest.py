@@ -7,6 +7,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# tests/connect runs in a pytest process of its own (test.sh runs both): a Spark
+# Connect session switches pyspark into Connect mode for the whole process
+# (SPARK_CONNECT_MODE_ENABLED), which a classic session's tests must not see.
+collect_ignore = [] if os.environ.get("SPARKGD_CONNECT_TESTS") else ["connect"]
+
 
 @pytest.fixture(scope="session")
 def spark():

@@ -23,7 +23,7 @@ def scaled(spark):
 def test_the_engine_sums_clipped_gradients_as_numpy_does(spark, scaled):
     """One DP pass over all rows (q = 1) through the serving tasks equals
     privacy.clipped_sums on the whole matrix: per-example clipping, then the sum."""
-    from sparkgd import data, engine
+    from sparkgd import data, engine, work
 
     X, y, df = scaled
     X = X.copy()
@@ -33,7 +33,7 @@ def test_the_engine_sums_clipped_gradients_as_numpy_does(spark, scaled):
     loss = kernels.make_loss("logistic")
     layout = kernels.Layout(5, 1, True)
     theta = np.linspace(-0.5, 0.5, layout.size)
-    with engine.Engine.open(df, spec) as eng:
+    with engine.Engine.open(df, spec, parse_work=work.parse) as eng:
         got = eng.evaluate(theta, loss, layout, (1.0, 123, 1), work={"mode": "dp", "clip": 0.3})
     want = privacy.clipped_sums(X, y, None, theta, loss, layout, 0.3)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -186,6 +186,7 @@ def test_classifiers_start_at_spark_mls_intercepts():
     """Binomial: log-odds of the weighted label counts; multinomial: centred log(count+1);
     no change when the labels give no histogram or a class is missing (binomial)."""
     from sparkgd import kernels
+    from sparkgd.coordinator import label_start
 
     class Facts:
         def __init__(self, counts):
@@ -194,14 +195,13 @@ def test_classifiers_start_at_spark_mls_intercepts():
         def label_weights(self):
             return None if self.counts is None else np.asarray(self.counts, dtype=float)
 
-    lr = sparkgd.LogisticRegression()
     lay = kernels.Layout(2, 1, True)
-    x0 = lr._start(lay.zeros(), lay, Facts([30.0, 10.0]), "logistic")
+    x0 = label_start(lay.zeros(), lay, Facts([30.0, 10.0]), "logistic")
     np.testing.assert_allclose(x0, [0, 0, np.log(10 / 30)])
-    assert not lr._start(lay.zeros(), lay, Facts([30.0]), "logistic").any()
-    assert not lr._start(lay.zeros(), lay, Facts(None), "logistic").any()
+    assert not label_start(lay.zeros(), lay, Facts([30.0]), "logistic").any()
+    assert not label_start(lay.zeros(), lay, Facts(None), "logistic").any()
     lay3 = kernels.Layout(2, 3, True)
-    x0 = lr._start(lay3.zeros(), lay3, Facts([5.0, 0.0, 20.0]), "multinomial")
+    x0 = label_start(lay3.zeros(), lay3, Facts([5.0, 0.0, 20.0]), "multinomial")
     raw = np.log1p([5.0, 0.0, 20.0])
     np.testing.assert_allclose(x0[6:], raw - raw.mean())
     assert not x0[:6].any()

@@ -387,26 +387,29 @@ def test_mode_params_are_checked_up_front(params, message):
 def test_local_and_async_give_the_same_over_serving_tasks_and_over_one_job_per_pass(data):
     """The file store's serving tasks, and one Spark job per pass (where async has no
     tasks to run ahead: each clock is bulk-synchronous), on the same blocks."""
+    from sparkgd import coordinator, work
     from sparkgd.data import resolve_input
     from sparkgd.engine import Engine
-    from sparkgd.modes import sync
+    from sparkgd.modes import Keep, Problem, sync
 
     spec = resolve_input(data.schema, weight_col="weight")
     loss = kernels.make_loss("logistic")
     out, kinds = [], []
     for per_pass in ("auto", "jobs"):
-        with Engine.open(data, spec, store="files", per_pass=per_pass) as engine:
+        with Engine.open(data, spec, store="files", per_pass=per_pass,
+                         parse_work=work.parse) as engine:
             kinds.append(engine.kind)
             layout = kernels.Layout(engine.facts.num_features, 1, True)
             penalty = Penalty(layout, 0.01, 0.2)
             x0 = np.zeros(layout.size)
             weight = sum(i["wsum"] for i in engine.facts.infos)
-            work = local.Work("sgd", 0.3, 3, 1.0, 0, 0.01, 0.2)
-            a = local.fit(engine, loss, layout, penalty, work, x0, max_iter=8, tol=0)
-            b = ps.fit(engine, loss, layout, penalty, x0, weight=weight, step_size=0.3,
-                       staleness=0, max_iter=8, tol=0)
-            c = sync.fit(sync.DistributedObjective(engine, loss, layout, penalty), x0,
-                         optimizer="sgd", max_iter=8, tol=0, step_size=0.3)
+            problem = Problem(loss, layout, penalty, x0, weight=weight)
+            plan = coordinator.Plan(model="logistic", spec=spec, optimizer="sgd",
+                                    step_size=0.3, max_iter=8, tol=0, local_steps=3,
+                                    reg_param=0.01, elastic_net_param=0.2, staleness=0)
+            a = local.fit(engine, problem, plan, Keep())
+            b = ps.fit(engine, problem, plan, Keep())
+            c = sync.fit(engine, problem, plan, Keep())
             out.append((a, b, c))
     assert kinds == ["workers", "jobs"]
     for (a, b, c) in out:

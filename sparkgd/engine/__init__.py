@@ -40,6 +40,7 @@ from .hub import Cancelled, SlotsShrank, TaskLost, WorkersFailed, WorkersUnavail
 
 from .balance import balanced
 from .slots import dynamic_allocation, local_cores, spark_encrypts, task_cpus, task_slots
+from .task import gradient_work
 
 __all__ = ["Engine", "run", "Cancelled", "TaskLost", "WorkersFailed", "WorkersUnavailable", "STORES",
            "PER_PASS", "MAX_SERVED_ATTEMPTS"]
@@ -78,10 +79,12 @@ class Engine:
     @classmethod
     def open(cls, dataset, spec, *, source="the DataFrame", store="auto", dtype="float64",
              num_partitions=None, aggregation_depth=2, per_pass="auto", wait_seconds=None,
-             topology="tree"):
+             topology="tree", parse_work=gradient_work):
         """Build the blocks of ``dataset`` (read as ``spec``, from
         :func:`~sparkgd.data.resolve_input`) and check what executors found.
         ``topology``: how a pass's sums are combined (:mod:`.collective`).
+        ``parse_work``: what a pass computes for a ``work`` of :meth:`evaluate`
+        (:func:`sparkgd.work.parse`; by default the gradient sums only).
 
         Raises SparkgdError (after freeing what was built) when the input is bad or
         empty; TaskLost when a served build lost a task (start over)."""
@@ -127,7 +130,7 @@ class Engine:
                          sum(counts), len(counts), min(slots, max(1, sum(counts))), how)
                 served = ServedStore(tasks_frame, read_spec, dtype,
                                      num_partitions or len(counts), wait,
-                                     threads=task_cpus(sc))
+                                     threads=task_cpus(sc), parse_work=parse_work)
                 try:
                     return cls._materialize(served, spec, source, aggregator, "served")
                 except WorkersUnavailable as e:
@@ -139,7 +142,7 @@ class Engine:
                         raise
                     log.warning("%s; building block files instead", e)
                 break
-        files = FileStore(frame, read_spec, dtype)
+        files = FileStore(frame, read_spec, dtype, parse_work)
         files.wait_seconds = wait
         engine = cls._materialize(files, spec, source, aggregator,
                                   "jobs" if per_pass == "jobs" else "workers")
@@ -171,6 +174,15 @@ class Engine:
     def num_tasks(self):
         """Tasks that compute a pass."""
         return self._store.num_tasks
+
+    #: What carried the passes, by :attr:`kind` (``summary.engine``).
+    DESCRIPTIONS = {"served": "served", "workers": "files", "jobs": "jobs"}
+
+    @property
+    def description(self):
+        """``summary.engine``: ``served`` (tasks that hold the blocks in memory),
+        ``files`` (block files, serving tasks) or ``jobs`` (one Spark job per pass)."""
+        return self.DESCRIPTIONS.get(self.kind, self.kind)
 
     @property
     def bytes_communicated(self):
@@ -213,7 +225,7 @@ class Engine:
             log.warning("one Spark job per pass has no ring: its passes use "
                         "treeAggregate (topology tree)")
             self.topology = self.aggregator.topology = "tree"
-        return jobs.pass_sums(self._store, theta, loss, layout, sample, self.aggregator, work)
+        return self._store.pass_sums(theta, loss, layout, sample, self.aggregator, work)
 
     def run_async(self, loss, layout, codec, server, staleness, max_clock, work=None):
         """mode=async: pushes applied by ``server`` as they arrive, with staleness at
@@ -244,8 +256,8 @@ class Engine:
         while done < max_clock:
             clock = done + 1
             theta = np.array(server.theta())
-            total = jobs.pass_sums(self._store, theta, loss, layout,
-                                   server.sample(None, clock), self.aggregator)
+            total = self._store.pass_sums(theta, loss, layout, server.sample(None, clock),
+                                          self.aggregator)
             server.push(None, clock, total, theta, None)
             done = clock
             if server.clock_done(clock):
@@ -300,7 +312,7 @@ class Engine:
 
 
 def run(dataset, spec, train, *, source="the DataFrame", dtype="float64",
-        aggregation_depth=2, topology="tree"):
+        aggregation_depth=2, topology="tree", parse_work=gradient_work):
     """``train(engine)`` on an engine over ``dataset``; its result once the engine
     vouches for every pass.
 
@@ -316,8 +328,8 @@ def run(dataset, spec, train, *, source="the DataFrame", dtype="float64",
     for attempt in range(1, MAX_SERVED_ATTEMPTS + 2):
         try:
             with Engine.open(dataset, spec, source=source, store=store, dtype=dtype,
-                             aggregation_depth=aggregation_depth,
-                             topology=topology) as engine:
+                             aggregation_depth=aggregation_depth, topology=topology,
+                             parse_work=parse_work) as engine:
                 result = train(engine)
             if not engine.certified:
                 raise TaskLost("the serving job did not end cleanly")

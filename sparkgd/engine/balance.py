@@ -108,6 +108,12 @@ class _Plan:
         from pyspark.sql import functions as F
 
         ids = frame.select(F.spark_partition_id().alias("p"))
+        if not hasattr(ids, "_jdf"):
+            # a Spark Connect frame: no JVM objects to plan with. The count query says
+            # how many rows each partition holds (not how many empty ones trail the
+            # last), and nothing says how coalesce would group them: it is judged on
+            # the counts alone (coalesce_is_balanced), as under adaptive execution
+            return cls(ids, None, True)
         rdd = ids._jdf.rdd()
         try:
             adaptive = ids._jdf.queryExecution().executedPlan().getClass().getSimpleName() \
@@ -124,6 +130,11 @@ def _counted(plan):
     from pyspark.sql import DataFrame
 
     ids = plan.ids
+    if plan.rdd is None:
+        counts = {}
+        for p, n in ids.groupBy("p").count().collect():
+            counts[int(p)] = int(n)
+        return [counts.get(p, 0) for p in range(max(counts, default=-1) + 1)]
     if plan.adaptive:
         spark = ids.sparkSession
         ids = DataFrame(spark._jsparkSession.createDataFrame(plan.rdd.toJavaRDD(),
@@ -145,6 +156,8 @@ def coalesce_groups(frame, tasks):
 
 
 def _groups(plan, tasks):
+    if plan.rdd is None:
+        return None
     try:   # what CoalesceExec does with the same partitions: child.coalesce(tasks)
         rdd = plan.rdd.toJavaRDD().coalesce(int(tasks), False).rdd()
         return [[int(i) for i in part.parentsIndices()] for part in rdd.partitions()]

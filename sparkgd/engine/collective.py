@@ -46,7 +46,7 @@ import numpy as np
 
 from .. import codecs
 
-TOPOLOGIES = ("tree", "star", "ring")
+from ..comm import TOPOLOGIES  # noqa: E402  (one list: how serving tasks combine a pass)
 
 _HEAD = 16                       # loss_sum, weight_sum: float64, never encoded
 THETA_FULL, THETA_DELTA = 0, 1   # the first byte of a theta message

@@ -252,8 +252,9 @@ class FileStore:
 
     kind = "files"
 
-    def __init__(self, frame, spec, dtype="float64"):
+    def __init__(self, frame, spec, dtype="float64", parse_work=task.gradient_work):
         fit_id = uuid.uuid4().hex[:16]
+        self.parse_work = parse_work
         fails = jobs.fail_first(frame.sparkSession.sparkContext.getConf())
 
         def build(it, _s=spec, _t=dtype):
@@ -338,6 +339,10 @@ class FileStore:
             rdd, lambda s: s.evaluate(theta, sample), loss, layout, codec, topology, depth,
             theta_codec, work), serving=True)
 
+    def pass_sums(self, theta, loss, layout, sample, aggregator, work=None):
+        """One pass as one Spark job (:func:`~.jobs.pass_sums`)."""
+        return jobs.pass_sums(self, theta, loss, layout, sample, aggregator, work)
+
     def run_async(self, loss, layout, codec, server, staleness, max_clock, work=None):
         """mode=async over the serving tasks (:meth:`~sparkgd.engine.hub.Hub.run_async`)."""
         return self.run(lambda rdd: self._serve(
@@ -363,7 +368,8 @@ class FileStore:
         if session is None or session.rdd is not rdd:
             self.close_session()
             session = self._session = WorkerSession(rdd, self.threads_per_task,
-                                                    self.wait_seconds, self.task_keys)
+                                                    self.wait_seconds, self.task_keys,
+                                                    self.parse_work)
         try:
             session.configure(loss, layout, codec, topology, depth,
                               theta_codec or codecs.NONE, work)
@@ -407,7 +413,8 @@ class IncompleteInput(RuntimeError):
     """The driver refused a serving task: it did not get the blocks it should have."""
 
 
-def serve_partition(index, items, address, secret, threads, timeout=60.0):
+def serve_partition(index, items, address, secret, threads, timeout=60.0,
+                    parse_work=task.gradient_work):
     """The body of one serving task: open the blocks once, then answer the driver
     until it says stop (or goes away). Captures plain values only.
 
@@ -430,7 +437,7 @@ def serve_partition(index, items, address, secret, threads, timeout=60.0):
             f"sparkgd: serving task {index} (attempt {attempt}) got {len(keys)} "
             f"block(s), not the ones it must hold: its input ended early")
     try:
-        task.serve(chan, blocks, index, threads, secret)
+        task.serve(chan, blocks, index, threads, secret, parse_work)
     finally:
         chan.close()
     yield index
@@ -443,18 +450,19 @@ class WorkerSession(jobs.ServingJob):
     ``close()`` stops the tasks and waits for the job; always call it.
     """
 
-    def __init__(self, rdd, threads=1, wait_seconds=30.0, expected=None):
+    def __init__(self, rdd, threads=1, wait_seconds=30.0, expected=None,
+                 parse_work=task.gradient_work):
         super().__init__(rdd.context, "workers", rdd.getNumPartitions(), 0, wait_seconds,
-                         expected)
+                         expected, parse_work=parse_work)
         self.rdd = rdd
         self.num_tasks = rdd.getNumPartitions()
         hub = self.hub
         address, secret, timeout = self.address, hub.secret, self.connect_seconds
         fails = self.fail_first
 
-        def body(i, it):
+        def body(i, it, _work=parse_work):
             jobs.failing_first(fails)
-            return serve_partition(i, it, address, secret, threads, timeout)
+            return serve_partition(i, it, address, secret, threads, timeout, _work)
 
         self._start(lambda: rdd.mapPartitionsWithIndex(body).collect(),
                     "sparkgd: serve passes")

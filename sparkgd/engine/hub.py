@@ -197,7 +197,7 @@ class Hub:
 
     def __init__(self, num_tasks, size, bind, ended, running, wait_seconds=30.0,
                  expected=None, strict=False, failed=None, deadline=DEADLINE_SECONDS,
-                 hello_seconds=HELLO_SECONDS, ports=(0,), slots=None):
+                 hello_seconds=HELLO_SECONDS, ports=(0,), slots=None, secret=None):
         self.num_tasks, self.size = int(num_tasks), int(size)
         self._slots = slots           # -> the task slots the cluster has now (or None)
         self.codec = self.theta_codec = codecs.NONE
@@ -207,7 +207,7 @@ class Hub:
         self.deadline = float(deadline)
         self.hello_seconds = float(hello_seconds)
         self._ended, self._running, self._failed = ended, running, failed
-        self.secret = os.urandom(32)
+        self.secret = os.urandom(32) if secret is None else bytes(secret)
         self.facts = {}               # task index -> the facts bytes of its hello
         self.floats = {}              # task index -> the float64 array of its hello
         self.refused = 0              # tasks refused for reporting other blocks

@@ -19,12 +19,13 @@ import uuid
 
 import numpy as np
 
-from .. import codecs, kernels, privacy
+from .. import codecs
 from ..errors import SparkgdError
 from ..stats import block_moments, merge_moments
 from .hub import (DEADLINE_SECONDS, HELLO_SECONDS, PORTS_CONF, Cancelled, Hub, WorkersFailed,
                   WorkersUnavailable, driver_address, parse_ports)
 from .slots import task_slots
+from .task import gradient_work
 from .wire import UNREACHABLE_MARKER
 
 
@@ -103,7 +104,49 @@ def conf_seconds(conf, key, default):
     return value
 
 
-class ServingJob:
+class HubSession:
+    """A hub's serving tasks, seen from the coordinator: what they compute
+    (:meth:`configure`), one pass (:meth:`evaluate`), a mode=async run. The job that
+    runs the tasks is someone else's: a :class:`ServingJob` in the driver, or the fit's
+    own job when the coordinator runs inside it (:mod:`sparkgd.connect`)."""
+
+    def __init__(self, hub, parse_work=gradient_work, slow=None):
+        self.hub = hub
+        self.parse_work = parse_work
+        self.slow = slow
+        self.config = None
+
+    def configure(self, loss, layout, codec=codecs.NONE, topology="star", depth=2,
+                  theta_codec=codecs.NONE, work=None):
+        """Tell the tasks what to compute and how to encode it (again only when it
+        changed: a new configuration also clears the tasks' error-feedback residuals),
+        and how to combine a pass (:mod:`.collective`). ``work``: what a pass computes
+        when it is not the gradient (:mod:`sparkgd.work`)."""
+        self.hub.set_topology(topology, depth)
+        config = {"loss": loss.name, "params": loss.params(),
+                  "layout": [layout.d, layout.k, layout.fit_intercept],
+                  "compression": str(codec), "theta_compression": str(theta_codec),
+                  "work": work, "slow": self.slow}
+        if config == self.config:
+            return
+        self.hub.expect(self.parse_work(work, layout).size(layout), codec, theta_codec)
+        self.hub.configure(config)
+        self.config = config
+
+    def evaluate(self, theta, sample=None):
+        """Every task's sums for ``theta``, in task order."""
+        return self.hub.evaluate(theta, sample)
+
+    def run_async(self, server, staleness, max_clock):
+        """mode=async over the serving tasks (:meth:`~sparkgd.engine.hub.Hub.run_async`)."""
+        return self.hub.run_async(server, staleness, max_clock)
+
+    @property
+    def rejected(self):
+        return self.hub.rejected
+
+
+class ServingJob(HubSession):
     """A Spark job that runs in a driver thread for the length of a fit while
     :class:`~sparkgd.engine.hub.Hub` talks to its tasks.
 
@@ -113,14 +156,13 @@ class ServingJob:
     """
 
     def __init__(self, sc, kind, num_tasks, size, wait_seconds=30.0, expected=None,
-                 strict=False):
+                 strict=False, parse_work=gradient_work):
         self._sc = sc
         self._tag = f"sparkgd-{kind}-{uuid.uuid4().hex[:12]}"
         self._error = None
         self._cancelling = False
         self._done = threading.Event()
         self._thread = None
-        self.config = None
         conf = sc.getConf()
         bind, host = driver_address(sc)
         self.connect_seconds = conf_seconds(conf, HELLO_CONF, HELLO_SECONDS)
@@ -128,14 +170,14 @@ class ServingJob:
             ports = parse_ports(conf.get(PORTS_CONF, ""))
         except ValueError as e:
             raise SparkgdError(str(e)) from None
-        self.hub = Hub(num_tasks, size, bind, self._raise_if_ended, self._running_tasks,
-                       wait_seconds, expected, strict=strict,
-                       failed=self._failed_tasks if strict else None,
-                       deadline=conf_seconds(conf, DEADLINE_CONF, DEADLINE_SECONDS),
-                       hello_seconds=self.connect_seconds, ports=ports,
-                       slots=lambda: task_slots(sc))
+        hub = Hub(num_tasks, size, bind, self._raise_if_ended, self._running_tasks,
+                  wait_seconds, expected, strict=strict,
+                  failed=self._failed_tasks if strict else None,
+                  deadline=conf_seconds(conf, DEADLINE_CONF, DEADLINE_SECONDS),
+                  hello_seconds=self.connect_seconds, ports=ports,
+                  slots=lambda: task_slots(sc))
+        super().__init__(hub, parse_work, slow_task(conf))
         self.address = (host, self.hub.port)
-        self.slow = slow_task(conf)
         self.fail_first = fail_first(conf)
 
     def _start(self, action, description):
@@ -199,35 +241,6 @@ class ServingJob:
                 "cancel" in str(self._error).lower() and not self._cancelling:
             raise Cancelled(f"the fit was cancelled: {str(self._error).strip().splitlines()[0]}")
 
-    def configure(self, loss, layout, codec=codecs.NONE, topology="star", depth=2,
-                  theta_codec=codecs.NONE, work=None):
-        """Tell the tasks what to compute and how to encode it (again only when it
-        changed: a new configuration also clears the tasks' error-feedback residuals),
-        and how to combine a pass (:mod:`.collective`). ``work``: what a pass computes
-        when it is not the gradient (mode=local: :meth:`sparkgd.modes.local.Work.to_config`)."""
-        self.hub.set_topology(topology, depth)
-        config = {"loss": loss.name, "params": loss.params(),
-                  "layout": [layout.d, layout.k, layout.fit_intercept],
-                  "compression": str(codec), "theta_compression": str(theta_codec),
-                  "work": work, "slow": self.slow}
-        if config == self.config:
-            return
-        self.hub.expect(2 + layout.size, codec, theta_codec)
-        self.hub.configure(config)
-        self.config = config
-
-    def evaluate(self, theta, sample=None):
-        """Every task's sums for ``theta``, in task order."""
-        return self.hub.evaluate(theta, sample)
-
-    def run_async(self, server, staleness, max_clock):
-        """mode=async over the serving tasks (:meth:`~sparkgd.engine.hub.Hub.run_async`)."""
-        return self.hub.run_async(server, staleness, max_clock)
-
-    @property
-    def rejected(self):
-        return self.hub.rejected
-
     def cancel(self):
         self._cancelling = True
         self._sc.cancelJobsWithTag(self._tag)
@@ -244,24 +257,14 @@ class ServingJob:
             self._thread.join(timeout=30)
 
 
-def _kernel_task(index, blocks, bc, loss, layout, sample, threads, work=None, fails=False,
-                 clip=None):
-    """Executor side: one partition's ``[loss_sum, weight_sum, grad...]`` (``work``, a
-    :class:`~sparkgd.modes.local.Work`: its local round ``sample[2]`` instead).
+def _kernel_task(index, blocks, bc, loss, layout, sample, threads, worker, fails=False):
+    """Executor side: one partition's vector for the pass (``worker``: what the pass's
+    work computes, :func:`sparkgd.work.parse`).
 
     Captures only the broadcast and small plain values (never an estimator).
     """
     failing_first(fails)
-    if work is not None:
-        from ..modes import local
-
-        yield local.round_sums(list(blocks), bc.value, loss, layout, work, sample[2], index,
-                               threads)
-        return
-    if sample is not None:
-        sample = sample + (index,)
-    yield kernels.partition_sums(blocks, bc.value, loss, layout, sample=sample,
-                                 threads=threads, piece_sums=privacy.clipping(clip))
+    yield worker.compute(blocks, bc.value, loss, layout, sample, index, threads)
 
 
 @contextlib.contextmanager
@@ -275,27 +278,29 @@ def described(sc, text):
         sc.setLocalProperty("spark.job.description", old)
 
 
+def described_in(session, text):
+    """:func:`described` for the jobs of ``session`` (a Spark Connect session has no
+    job descriptions to set: nothing)."""
+    if type(session).__module__.startswith("pyspark.sql.connect"):
+        return contextlib.nullcontext()
+    return described(session.sparkContext, text)
+
+
 _PASSES = itertools.count(1)
 
 
 def pass_sums(store, theta, loss, layout, sample, aggregator, work=None):
     """One pass as one Spark job over ``store``'s blocks -> the summed vector."""
+    worker = store.parse_work(work, layout)
     bc = store.context.broadcast(theta)
     threads = store.threads_per_task
     fails = fail_first(store.context.getConf())
-    clip = None
-    if work is not None and work.get("mode") == "dp":   # DP-SGD: clipped, not a round
-        clip, work = float(work["clip"]), None
-    if work is not None:
-        from ..modes import local
-
-        work = local.Work.from_config(work, layout.d)
 
     def job(rdd):
         partials = rdd.mapPartitionsWithIndex(
-            lambda i, it: _kernel_task(i, it, bc, loss, layout, sample, threads, work, fails,
-                                       clip))
-        return aggregator.sum(partials, 2 + layout.size)
+            lambda i, it: _kernel_task(i, it, bc, loss, layout, sample, threads, worker,
+                                       fails))
+        return aggregator.sum(partials, worker.size(layout))
 
     try:
         with described(store.context, f"sparkgd pass {next(_PASSES)}"):

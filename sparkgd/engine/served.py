@@ -36,7 +36,8 @@ from .slots import coalesced_input_partitions
 log = logging.getLogger("sparkgd")
 
 
-def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1, timeout=60.0):
+def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1, timeout=60.0,
+                          parse_work=task.gradient_work):
     """mapInArrow body of a task that builds its blocks and then serves them.
 
     X of each Arrow batch is kept in this worker's memory for the whole fit: dense X
@@ -55,6 +56,16 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1, time
     ctx = TaskContext.get()
     index = ctx.partitionId() if ctx is not None else 0
     attempt = ctx.attemptNumber() if ctx is not None else 0
+    blocks, facts, moments = build_blocks(batches, spec, dtype, index)
+    serve_blocks(address, secret, index, attempt, blocks, facts, moments, threads, timeout,
+                 parse_work)
+    yield pa.RecordBatch.from_pydict({"rows": [facts.get("n", 0)]})
+
+
+def build_blocks(batches, spec, dtype, index=0):
+    """A task's Arrow batches -> ``(blocks, facts, moments)``: the (X, y, w) blocks it
+    keeps, their merged facts (a dict; ``{"error": ...}`` for bad input) and the
+    feature moments (or None). See :func:`serve_arrow_partition`."""
     blocks, info = [], None
     moments = None
     try:
@@ -76,6 +87,13 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1, time
         facts = {} if info is None else dict(info, part=index, seq=0, pid=os.getpid())
     except BadInput as e:
         blocks, facts, moments = [], {"error": str(e)}, None
+    return blocks, facts, moments
+
+
+def serve_blocks(address, secret, index, attempt, blocks, facts, moments, threads=1,
+                 timeout=60.0, parse_work=task.gradient_work):
+    """Meet the hub at ``address`` (the facts and moments in the hello), then answer
+    its passes until it says stop."""
     chan = wire.connect(address, secret, index, attempt, facts=json.dumps(facts).encode(),
                         floats=moments, timeout=timeout)
     if chan is None:
@@ -83,10 +101,20 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1, time
     try:
         # with bad input too: stay until the driver has everyone's facts and says stop
         # (leaving early would look like a lost task)
-        task.serve(chan, blocks, index, threads, secret)
+        task.serve(chan, blocks, index, threads, secret, parse_work)
     finally:
         chan.close()
-    yield pa.RecordBatch.from_pydict({"rows": [facts.get("n", 0)]})
+
+
+def hub_facts(hub):
+    """Per task, the facts of its hello (with its moments), or {} for none yet."""
+    out = []
+    for i in range(hub.num_tasks):
+        facts = json.loads(hub.facts.get(i) or b"{}")
+        if facts and "error" not in facts:
+            facts["moments"] = hub.floats[i]
+        out.append(facts)
+    return out
 
 
 class ServedJob(jobs.ServingJob):
@@ -107,18 +135,21 @@ class ServedJob(jobs.ServingJob):
     and none was lost on the way. Otherwise the caller starts over.
     """
 
-    def __init__(self, frame, spec, dtype="float64", wait_seconds=30.0, threads=1):
+    def __init__(self, frame, spec, dtype="float64", wait_seconds=30.0, threads=1,
+                 parse_work=task.gradient_work):
         sc = frame.sparkSession.sparkContext
-        super().__init__(sc, "served", 0, 0, wait_seconds, strict=True)
+        super().__init__(sc, "served", 0, 0, wait_seconds, strict=True,
+                         parse_work=parse_work)
         self.certified = False
         self.lost = False
         hub = self.hub
         address, secret, timeout = self.address, hub.secret, self.connect_seconds
         fails = self.fail_first
 
-        def body(it, _spec=spec, _dtype=dtype, _threads=threads):
+        def body(it, _spec=spec, _dtype=dtype, _threads=threads, _work=parse_work):
             jobs.failing_first(fails)
-            return serve_arrow_partition(it, _spec, _dtype, address, secret, _threads, timeout)
+            return serve_arrow_partition(it, _spec, _dtype, address, secret, _threads, timeout,
+                                         _work)
 
         try:
             # One RDD, counted and run: with adaptive execution, planning the query
@@ -132,12 +163,7 @@ class ServedJob(jobs.ServingJob):
             self.lost = True
             self.close()
             raise
-        self.facts = []
-        for i in range(self.num_tasks):
-            facts = json.loads(hub.facts[i] or b"{}")
-            if facts and "error" not in facts:
-                facts["moments"] = hub.floats[i]
-            self.facts.append(facts)
+        self.facts = hub_facts(hub)
 
     def configure(self, loss, layout, codec, topology="star", depth=2, theta_codec=None,
                   work=None):
@@ -190,8 +216,10 @@ class ServedStore:
 
     kind = "served"
 
-    def __init__(self, frame, spec, dtype, num_partitions, wait_seconds=None, threads=1):
+    def __init__(self, frame, spec, dtype, num_partitions, wait_seconds=None, threads=1,
+                 parse_work=task.gradient_work):
         self._frame, self._spec, self._dtype = frame, spec, dtype
+        self.parse_work = parse_work
         self.num_partitions = num_partitions
         self.wait_seconds = SERVED_WAIT_SECONDS if wait_seconds is None else wait_seconds
         self.threads_per_task = max(1, int(threads))   # spark.task.cpus
@@ -205,7 +233,7 @@ class ServedStore:
     def materialize(self):
         try:
             self.job = ServedJob(self._frame, self._spec, self._dtype, self.wait_seconds,
-                                 self.threads_per_task)
+                                 self.threads_per_task, self.parse_work)
         except WorkersFailed as e:
             # e.g. a Python worker out of memory: the file store may well manage (and
             # reports the input's own errors as well as this store would)
@@ -254,3 +282,55 @@ class ServedStore:
     def release(self):
         if self.job is not None:
             self.job.close()
+
+
+class InTaskJob(jobs.HubSession):
+    """The serving tasks of a fit whose coordinator runs inside the fit's own job
+    (:mod:`sparkgd.connect`): the hub is in this process, and the job is the one this
+    task belongs to -- Spark's barrier mode runs every task at once, and a lost one
+    ends them all (the client then runs the job again). So a lost task is
+    :class:`TaskLost` at once, and the passes stand when the hub closes without one."""
+
+    def __init__(self, hub, parse_work=task.gradient_work, slow=None):
+        super().__init__(hub, parse_work, slow)
+        self.num_tasks = hub.num_tasks
+        self.lost = False
+        self._guarded(hub.wait_for_tasks)
+        self.facts = hub_facts(hub)
+
+    def configure(self, *args, **kwargs):
+        return self._guarded(super().configure, *args, **kwargs)
+
+    def evaluate(self, theta, sample=None):
+        return self._guarded(self.hub.evaluate, theta, sample)
+
+    def run_async(self, server, staleness, max_clock):
+        return self._guarded(self.hub.run_async, server, staleness, max_clock)
+
+    def _guarded(self, run, *args, **kwargs):
+        try:
+            return run(*args, **kwargs)
+        except (TaskLost, WorkersUnavailable, WorkersFailed) as e:
+            self.lost = True
+            raise TaskLost(f"a serving task was lost: {str(e).splitlines()[0]}") from None
+
+    @property
+    def certified(self):
+        return not self.lost
+
+    def close(self):
+        self.hub.close()
+
+
+class InTaskStore(ServedStore):
+    """:class:`ServedStore` over an :class:`InTaskJob` (the hub of this process)."""
+
+    def __init__(self, hub, num_partitions, threads=1, parse_work=task.gradient_work,
+                 slow=None):
+        super().__init__(None, None, None, num_partitions, threads=threads,
+                         parse_work=parse_work)
+        self._hub, self._slow = hub, slow
+
+    def materialize(self):
+        self.job = InTaskJob(self._hub, self.parse_work, self._slow)
+        return [f for f in self.job.facts if f]

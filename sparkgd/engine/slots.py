@@ -104,3 +104,45 @@ def spark_encrypts(sc):
     own, which is authenticated but not encrypted)."""
     conf = sc.getConf()
     return any(conf.get(k, "false").strip().lower() == "true" for k in ENCRYPTION_CONFS)
+
+
+#: Spark conf: how many serving tasks a fit from a Spark Connect session runs (its
+#: client cannot ask the cluster how many task slots it has).
+TASKS_CONF = "spark.sparkgd.tasks"
+
+
+def conf_flag(get, key):
+    return str(get(key) or "false").strip().lower() == "true"
+
+
+def session_slots(get):
+    """Task slots, estimated from what a Spark Connect client can read of the conf
+    (``get(key) -> str or None``): :data:`TASKS_CONF` if set; a ``local[N]`` master's N;
+    executors x cores (static allocation), or ``spark.cores.max``, over
+    ``spark.task.cpus``; else ``spark.default.parallelism``. None when none says."""
+    explicit = get(TASKS_CONF)
+    if explicit:
+        try:
+            value = int(str(explicit).strip())
+        except ValueError:
+            value = 0
+        if value < 1:
+            from ..errors import SparkgdError
+
+            raise SparkgdError(f"{TASKS_CONF} must be a number of tasks >= 1, got {explicit!r}")
+        return value
+    master = get("spark.master") or ""
+    cores = local_cores(master)
+    cpus = max(1, int(get("spark.task.cpus") or 1))
+    if cores is not None:
+        return max(1, cores // cpus)
+    instances, per = get("spark.executor.instances"), get("spark.executor.cores")
+    if instances and per:
+        return max(1, int(instances) * int(per) // cpus)
+    most = get("spark.cores.max")
+    if most:
+        return max(1, int(most) // cpus)
+    parallelism = get("spark.default.parallelism")
+    if parallelism:
+        return max(1, int(parallelism) // cpus)
+    return None

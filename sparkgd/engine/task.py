@@ -20,8 +20,7 @@ import time
 
 import numpy as np
 
-from .. import codecs, kernels, privacy
-from ..modes import local
+from .. import codecs, kernels
 from . import collective as co
 from . import peers, wire
 
@@ -59,11 +58,34 @@ class _Heartbeat:
         self.busy.set()
 
 
+def gradient_work(work, layout):
+    """The work a task computes when the engine's user gives none of its own: the
+    gradient sums, nothing else (the fit's coordinator passes
+    :func:`sparkgd.work.parse`)."""
+    if work is not None:
+        raise ValueError(f"work {work!r}, and no parser for it")
+    return _Gradient()
+
+
+class _Gradient:
+    def size(self, layout):
+        return 2 + layout.size
+
+    def compute(self, blocks, theta, loss, layout, sample, index, threads=1):
+        fraction, seed, iteration = (1.0, 0, 0) if sample is None else sample
+        rows = None if fraction >= 1.0 else (fraction, seed, iteration, index)
+        return kernels.partition_sums(blocks, theta, loss, layout, sample=rows,
+                                      threads=threads)
+
+
 class _State:
     """What a task keeps between passes."""
 
-    def __init__(self, index):
+    def __init__(self, index, parse_work=gradient_work):
         self.index = index
+        self.parse_work = parse_work
+        self.worker = None        # what a pass computes (parse_work of the config's work)
+        self.sums = 0             # floats in a pass's vector of sums, past the two leading
         self.loss = self.layout = None
         self.codec = self.theta_codec = codecs.NONE
         self.max_frame = wire.MAX_JSON       # until the configuration says how wide
@@ -72,10 +94,7 @@ class _State:
         self.snapshot = None      # (pass, the residual before it): a pass the hub redid
         #                           never counted, so what it took from the residual
         #                           goes back (OP_PEERS says which passes counted)
-        self.work = None          # mode=local: a pass is a round of local steps
         self.slow = 1.0           # a test's knob: this task takes this many times longer
-        self.base_fraction = None  # mode=async: the user's miniBatchFraction
-        self.clip = None          # DP-SGD: each row's gradient clipped to this norm
         self.seconds = 0.0        # how long the last pass's computation took
 
     def configure(self, config):
@@ -83,19 +102,11 @@ class _State:
         self.layout = kernels.Layout(*config["layout"])
         self.codec = codecs.parse(config.get("compression", "none"))
         self.theta_codec = codecs.parse(config.get("theta_compression", "none"))
-        work = config.get("work")
-        self.base_fraction = self.clip = None
-        if work is not None and work.get("mode") == "dp":
-            self.clip = float(work["clip"])
-            if not 0 < self.clip < float("inf"):
-                raise wire.ProtocolError(f"a clip bound of {self.clip}")
-            work = None
-        if work is not None and work.get("mode") == "async":
-            self.base_fraction = float(work["fraction"])
-            if not 0 < self.base_fraction <= 1:
-                raise wire.ProtocolError(f"a mini-batch fraction of {self.base_fraction}")
-            work = None
-        self.work = None if work is None else local.Work.from_config(work, self.layout.d)
+        try:
+            self.worker = self.parse_work(config.get("work"), self.layout)
+        except (ValueError, KeyError, TypeError) as e:
+            raise wire.ProtocolError(f"a configuration with {e}") from None
+        self.sums = self.worker.size(self.layout) - 2
         slow = config.get("slow")
         self.slow = float(slow[1]) if slow and int(slow[0]) == self.index else 1.0
         self.held = None
@@ -120,7 +131,7 @@ class _State:
 
     def pack(self, head, grad, seed, lo=None, hi=None):
         """Encode sums (a chunk ``[lo, hi)`` of the gradient's residual when given)."""
-        res = self.residual_for(self.layout.size)
+        res = self.residual_for(self.sums)
         if res is None:
             return co.pack_sums(head, grad, self.codec, None, seed)[0]
         part = res if lo is None else res[lo:hi]
@@ -129,30 +140,21 @@ class _State:
         return data
 
 
-def serve(chan, blocks, index, threads, secret):
-    """Answer the driver until it says stop (or goes away)."""
+def serve(chan, blocks, index, threads, secret, parse_work=gradient_work):
+    """Answer the driver until it says stop (or goes away). ``parse_work``: what a
+    pass computes for the work of a configuration (:func:`sparkgd.work.parse`)."""
     host = chan.sock.getsockname()[0]
     listener = peers.open_listener(host)
     links = peers.Links(secret, index, listener, chan.heartbeat, hub_sock=chan.sock)
     chan.send(wire.OP_ADDRESS, json.dumps({"address": links.address}).encode())
-    state = _State(index)
+    state = _State(index, parse_work)
     beat = _Heartbeat(chan, links)
 
     def compute(theta, frame):
         started = time.perf_counter()
-        if state.work is not None:        # mode=local: round ``iteration``
-            sums = local.round_sums(blocks, theta, state.loss, state.layout, state.work,
-                                    frame.iteration, index, threads)
-        else:
-            # mode=async asks a slow task for a lighter push: ``fraction`` is then the
-            # user's mini-batch fraction times the share of row chunks to compute
-            q = frame.fraction if state.base_fraction is None else state.base_fraction
-            keep = 1.0 if state.base_fraction is None else frame.fraction / q
-            sample = None if q >= 1.0 else (q, frame.seed, frame.iteration, index)
-            chunks = None if keep >= 1.0 else (keep, frame.seed, frame.iteration, index)
-            sums = kernels.partition_sums(blocks, theta, state.loss, state.layout,
-                                          sample=sample, threads=threads, chunks=chunks,
-                                          piece_sums=privacy.clipping(state.clip))
+        sums = state.worker.compute(blocks, theta, state.loss, state.layout,
+                                    (frame.fraction, frame.seed, frame.iteration), index,
+                                    threads)
         took = time.perf_counter() - started
         if state.slow > 1.0:
             time.sleep((state.slow - 1.0) * took)
@@ -219,7 +221,7 @@ def _loop(chan, links, state, run_pass, links_up):
             state.configure(json.loads(bytes(frame.payload)))
             n = state.layout.size
             links.max_payload = max(co.theta_bytes(codecs.NONE, n, False),
-                                    co.sums_bytes(codecs.NONE, n))
+                                    co.sums_bytes(codecs.NONE, max(n, state.sums)))
             state.max_frame = max(wire.MAX_JSON, co.theta_bytes(codecs.NONE, n, False))
             continue
         if frame.op == wire.OP_PEERS:
@@ -267,6 +269,7 @@ def _tree(state, chan, links, frame, compute):
     each child's in ascending order) up, with the bytes the subtree sent to other tasks
     (``iteration``). Only task 0 talks to the hub."""
     i, n, codec, p = state.index, state.layout.size, state.codec, frame.pass_no
+    m = state.sums
     links.ensure()
     parent, children = links.roles()
     msg = frame.payload
@@ -283,7 +286,7 @@ def _tree(state, chan, links, frame, compute):
         reply = links.recv(links.down[j], wire.OP_REPLY, p)
         below += reply.iteration
         try:
-            total += co.unpack_sums(reply.payload, codec, n)
+            total += co.unpack_sums(reply.payload, codec, m)
         except codecs.CodecError as e:
             raise peers.PeerError(f"task {i}: from task {j}: {e}") from None
     data = total if not codec.lossy else state.pack(total[:2], total[2:], _seed(frame, i))
@@ -322,6 +325,7 @@ def _ring(state, chan, links, frame, compute):
     state.held = theta
     sums = compute(theta, frame)
     head, grad = sums[:2], sums[2:]
+    b = co.chunk_bounds(state.sums, size)      # the sums' chunks (theta's: above)
 
     def own(c):
         return (head.copy() if c == 0 else None), grad[b[c]:b[c + 1]].copy()

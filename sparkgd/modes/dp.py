@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import codecs, privacy
 from ..errors import SparkgdError
+from . import sync
 from .sync import DistributedObjective
 
 log = logging.getLogger("sparkgd")
@@ -39,7 +40,27 @@ log = logging.getLogger("sparkgd")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 
 
-class Plan:
+def fit(engine, problem, plan, keep):
+    """DP-SGD (mode sync, see the package for the signature): sigma calibrated to
+    ``plan.dp`` before the first step, every step's gradient clipped and noised, all
+    ``maxIter`` steps taken (a stopping rule reads the data)."""
+    dp = plan.dp
+    privacy_plan = Privacy(problem.rows, plan.mini_batch_fraction, plan.max_iter,
+                           dp["clip"], delta=dp.get("delta"), epsilon=dp.get("epsilon"),
+                           sigma=dp.get("sigma"))
+    log.info("DP-SGD: noise multiplier %.4g for %d steps at sampling rate %g (delta %g, "
+             "clip %g)", privacy_plan.sigma, privacy_plan.steps, privacy_plan.q,
+             privacy_plan.delta, privacy_plan.clip)
+    objective = PrivateObjective(engine, problem.loss, problem.layout, problem.penalty,
+                                 privacy_plan)
+    result = sync.run(objective, problem.x0, optimizer=plan.optimizer,
+                      max_iter=plan.max_iter, tol=0.0, step_size=plan.step_size,
+                      **keep.saving())
+    result.privacy = privacy_plan.summary(result.iterations)
+    return result
+
+
+class Privacy:
     """The privacy parameters of one fit, fixed before its first step."""
 
     def __init__(self, n, q, steps, clip, delta=None, epsilon=None, sigma=None):

@@ -133,18 +133,22 @@ def round_sums(blocks, theta, loss, layout, work, round_no, index, threads=1):
     return out
 
 
-def fit(engine, loss, layout, penalty, work, x0, max_iter=100, tol=1e-6, codec=None,
-        checkpoint=None, resumed=None, recovery=None):
-    """``max_iter`` rounds of local SGD from ``x0`` (theta space); stops early when F
-    at two successive averages changes by at most ``tol`` (relatively).
+def fit(engine, problem, plan, keep):
+    """``plan.max_iter`` rounds of local SGD from ``problem.x0`` (theta space; see the
+    package for the signature); stops early when F at two successive averages changes
+    by at most ``plan.tol`` (relatively).
 
     ``objectiveHistory``: F at each round's average (entry r is F after round r; the
     last one comes from one more pass at the returned coefficients)."""
     from .. import codecs
 
-    codec = codecs.NONE if codec is None else codec
+    work = Work(plan.optimizer, plan.step_size, plan.local_steps, plan.mini_batch_fraction,
+                plan.seed, plan.reg_param, plan.elastic_net_param, problem.scale)
+    loss, layout, penalty, codec = problem.loss, problem.layout, problem.penalty, problem.codec
+    max_iter, tol = plan.max_iter, plan.tol
+    checkpoint, resumed, recovery = keep.checkpoint, keep.resumed, keep.recovery
     start = time.perf_counter()
-    theta = np.asarray(x0, dtype=np.float64).copy()
+    theta = np.asarray(problem.x0, dtype=np.float64).copy()
     l1 = penalty.l1_weights if penalty.has_l1 else None
     config = work.to_config()
     history, times, evaluations, sent_hist = [], [], 0, []

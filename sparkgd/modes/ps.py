@@ -267,18 +267,21 @@ class _Snapshot:
                  "f_prev": self.f_prev}, {"u": self.u})
 
 
-def fit(engine, loss, layout, penalty, x0, *, weight, pre=None, step_size=None,
-        fraction=1.0, seed=0, staleness=2, max_iter=100, tol=1e-6, codec=None,
-        checkpoint=None, resumed=None, recovery=None):
-    """``max_iter`` clocks of asynchronous sgd from ``x0`` (theta space).
-    ``checkpoint``: the server's model at every ``checkpointInterval``-th clock (later
-    clocks' pushes undone); ``resumed``: go on from it."""
+def fit(engine, problem, plan, keep):
+    """``plan.max_iter`` clocks of asynchronous sgd from ``problem.x0`` (theta space;
+    see the package for the signature). ``keep.checkpoint``: the server's model at
+    every ``checkpointInterval``-th clock (later clocks' pushes undone);
+    ``keep.resumed``: go on from it."""
     from .. import codecs
     from ..optim.first_order import DEFAULT_STEP
 
-    codec = codecs.NONE if codec is None else codec
+    loss, layout, penalty, pre = problem.loss, problem.layout, problem.penalty, problem.pre
+    codec, weight = problem.codec, problem.weight
+    step_size, fraction, seed = plan.step_size, plan.mini_batch_fraction, plan.seed
+    staleness, max_iter, tol = plan.staleness, plan.max_iter, plan.tol
+    checkpoint, resumed, recovery = keep.checkpoint, keep.resumed, keep.recovery
     start = time.perf_counter()
-    x0 = np.asarray(x0, dtype=np.float64)
+    x0 = np.asarray(problem.x0, dtype=np.float64)
     server = Server(x0 if pre is None else pre.from_theta(x0), weight, penalty, pre,
                     DEFAULT_STEP["sgd"] if step_size is None else step_size, fraction, seed,
                     tol, staleness=staleness, task_weights=engine.task_weights())

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import codecs, optim
-from ..checkpoint import Replay
+from ..checkpoint import Replay, ReplayMismatch
 from ..errors import SparkgdError
 
 log = logging.getLogger("sparkgd")
@@ -88,6 +88,8 @@ class FitResult:
     objective_times: list = None
     #: bytes communicated (cumulative) when each entry was known
     bytes_history: list = None
+    #: DP-SGD: what the steps taken spent (:meth:`sparkgd.modes.dp.Privacy.summary`)
+    privacy: dict = None
 
 
 class Diverged(SparkgdError):
@@ -102,10 +104,37 @@ def diverged(f, iteration, checkpoint=None, what="objective"):
                     f"too large for this data? lower stepSize){kept}")
 
 
-def fit(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None,
+def fit(engine, problem, plan, keep):
+    """mode=sync: the optimizer over one pass of ``engine`` per evaluation (see the
+    package for the signature). A log kept in memory that does not replay (a lost
+    task's blocks were built again from other data) starts the fit over; a user's
+    checkpoint that does not is refused."""
+    objective = DistributedObjective(
+        engine, problem.loss, problem.layout, problem.penalty, codec=problem.codec,
+        theta_codec=theta_codec_for(problem.codec, plan.optimizer, plan.step_size))
+
+    def go():
+        return run(objective, problem.x0, optimizer=plan.optimizer, max_iter=plan.max_iter,
+                   tol=plan.tol, step_size=plan.step_size, precondition=problem.pre,
+                   mini_batch_fraction=plan.mini_batch_fraction, seed=plan.seed,
+                   **keep.saving())
+
+    try:
+        return go()
+    except ReplayMismatch as e:
+        if keep.resumed is not None or keep.recovery is None:
+            raise               # the user's checkpoint: say so, change nothing
+        log.warning("%s; the fit starts over", e)
+        keep.recovery.replay = None
+        keep.recovery.iteration, keep.recovery.times = 0, []
+        return go()
+
+
+def run(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None,
         precondition=None, mini_batch_fraction=1.0, seed=0, checkpoint=None, resumed=None,
         recovery=None):
-    """Minimize F = smooth + L1 from ``x0`` (in theta space).
+    """Minimize F = smooth + L1 from ``x0`` (in theta space) with ``objective``'s
+    passes.
 
     ``precondition`` (a :class:`~sparkgd.stats.Preconditioner`, optional): the
     optimizer works on ``u`` with ``theta = T u``, where every feature looks

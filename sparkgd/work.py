@@ -1,0 +1,117 @@
+"""What one pass computes on a task's blocks: the work the coordinator asks for.
+
+The engine carries passes -- theta out, a float64 vector back from every task, added
+up by the topology -- and knows nothing of what the vector means. That is the mode's
+business, said by a plain, JSON-able ``work`` description (it crosses the hub's wire
+as JSON: nothing is unpickled):
+
+=======================================  =============================================
+``None``                                 the gradient sums ``[loss, W, grad...]`` (sync,
+                                         and every exact F); a pass's ``sample``
+                                         ``(fraction, seed, iteration)`` draws a
+                                         Bernoulli mini-batch
+``{"mode": "dp", "clip": C}``            DP-SGD: per-example gradients clipped to norm
+                                         C, over a Poisson sample
+``{"mode": "async", "fraction": q}``     a push of mode=async: a mini-batch of ``q``;
+                                         the frame's ``fraction`` is ``q`` times the
+                                         share of row chunks a slow task is asked for
+``{"mode": "local", ...}``               a round of local steps (mode=local,
+                                         :class:`sparkgd.modes.local.Work`)
+``{"mode": "metrics", "rule": {...}}``   the training metrics' sums at theta
+                                         (:func:`sparkgd.metrics.block_sums`)
+=======================================  =============================================
+
+:func:`parse` is what the engine is given (as a value: the engine imports nothing of
+the modes, nor of privacy) and calls once per configuration, on the task or in the
+job of a pass; the :class:`Worker` it returns is called for every pass.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels, metrics, privacy
+from .modes import local
+
+
+class Worker:
+    """The gradient sums (and, with ``clip``, DP-SGD's clipped ones)."""
+
+    def __init__(self, clip=None, base_fraction=None):
+        self.clip = clip
+        self.base_fraction = base_fraction
+
+    def size(self, layout):
+        """Floats in a reply."""
+        return 2 + layout.size
+
+    def compute(self, blocks, theta, loss, layout, sample, index, threads=1):
+        """This task's vector for ``theta``; ``sample``: the pass's ``(fraction, seed,
+        iteration)`` or None (every row)."""
+        fraction, seed, iteration = (1.0, 0, 0) if sample is None else sample
+        # mode=async asks a slow task for a lighter push: ``fraction`` is then the user's
+        # mini-batch fraction times the share of row chunks to compute
+        q = fraction if self.base_fraction is None else self.base_fraction
+        keep = 1.0 if self.base_fraction is None else fraction / q
+        rows = None if q >= 1.0 else (q, seed, iteration, index)
+        chunks = None if keep >= 1.0 else (keep, seed, iteration, index)
+        return kernels.partition_sums(blocks, theta, loss, layout, sample=rows,
+                                      threads=threads, chunks=chunks,
+                                      piece_sums=privacy.clipping(self.clip))
+
+
+class RoundWorker(Worker):
+    """mode=local: a round of local steps; the round's number is ``sample[2]``."""
+
+    def __init__(self, work):
+        super().__init__()
+        self.work = work
+
+    def compute(self, blocks, theta, loss, layout, sample, index, threads=1):
+        return local.round_sums(list(blocks), theta, loss, layout, self.work, sample[2],
+                                index, threads)
+
+
+class MetricsWorker(Worker):
+    """The training metrics' sums at theta (one more pass over the blocks)."""
+
+    def __init__(self, rule):
+        super().__init__()
+        self.rule = rule
+
+    def size(self, layout):
+        return metrics.vector_size(self.rule)
+
+    def compute(self, blocks, theta, loss, layout, sample, index, threads=1):
+        coef, intercept = layout.split(np.asarray(theta, dtype=np.float64))
+        return metrics.block_sums(blocks, coef, intercept, self.rule)
+
+
+def parse(work, layout):
+    """``work`` (see the module) -> its :class:`Worker`; ValueError when it is not one
+    this version computes (a frame from elsewhere)."""
+    if work is None:
+        return Worker()
+    mode = work.get("mode") if isinstance(work, dict) else None
+    if mode == "dp":
+        clip = float(work["clip"])
+        if not 0 < clip < float("inf"):
+            raise ValueError(f"a clip bound of {clip}")
+        return Worker(clip=clip)
+    if mode == "async":
+        fraction = float(work["fraction"])
+        if not 0 < fraction <= 1:
+            raise ValueError(f"a mini-batch fraction of {fraction}")
+        return Worker(base_fraction=fraction)
+    if mode == "local":
+        return RoundWorker(local.Work.from_config(work, layout.d))
+    if mode == "metrics":
+        rule = work.get("rule")
+        if not isinstance(rule, dict) or rule.get("kind") not in (
+                "regression", "binary", "multiclass"):
+            raise ValueError(f"a metrics rule {rule!r}")
+        if rule["kind"] != "regression":
+            k = int(rule["k"])
+            if not 2 <= k <= metrics.MAX_BLOCK_CLASSES or k != layout.k and k != 2:
+                raise ValueError(f"metrics for {k} classes")
+        return MetricsWorker(rule)
+    raise ValueError(f"unknown work {mode!r}")
