@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -62,6 +63,13 @@ WAIT_CONF = "spark.sparkgd.slotWait"
 PID_DIR_CONF = "spark.sparkgd.testing.pidDir"
 #: Lines of the coordinator's log the outcome brings back to the client.
 MAX_LOG_LINES = 20000
+
+
+#: What a task lost to the cluster looks like (a job that failed so is run again).
+_LOST = re.compile(r"Python worker exited unexpectedly[^\n]*|ExecutorLostFailure[^\n]*|"
+                   r"[Tt]ask[^\n]{0,80}(?:killed|lost)[^\n]*|Connection reset[^\n]*|"
+                   r"a serving task was lost[^\n]*|TaskLost[^\n]*")
+_PY_ERROR = re.compile(r"^\s*(\w+(?:Error|Exception)): (.+)$", re.M)
 
 
 class BarrierUnavailable(RuntimeError):
@@ -159,11 +167,19 @@ def _in_cluster(spark, frame, plan, read_spec, tasks, partitions, conf):
         except BarrierUnavailable:
             raise
         except Exception as e:
-            text = first_line(e)
-            if "dynamic resource allocation" in text or "BARRIER_" in text and "slots" in text:
+            full, text = str(e), first_line(e)
+            if "dynamic resource allocation" in full or "BARRIER_" in full and "slots" in full:
                 raise BarrierUnavailable(f"barrier mode cannot run here ({text})") from None
+            lost = _LOST.search(full)
+            if lost is None:
+                # the input's or the code's own error: running it again would not help
+                cause = _PY_ERROR.findall(full)
+                raise SparkgdError("the fit's job failed: " + (
+                    f"{cause[-1][0]}: {cause[-1][1].strip()}" if cause else text)) from None
+            text = lost.group(0)
             if attempt >= MAX_ATTEMPTS:
-                raise SparkgdError(f"the fit failed {attempt} times; last: {text}") from None
+                raise SparkgdError(f"the fit's job failed {attempt} times; last: {text}") \
+                    from None
             resume = bool(plan.checkpoint_dir)
             log.warning("the fit's job failed (%s): running it again (attempt %d)%s", text,
                         attempt + 1, ", from its last checkpoint" if resume else "")

@@ -123,3 +123,31 @@ def test_one_pass_is_followable_file_to_file():
             "sparkgd.kernels"} <= g["sparkgd.engine.task"]
     assert not any(d.startswith("sparkgd.engine") for d in g["sparkgd.engine.collective"])
     assert "pyspark" not in mods["sparkgd.engine.collective"][1]
+
+
+def test_the_engine_imports_nothing_of_the_modes_privacy_or_the_fit():
+    """The engine carries passes; what a pass computes (sparkgd.work, the modes,
+    privacy) reaches it as a value, never as an import; nothing below the coordinator
+    imports it back."""
+    g = graph()
+    above = ("sparkgd.modes", "sparkgd.privacy", "sparkgd.work", "sparkgd.coordinator",
+             "sparkgd.launch", "sparkgd.connect", "sparkgd.estimators", "sparkgd.models")
+    engine = [m for m in g if m.startswith("sparkgd.engine")]
+    assert len(engine) >= 10
+    for mod in engine:
+        bad = {d for d in g[mod] if d.startswith(above)}
+        assert not bad, (mod, bad)
+    for mod in ("sparkgd.coordinator", "sparkgd.modes.sync", "sparkgd.modes.local",
+                "sparkgd.modes.ps", "sparkgd.modes.dp"):
+        assert not {d for d in g[mod] if d.startswith(("sparkgd.estimators",
+                                                          "sparkgd.launch", "sparkgd.connect"))}
+
+
+def test_the_modes_share_one_signature():
+    import inspect
+
+    from sparkgd.coordinator import LOOPS
+
+    assert set(LOOPS) == {"sync", "local", "async", "dp"}
+    for fit in LOOPS.values():
+        assert list(inspect.signature(fit).parameters) == ["engine", "problem", "plan", "keep"]
