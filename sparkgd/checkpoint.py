@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 
 import numpy as np
 
+from . import npyio
 from .errors import SparkgdError
 
 FORMAT = 1
@@ -101,8 +104,9 @@ def _write(path, write, mode="wb"):
 class Checkpointer:
     """Writes (and reads back) one fit's checkpoints in ``directory``."""
 
-    def __init__(self, directory, interval, params, facts, mode):
+    def __init__(self, directory, interval, params, facts, mode, size=None, d=None):
         self.dir = directory
+        self.size, self.d = size, d   # theta's values and the features: what files hold
         self.interval = int(interval)
         self.params = decisive(params)
         self.fingerprint = fingerprint(facts)
@@ -140,8 +144,7 @@ class Checkpointer:
                              for k in diff[:4]) or f"mode {meta.get('mode')}"
             raise SparkgdError(f"checkpoint in {self.dir} was written with other params "
                                f"({what}): refusing to resume from it")
-        self.segments = list(meta.get("segments", []))
-        self.iteration = int(meta["iteration"])
+        self.segments, self.iteration = _checked(meta, self.dir)
         return meta
 
     def evaluations(self):
@@ -149,14 +152,22 @@ class Checkpointer:
         gradients) concatenated over the segments."""
         hashes, batch, fs, grads = [], [], [], []
         for name in self.segments:
-            with open(os.path.join(self.dir, name + ".json")) as f:
-                seg = json.load(f)
-            g = np.load(os.path.join(self.dir, name + ".npy"), allow_pickle=False)
-            if g.shape[0] != len(seg["hashes"]):
-                raise SparkgdError(f"checkpoint segment {name} in {self.dir} is incomplete")
+            try:
+                with open(os.path.join(self.dir, name + ".json")) as f:
+                    seg = json.load(f)
+                n = len(seg["hashes"])
+                if not (isinstance(seg["hashes"], list) and len(seg["batch"]) == n and
+                        len(seg["f"]) == n and all(isinstance(h, str) for h in seg["hashes"])
+                        and all(isinstance(v, (int, float)) for v in seg["f"])):
+                    raise ValueError("its log's lists do not match")
+                with open(os.path.join(self.dir, name + ".npy"), "rb") as f:
+                    g = npyio.read(f, (n, self.size), what=f"segment {name}")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise SparkgdError(f"checkpoint segment {name} in {self.dir} cannot be "
+                                   f"used: {e}") from None
             hashes += seg["hashes"]
-            batch += seg["batch"]
-            fs += seg["f"]
+            batch += [bool(b) for b in seg["batch"]]
+            fs += [float(v) for v in seg["f"]]
             grads.append(g)
         return hashes, batch, fs, grads
 
@@ -166,14 +177,25 @@ class Checkpointer:
         path = os.path.join(self.dir, "space.npz")
         if not os.path.isfile(path):
             return None
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        space = self._npz(path, {"x0": (self.size,), "mean": (self.d,), "std": (self.d,)})
+        if "x0" not in space or ("mean" in space) != ("std" in space):
+            raise SparkgdError(f"checkpoint {path} cannot be used: members "
+                               f"{sorted(space)}")
+        return space
 
     def state(self):
         """local, async: the saved vectors, by name."""
         path = os.path.join(self.dir, "state.npz")
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        state = self._npz(path, {"theta": (self.size,), "u": (self.size,)})
+        if not state:
+            raise SparkgdError(f"checkpoint {path} cannot be used: no model in it")
+        return state
+
+    def _npz(self, path, shapes):
+        try:
+            return npyio.read_npz(path, shapes, what=os.path.basename(path))
+        except (OSError, ValueError) as e:
+            raise SparkgdError(f"checkpoint {path} cannot be used: {e}") from None
 
     # ------------------------------------------------------------ writing
 
@@ -223,6 +245,36 @@ class Checkpointer:
             os.rmdir(self.dir)
         except OSError:
             pass
+
+
+#: The names of sync's evaluation files (checked on load: nothing else is opened,
+#: written over or removed).
+SEGMENT = re.compile(r"evals-\d{5}")
+
+
+def _checked(meta, directory):
+    """-> (segments, iteration) of a checkpoint's meta, every field checked: a
+    checkpoint directory is input someone else may have written."""
+    def bad(why):
+        return SparkgdError(f"checkpoint in {directory} cannot be used: {why}")
+
+    iteration = meta.get("iteration")
+    if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
+        raise bad(f"iteration {iteration!r}")
+    for key in ("objectiveHistory", "objectiveTimes"):
+        v = meta.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, (int, float)) and
+                                              not isinstance(x, bool) for x in v):
+            raise bad(f"{key} is not a list of numbers")
+    segments = meta.get("segments", [])
+    if not isinstance(segments, list) or not all(isinstance(n, str) and SEGMENT.fullmatch(n)
+                                                 for n in segments):
+        raise bad(f"segments {str(segments)[:80]} are not this format's file names")
+    f_prev = meta.get("f_prev")
+    if f_prev is not None and not (isinstance(f_prev, (int, float)) and
+                                   math.isfinite(f_prev) or f_prev != f_prev):
+        raise bad(f"f_prev {f_prev!r}")
+    return list(segments), int(iteration)
 
 
 def _describe(fp):

@@ -107,7 +107,7 @@ class Attempts:
         self.started = False
         self.checkpoint = None
 
-    def checkpointer(self, plan, facts):
+    def checkpointer(self, plan, facts, layout):
         """-> (Checkpointer, the checkpoint's meta to resume from, or None), or
         (None, None) without ``checkpointDir``."""
         directory = plan.checkpoint_dir
@@ -116,7 +116,7 @@ class Attempts:
         if directory.startswith("file://"):
             directory = directory[len("file://"):]
         ck = checkpoint.Checkpointer(os.path.abspath(directory), plan.checkpoint_interval,
-                                     plan.params, facts, plan.mode)
+                                     plan.params, facts, plan.mode, layout.size, layout.d)
         meta = None
         if plan.resume or self.started:
             meta = ck.load()
@@ -288,7 +288,7 @@ def train(plan, engine, attempts=None):
     loss_name, loss = make_loss(plan, classes)
     check_labels(plan, facts, loss_name)
     layout = kernels.Layout(facts.num_features, loss.n_outputs(classes), plan.fit_intercept)
-    ck, resumed = attempts.checkpointer(plan, facts)
+    ck, resumed = attempts.checkpointer(plan, facts, layout)
     if not attempts.recovery.vouch(facts):
         log.warning("the blocks built again hold other data than the lost ones "
                     "(%s): the fit starts over", checkpoint.fingerprint(facts))

@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from . import npyio
 from .errors import SparkgdError, first_line
 
 FORMAT_VERSION = 1
@@ -338,6 +339,16 @@ def _json_default(v):
     raise TypeError(f"not JSON serializable: {type(v).__name__}")
 
 
+def read_shape_k(meta):
+    """Coefficient rows a saved model may hold: K for multinomial (numClasses), else 1."""
+    k = meta.get("numClasses")
+    if meta.get("loss") == "multinomial":
+        if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= 1 << 20:
+            raise ValueError(f"numClasses {k!r}")
+        return k
+    return 1
+
+
 def load_model(path, classes, expected=None):
     """Read a model written by ``model.save``. ``classes``: saved class name -> model
     class (:data:`sparkgd.estimators.MODEL_CLASSES`; a name is looked up, never eval'd);
@@ -361,8 +372,17 @@ def load_model(path, classes, expected=None):
         if read.get("coefficients.npy") is None or read.get("intercept.npy") is None:
             raise OSError("coefficients.npy or intercept.npy is missing")
         meta = json.loads(read["metadata.json"])
-        coef = np.load(io.BytesIO(read["coefficients.npy"]), allow_pickle=False)
-        intercept = np.load(io.BytesIO(read["intercept.npy"]), allow_pickle=False)
+        d = meta["numFeatures"]
+        if not isinstance(d, int) or isinstance(d, bool) or not 0 < d < 1 << 31:
+            raise ValueError(f"numFeatures {d!r}")
+        k = int(read_shape_k(meta))
+        # the headers first: a file that claims (2^40,) values is refused unread
+        coef = npyio.read_bytes(read["coefficients.npy"],
+                                lambda s: s in ((d,), (k, d)), max_values=k * d,
+                                what="coefficients.npy")
+        intercept = npyio.read_bytes(read["intercept.npy"],
+                                     lambda s: s in ((), (1,), (k,)), max_values=k,
+                                     what="intercept.npy")
         cls = classes.get(meta.get("class"))
         if cls is None:
             raise ValueError(f"unknown model class {meta.get('class')!r}")
