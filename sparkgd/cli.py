@@ -339,6 +339,13 @@ def main(argv=None, default_data=None):
         msg = " ".join(str(e).split())
         print(f"sparkgd: error: {msg}", file=sys.stderr)
         return 2
+    except Exception as e:   # a dead JVM is not a bug of ours: say what it is, once
+        from .errors import JVM_GONE, jvm_gone
+
+        if not jvm_gone(e):
+            raise
+        print(f"sparkgd: error: {JVM_GONE}", file=sys.stderr)
+        return 2
     return 0
 
 
