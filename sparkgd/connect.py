@@ -44,7 +44,8 @@ from .data.schema import project
 from .engine import Engine, balance, jobs
 from .engine.hub import DEADLINE_SECONDS, HELLO_SECONDS, PORTS_CONF, Hub, parse_ports
 from .engine.served import InTaskStore, build_blocks, serve_blocks
-from .engine.slots import ENCRYPTION_CONFS, TASKS_CONF, conf_flag, session_slots
+from .engine import keys
+from .engine.slots import TASKS_CONF, conf_flag, local_cores, session_slots
 from .errors import SparkgdError, first_line
 
 log = logging.getLogger("sparkgd")
@@ -114,17 +115,9 @@ def fit(dataset, plan):
         frame, read_spec = project(dataset, plan.spec)
     except Exception as e:
         raise SparkgdError(f"cannot read {plan.source}: {first_line(e)}") from None
-    encrypts = any(conf_flag(get, k) for k in ENCRYPTION_CONFS)
-    if encrypts and plan.engine_topology == "ring":
-        raise SparkgdError(
-            "topology ring needs links between serving tasks, which sparkgd does not open "
-            "while Spark encrypts its own traffic (spark.network.crypto.enabled or "
-            "spark.io.encryption.enabled): use topology tree or star")
     conf = settings(spark)
     why = None
-    if encrypts:
-        why = "Spark's network encryption is on: no sockets of sparkgd's own"
-    elif conf_flag(get, "spark.dynamicAllocation.enabled"):
+    if conf_flag(get, "spark.dynamicAllocation.enabled"):
         why = "dynamic allocation is on: barrier mode cannot run the fit's tasks at once"
     if why is None:
         slots = session_slots(get)
@@ -154,8 +147,11 @@ def fit(dataset, plan):
 
 def _in_cluster(spark, frame, plan, read_spec, tasks, partitions, conf):
     attempt_plan = plan
+    get = _conf(spark)
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        secret = os.urandom(32)
+        fit_key = keys.choose(get, local_cores(get("spark.master") or "") is not None,
+                              hub_in_task=True)
+        secret = fit_key.for_tasks
 
         def body(batches, _plan=attempt_plan, _spec=read_spec, _secret=secret,
                  _conf=conf, _tasks=tasks, _parts=partitions):
@@ -170,6 +166,10 @@ def _in_cluster(spark, frame, plan, read_spec, tasks, partitions, conf):
             full, text = str(e), first_line(e)
             if "dynamic resource allocation" in full or "BARRIER_" in full and "slots" in full:
                 raise BarrierUnavailable(f"barrier mode cannot run here ({text})") from None
+            if keys.NO_KEY_MARKER in full:
+                raise BarrierUnavailable("the fit's tasks cannot make its key: " +
+                                         full.split(keys.NO_KEY_MARKER + ":", 1)[-1]
+                                         .strip().splitlines()[0]) from None
             lost = _LOST.search(full)
             if lost is None:
                 # the input's or the code's own error: running it again would not help
@@ -253,6 +253,7 @@ def fit_task(batches, plan, read_spec, secret, conf, num_tasks, partitions):
     ctx = BarrierTaskContext.get()
     index, attempt = ctx.partitionId(), ctx.attemptNumber()
     jobs.failing_first(conf["fail_first"])
+    secret = keys.for_task(secret)        # the fit's key, from what the closure carried
     if conf.get("pid_dir"):
         with open(os.path.join(conf["pid_dir"], f"task-{index}.pid"), "w") as f:
             f.write(str(os.getpid()))

@@ -485,9 +485,15 @@ class Cluster:
         self.base, self.spark_home, self.watch = base, spark_home, watch
         self.work_dir = os.path.join(base, "work")
         self.logs = os.path.join(base, "logs")
-        conf_dir = os.path.join(base, "conf")  # empty: no spark-env.sh / spark-defaults.conf
+        conf_dir = os.path.join(base, "conf")  # no spark-env.sh; the daemons' defaults:
         for d in (self.work_dir, self.logs, conf_dir):
             os.makedirs(d)
+        # Spark's authentication on, as a production cluster has it: the daemons and every
+        # job share this secret, and the workers hand it to their executors in the
+        # environment (where the serving tasks derive the fit's key from it)
+        self.secret = os.urandom(16).hex()
+        with open(os.path.join(conf_dir, "spark-defaults.conf"), "w") as f:
+            f.write(f"spark.authenticate true\nspark.authenticate.secret {self.secret}\n")
         self.master_log = os.path.join(self.logs, "master.log")
         self.env = dict(os.environ, SPARK_HOME=spark_home, SPARK_LOCAL_IP=LOOPBACK,
                         SPARK_LOG_DIR=self.logs, SPARK_WORKER_DIR=self.work_dir,
@@ -593,7 +599,9 @@ class Cluster:
         return ["--master", self.master_url, "--conf", f"spark.driver.host={LOOPBACK}",
                 "--conf", f"spark.driver.bindAddress={LOOPBACK}", "--executor-memory", "1g",
                 "--conf", f"spark.cores.max={WORKERS}",
-                "--conf", "spark.scheduler.minRegisteredResourcesRatio=1.0"]
+                "--conf", "spark.scheduler.minRegisteredResourcesRatio=1.0",
+                "--conf", "spark.authenticate=true",
+                "--conf", f"spark.authenticate.secret={self.secret}"]
 
 
 @pytest.fixture(scope="module")
@@ -706,6 +714,11 @@ def test_train_on_the_cluster(undisturbed, local_gd_reference, cluster, watch):
     meta = json.loads((out_dir / "metadata.json").read_text())
     assert meta["numFeatures"] == 10
     assert meta["summary"]["numPartitions"] == 4
+    # with Spark's authentication on (the cluster's setting) the passes were served over
+    # the sealed wire, the fit's key derived from Spark's secret on both ends
+    assert meta["summary"]["engine"] == "served, sealed"
+    assert "the fit's key: derived from Spark's authentication secret" in job.stdout, \
+        job.describe()
 
     # Two serving tasks, one on each worker's executor, built the blocks.
     assert [int(n) for n, _s in BUILT.findall(job.stdout)] == [WORKERS], job.describe()
@@ -854,3 +867,30 @@ def test_fit_survives_a_lost_worker(phase, undisturbed, local_gd_reference, clus
         watch.assert_loopback_only()
     finally:
         cluster.replace_worker(VICTIM)
+
+
+def test_an_encrypted_cluster_serves_over_the_sealed_wire(cluster, undisturbed, watch,
+                                                          tmp_path, spark):
+    """spark.authenticate + spark.network.crypto.enabled (Spark encrypts its RPC, the
+    tasks' closures with it): the fit's key rides in the closure, the passes are served
+    over sparkgd's sealed wire (not one Spark job each, as before), and the model is a
+    local[2] session's, unencrypted, to 1e-12."""
+    import numpy as np
+
+    import sparkgd
+
+    out = tmp_path / "model"
+    job = Job("encrypted", [*cluster.submit_args(), "--conf",
+                            "spark.network.crypto.enabled=true", "jobs/train.py",
+                            "--reg-param", "0.01", "--tol", "1e-10", "--output", str(out)],
+              str(tmp_path), watch).wait()
+    assert job.proc.returncode == 0, job.describe() + "\n" + cluster.tails()
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["summary"]["engine"] == "served, sealed", job.describe()
+    assert "the fit's key: random, in the tasks' closure (Spark encrypts it)" in job.stdout
+    coef, intercept, _ = _load_model(str(out))
+    ref = sparkgd.LogisticRegression(regParam=0.01, tol=1e-10).fit(
+        spark.read.parquet(os.path.join(ROOT, "data", "sample")))
+    np.testing.assert_allclose(coef, ref.coefficients, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(intercept, ref.intercept, rtol=1e-12, atol=1e-14)
+    watch.assert_loopback_only()

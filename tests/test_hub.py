@@ -14,7 +14,7 @@ from sparkgd.engine import task as task_end
 from sparkgd.engine import wire
 from sparkgd.engine.hub import Hub, TaskLost, WorkersUnavailable
 
-from test_engine import ACCEPTED, FakeTask
+from test_engine import ACCEPTED, FakeTask, huge_hello_head
 
 
 def start(hub, *tasks):
@@ -41,9 +41,10 @@ def in_thread(fn):
 def raw_hello(hub, index, attempt=0, secret=None, keys=None):
     """Open a connection, read the challenge, and build (not send) a hello for it."""
     s = socket.create_connection(("127.0.0.1", hub.port), timeout=5)
-    magic, version, hub_nonce = wire._CHALLENGE.unpack(wire.recv_exact(s, wire._CHALLENGE.size))
-    parts = wire.hello_parts(secret or hub.secret, hub_nonce, os.urandom(wire.NONCE), index,
-                             attempt, keys if keys is not None else [(index, 0, 10)])
+    _, _, hub_nonce, hub_share = wire._CHALLENGE.unpack(
+        wire.recv_exact(s, wire._CHALLENGE.size))
+    parts, _ = wire.hello_parts(secret or hub.secret, hub_nonce, hub_share, index, attempt,
+                                keys if keys is not None else [(index, 0, 10)])
     return s, b"".join(bytes(p) for p in parts)
 
 
@@ -145,9 +146,8 @@ def test_wrong_secret_garbage_and_oversized_hellos_are_dropped():
     garbage.sendall(os.urandom(300))
     # a head with a valid tag that claims 2^40 bytes of facts: refused before allocating
     big = socket.create_connection(("127.0.0.1", hub.port))
-    nonce = wire._CHALLENGE.unpack(wire.recv_exact(big, wire._CHALLENGE.size))[2]
-    head = wire._HELLO.pack(wire.MAGIC, os.urandom(16), 0, 0, 0, 1 << 40, 0)
-    big.sendall(head + wire.hello_head_tag(hub.secret, nonce, head))
+    _, _, nonce, share = wire._CHALLENGE.unpack(wire.recv_exact(big, wire._CHALLENGE.size))
+    big.sendall(huge_hello_head(hub.secret, nonce, share))
     for s in (wrong, garbage, big):
         assert closed_by_peer(s)
     FakeTask(hub, 0).start()
@@ -161,13 +161,11 @@ def test_wrong_secret_garbage_and_oversized_hellos_are_dropped():
 # ------------------------------------------------------------------ replies
 
 def altered(task, chan, frame, out):
-    head, body, mac = wire.frame_parts(chan.mac, wire.TO_HUB, chan.send_seq, wire.OP_REPLY,
-                                       out, pass_no=frame.pass_no)
-    body = bytearray(body)
-    body[5] ^= 0x10
-    chan.send_seq += 1
-    for part in (head, body, mac):
-        chan.sock.sendall(part)
+    prefix, sealed = chan.conn.frame(wire.OP_REPLY, out, pass_no=frame.pass_no)
+    sealed = bytearray(sealed)
+    sealed[5] ^= 0x10
+    chan.sock.sendall(prefix)
+    chan.sock.sendall(sealed)
     return True
 
 
@@ -216,9 +214,8 @@ class Silent(threading.Thread):
 
 
 def half_reply(task, chan, frame, out):
-    head, body, mac = wire.frame_parts(chan.mac, wire.TO_HUB, chan.send_seq, wire.OP_REPLY,
-                                       out, pass_no=frame.pass_no)
-    chan.sock.sendall(head + bytes(body)[:8])
+    prefix, sealed = chan.conn.frame(wire.OP_REPLY, out, pass_no=frame.pass_no)
+    chan.sock.sendall(bytes(prefix) + bytes(sealed)[:8])
     time.sleep(5)
     return True
 

@@ -195,9 +195,9 @@ def test_every_topology_sums_like_numpy_with_exact_bytes(topology, p):
     try:
         first = tasks.total(theta)
         bytes_ = tasks.hub.last_bytes
-        frames = {i: p.send_seq for i, p in tasks.hub._tasks.items()}
+        frames = {i: p.conn.send_seq for i, p in tasks.hub._tasks.items()}
         again = tasks.total(theta)
-        moved = {i for i, p in tasks.hub._tasks.items() if p.send_seq != frames[i]}
+        moved = {i for i, p in tasks.hub._tasks.items() if p.conn.send_seq != frames[i]}
         skews = hub_skews(tasks)
     finally:
         tasks.close()
@@ -293,8 +293,8 @@ def test_a_stranger_on_a_tasks_listener_is_dropped():
         tasks.hub._redo()
         host, port = tasks.hub.addresses[1]
         s = socket.create_connection((host, port))
-        head = peers._PEER_HELLO.pack(peers.PEER_MAGIC, 0, tasks.hub.epoch + 1, bytes(16))
-        s.sendall(head + bytes(32))              # the right epoch, a wrong tag
+        clear = peers._CLEAR.pack(peers.PEER_MAGIC, bytes(16), bytes(32))
+        s.sendall(clear + bytes(peers.HELLO_BYTES - len(clear)))   # a hello that won't open
         got = tasks.total(theta)
         s.settimeout(5)
         assert s.recv(10) == b""                 # closed by the task

@@ -39,7 +39,7 @@ from . import jobs
 from .hub import Cancelled, SlotsShrank, TaskLost, WorkersFailed, WorkersUnavailable, skews
 
 from .balance import balanced
-from .slots import dynamic_allocation, local_cores, spark_encrypts, task_cpus, task_slots
+from .slots import dynamic_allocation, local_cores, task_cpus, task_slots
 from .task import gradient_work
 
 __all__ = ["Engine", "run", "Cancelled", "TaskLost", "WorkersFailed", "WorkersUnavailable", "STORES",
@@ -101,17 +101,6 @@ class Engine:
         aggregator = Aggregator(topology, aggregation_depth)
         wait = SERVED_WAIT_SECONDS if wait_seconds is None else float(wait_seconds)
         explicit = store != "auto"
-        if spark_encrypts(sc) and topology == "ring":
-            raise SparkgdError(
-                "topology ring needs links between serving tasks, which sparkgd does not "
-                "open while Spark encrypts its own traffic (spark.network.crypto.enabled or "
-                "spark.io.encryption.enabled): use topology tree or star")
-        if spark_encrypts(sc):
-            # Spark encrypts its own traffic here: the hub's channel is authenticated
-            # but not encrypted, so passes go through Spark's jobs instead
-            log.info("Spark's network encryption is on: block files and one "
-                     "Spark job per pass, no sockets of sparkgd's own")
-            store, per_pass, explicit = "files", "jobs", False
         if store == "auto":
             # served needs every task running at once: not with executors coming and going
             store = "files" if dynamic_allocation(sc) else "served"
@@ -176,12 +165,13 @@ class Engine:
         return self._store.num_tasks
 
     #: What carried the passes, by :attr:`kind` (``summary.engine``).
-    DESCRIPTIONS = {"served": "served", "workers": "files", "jobs": "jobs"}
+    DESCRIPTIONS = {"served": "served, sealed", "workers": "files, sealed", "jobs": "jobs"}
 
     @property
     def description(self):
-        """``summary.engine``: ``served`` (tasks that hold the blocks in memory),
-        ``files`` (block files, serving tasks) or ``jobs`` (one Spark job per pass)."""
+        """``summary.engine``: ``served, sealed`` (tasks that hold the blocks in memory,
+        over sparkgd's sealed wire), ``files, sealed`` (block files, serving tasks) or
+        ``jobs`` (one Spark job per pass: Spark's own channels)."""
         return self.DESCRIPTIONS.get(self.kind, self.kind)
 
     @property

@@ -48,6 +48,7 @@ from .. import codecs
 from ..data.arrow import BadInput, stored_dense, xyw_batches
 from ..data.facts import block_info, block_key, merge_infos
 from . import jobs, task, wire
+from .keys import for_task as fit_key_for_task
 from .hub import WorkersFailed
 from .slots import coalesced_parents, local_cores, task_layout
 
@@ -426,6 +427,7 @@ def serve_partition(index, items, address, secret, threads, timeout=60.0,
     (and ends)."""
     from pyspark import TaskContext
 
+    secret = fit_key_for_task(secret)   # the fit's key, from what the closure carried
     pairs = list(items)           # blocks memory-mapped
     keys = [k for k, _ in pairs]
     blocks = [b for _, b in pairs]
@@ -457,7 +459,7 @@ class WorkerSession(jobs.ServingJob):
         self.rdd = rdd
         self.num_tasks = rdd.getNumPartitions()
         hub = self.hub
-        address, secret, timeout = self.address, hub.secret, self.connect_seconds
+        address, secret, timeout = self.address, self.task_key, self.connect_seconds
         fails = self.fail_first
 
         def body(i, it, _work=parse_work):

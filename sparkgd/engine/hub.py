@@ -21,7 +21,6 @@ whether the job ended and how many tasks run.
 """
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
@@ -29,13 +28,13 @@ import os
 import selectors
 import socket
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import numpy as np
 
 from .. import codecs
 from . import collective as co
-from . import wire
+from . import seal, wire
 
 log = logging.getLogger("sparkgd")
 
@@ -43,8 +42,15 @@ log = logging.getLogger("sparkgd")
 HELLO_SECONDS = 30.0
 #: Seconds a task may go without progress while the hub waits on it.
 DEADLINE_SECONDS = 60.0
-#: Handshakes in progress at once; beyond that the oldest is dropped.
+#: Handshakes in progress at once (at most; fewer where the process may open fewer
+#: descriptors: :func:`pending_budget`); beyond that the oldest stranger is dropped.
 MAX_PENDING = 1024
+#: Connections accepted per round of the hub's loop: a flood of them cannot keep the
+#: loop from the tasks' frames, which every round serves too.
+ACCEPTS_PER_ROUND = 32
+#: Seconds the listener rests after a round that took that many (a flood), while every
+#: task is connected (only strangers can be waiting); none while a task is missing.
+ACCEPT_PAUSE = 0.05
 #: Largest small message a task sends (its address, why a link failed).
 MAX_NOTE = 4096
 #: Up to this many tasks, those of a tree that do not talk to the driver send it their
@@ -67,6 +73,34 @@ def _address(payload):
             isinstance(a[1], int) and 0 < a[1] < 65536 and len(a[0]) < 256):
         raise wire.ProtocolError(f"a bad address {a!r}")
     return a
+
+
+_BUDGET = []
+
+
+def pending_budget():
+    """Handshakes a hub keeps in progress at once: :data:`MAX_PENDING`, or a quarter
+    of the descriptors this process may open, whichever is fewer (the rest are for the
+    tasks' connections, the Python workers and Spark itself). The soft
+    ``RLIMIT_NOFILE`` is first raised to the hard one, where the system allows."""
+    if not _BUDGET:
+        limit = 1024
+        try:
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+            if want > soft:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                    soft = want
+                except (ValueError, OSError):
+                    pass
+            limit = soft if soft != resource.RLIM_INFINITY else 1 << 16
+        except ImportError:   # pragma: no cover - not a POSIX system
+            pass
+        _BUDGET.append(max(16, min(MAX_PENDING, limit // 4)))
+    return _BUDGET[0]
 
 
 class WorkersUnavailable(RuntimeError):
@@ -123,30 +157,36 @@ def parse_ports(text):
 class _Peer:
     """One accepted connection: a handshake in progress, or a task."""
 
-    def __init__(self, sock, now, hello_seconds):
+    def __init__(self, sock, now, hello_seconds, key, share):
         self.sock = sock
-        self.nonce = os.urandom(wire.NONCE)
+        self.greeting = wire.Greeting(key, share)
+        self.conn = None                # the sealed frames, once the hello opened
         self.index = self.attempt = None
-        self.mac = None
         self.hello = True
-        self.stage = "head"             # hello: head, body; task: head, payload
-        self.inbound = wire.Inbound(wire._HELLO.size + wire.TAG)
-        self.head = None
+        self.proved = False             # its hello's head opened: it holds the fit's key
+        self.stage = "head"             # hello: head, body; task: head (prefix), payload
+        self.inbound = wire.Inbound(wire.HELLO_HEAD_BYTES)
+        self.prefix = None
         self.out = deque()              # memoryviews still to send
-        self.send_seq = self.recv_seq = 0
         self.progress = now             # last byte moved either way
         self.hello_deadline = now + hello_seconds
         self.closed = False
         self.close_when_sent = False
-        self.queue(wire._CHALLENGE.pack(wire.MAGIC, wire.VERSION, self.nonce))
+        self.bound = wire.FIRST_FRAME   # the largest payload the task takes now
+        self.queue(self.greeting.challenge())
 
     def queue(self, *parts):
         self.out.extend(memoryview(p).cast("B") for p in parts if len(p))
 
     def frame(self, op, payload=b"", **fields):
-        self.queue(*wire.frame_parts(self.mac, wire.TO_TASK, self.send_seq, op, payload,
-                                     **fields))
-        self.send_seq += 1
+        """Queue a sealed frame; one larger than the task takes yet goes after an
+        OP_LIMIT frame that raises its bound (sealed: nobody else can raise it)."""
+        size = sum(wire.as_bytes(p).nbytes for p in payload) if isinstance(payload, list) \
+            else wire.as_bytes(payload).nbytes
+        if size > self.bound:
+            self.queue(*self.conn.frame(wire.OP_LIMIT, iteration=size))
+            self.bound = size
+        self.queue(*self.conn.frame(op, payload, **fields))
 
     def flush(self, now):
         """Send what the socket takes now; -> True when nothing is left."""
@@ -207,7 +247,8 @@ class Hub:
         self.deadline = float(deadline)
         self.hello_seconds = float(hello_seconds)
         self._ended, self._running, self._failed = ended, running, failed
-        self.secret = os.urandom(32) if secret is None else bytes(secret)
+        self.secret = os.urandom(32) if secret is None else bytes(secret)   # the fit's key
+        self._share = seal.Share()    # the hub's X25519 share: every connection's keys
         self.facts = {}               # task index -> the facts bytes of its hello
         self.floats = {}              # task index -> the float64 array of its hello
         self.refused = 0              # tasks refused for reporting other blocks
@@ -238,6 +279,10 @@ class Hub:
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listener, selectors.EVENT_READ, None)
         self._pending = {}            # handshakes in progress: socket -> peer
+        self._strangers = OrderedDict()   # those not yet proved, oldest first
+        self._paused = None           # the listener rests until then (a flood)
+        self._next_sweep = 0.0
+        self.max_pending = pending_budget()
         self._tasks = {}              # task index -> its peer
         self._seen = set()            # task indices ever accepted
         self._config = None           # (payload) of OP_CONFIG, sent to every new task first
@@ -555,7 +600,12 @@ class Hub:
         tasks, requests out, replies in, deadlines."""
         short_since = None
         while waiting():
-            for key, mask in self._sel.select(timeout=0.1):
+            now = time.monotonic()
+            if self._paused is not None and now >= self._paused and self._listener:
+                self._paused = None
+                self._sel.register(self._listener, selectors.EVENT_READ, None)
+            wait = 0.1 if self._paused is None else max(0.0, min(0.1, self._paused - now))
+            for key, mask in self._sel.select(timeout=wait):
                 if key.data is None:
                     self._accept()
                     continue
@@ -608,27 +658,43 @@ class Hub:
         return 0 < self._slots_seen < self.num_tasks
 
     def _accept(self):
+        """Take up to :data:`ACCEPTS_PER_ROUND` new connections (the rest wait in the
+        backlog for the next round). At :attr:`max_pending` handshakes in progress, the
+        oldest stranger -- a connection that has not proved it holds the fit's key --
+        makes room, in O(1); a connection that has proved it never does."""
         now = time.monotonic()
-        while True:
+        for _ in range(ACCEPTS_PER_ROUND):
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:   # e.g. out of file descriptors: the backlog keeps them, and
-                time.sleep(0.01)  # the listener stays readable: do not spin on it
+            except OSError:   # e.g. out of file descriptors: shed a stranger, go on
+                if self._strangers:
+                    self._reject(self._strangers.popitem(last=False)[1],
+                                 "descriptors ran out")
                 return
             sock.setblocking(False)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-            peer = _Peer(sock, now, self.hello_seconds)
-            if len(self._pending) >= MAX_PENDING:
-                oldest = min(self._pending.values(), key=lambda p: p.hello_deadline)
-                self._reject(oldest, "too many handshakes at once")
+            while len(self._strangers) >= self.max_pending:
+                self._reject(self._strangers.popitem(last=False)[1],
+                             "too many handshakes at once")
+            peer = _Peer(sock, now, self.hello_seconds, self.secret, self._share)
             self._pending[sock] = peer
+            self._strangers[sock] = peer
             self._sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
             self._push(peer)
+        # a full round: more are waiting -- a flood. With every task connected, only
+        # strangers can be in the backlog: the listener rests a moment (the kernel holds
+        # what comes meanwhile), so the tasks' frames, not the flood, get this process's
+        # time. While a task is missing it may be in the backlog too: no rest.
+        if len(self._tasks) < self.num_tasks:
+            return
+        if self._paused is None:
+            self._sel.unregister(self._listener)
+        self._paused = now + ACCEPT_PAUSE
 
     def _push(self, peer):
         """Send what can be sent; watch for writability only while something waits."""
@@ -664,33 +730,17 @@ class Hub:
             self._gone(peer, str(e), bad=True)
 
     def _hello_piece(self, peer):
-        data = peer.inbound.buf
         if peer.stage == "head":
-            head, got_tag = bytes(data[:wire._HELLO.size]), bytes(data[wire._HELLO.size:])
-            magic, _, index, attempt, nkeys, nfacts, nfloats = wire._HELLO.unpack(head)
-            if magic != wire.MAGIC or not hmac.compare_digest(
-                    got_tag, wire.hello_head_tag(self.secret, peer.nonce, head)):
-                raise wire.ProtocolError("not a task of this fit")
-            if nkeys > wire.MAX_FLOATS // 3 or nfacts > wire.MAX_JSON or \
-                    nfloats > wire.MAX_FLOATS:
-                raise wire.ProtocolError(f"hello with {nkeys} blocks, {nfacts} bytes of "
-                                         f"facts and {nfloats} values")
-            peer.head, peer.index, peer.attempt = head, index, attempt
-            peer.sizes = (24 * nkeys, nfacts, 8 * nfloats)
+            size = peer.greeting.head(peer.inbound.buf)     # ProtocolError: a stranger
+            peer.proved = True            # it holds the fit's key: never evicted
+            self._strangers.pop(peer.sock, None)
+            peer.index, peer.attempt = peer.greeting.index, peer.greeting.attempt
             peer.stage = "body"
-            peer.inbound.expect(sum(peer.sizes) + wire.TAG)
+            peer.inbound.expect(size)
             return
-        view = memoryview(data)
-        a, b, c = peer.sizes
-        keys, facts, floats = view[:a], view[a:a + b], view[a + b:a + b + c]
-        if not hmac.compare_digest(bytes(view[a + b + c:]), wire.hello_tag(
-                self.secret, peer.nonce, peer.head, keys, facts, floats)):
-            raise wire.ProtocolError("a hello whose body does not match its tag")
-        task_nonce = wire._HELLO.unpack(peer.head)[1]
-        peer.mac = wire.Mac(wire.connection_key(self.secret, peer.nonce, task_nonce))
-        keys = sorted(tuple(int(v) for v in k) for k in
-                      np.frombuffer(keys, dtype="<i8").reshape(-1, 3))
-        self._admit(peer, keys, bytes(facts), np.frombuffer(floats, dtype="<f8").copy())
+        keys, facts, floats = peer.greeting.body(peer.inbound.buf)
+        peer.conn = peer.greeting.conn()
+        self._admit(peer, keys, facts, floats)
 
     def _admit(self, peer, keys, facts, floats):
         """A task proved it belongs to this fit: accept it, or refuse it."""
@@ -698,7 +748,7 @@ class Hub:
         del self._pending[peer.sock]
         peer.hello = False
         peer.stage = "head"
-        peer.inbound.expect(wire._FRAME.size)
+        peer.inbound.expect(wire.PREFIX_BYTES)
         if not 0 <= i < self.num_tasks:
             self._refuse(peer, f"task index {i} out of range")
             return
@@ -750,17 +800,14 @@ class Hub:
 
     def _frame_piece(self, peer):
         if peer.stage == "head":
-            peer.head = bytes(peer.inbound.buf)
-            size = wire.parse_head(peer.head, max(self.reply_bytes, MAX_NOTE))[-1]
+            peer.prefix = bytes(peer.inbound.buf)
+            rest = wire.parse_prefix(peer.prefix, max(self.reply_bytes, MAX_NOTE))[-1]
             peer.stage = "payload"
-            peer.inbound.expect(size + wire.TAG)
+            peer.inbound.expect(rest)
             return False
-        data = memoryview(peer.inbound.buf)
-        frame = wire.check_frame(peer.mac, wire.TO_HUB, peer.recv_seq, peer.head,
-                                 data[:-wire.TAG], data[-wire.TAG:])
-        peer.recv_seq += 1
+        frame = peer.conn.open(peer.prefix, peer.inbound.buf)
         peer.stage = "head"
-        peer.inbound.expect(wire._FRAME.size)
+        peer.inbound.expect(wire.PREFIX_BYTES)
         i = peer.index
         if frame.op == wire.OP_ALIVE:
             if 0 < frame.pass_no <= self.pass_no:   # after a pass: how long it computed
@@ -825,8 +872,15 @@ class Hub:
 
     def _check_deadlines(self):
         now = time.monotonic()
-        for peer in [p for p in self._pending.values() if now > p.hello_deadline]:
+        while self._strangers:            # oldest first: stop at the first still in time
+            peer = next(iter(self._strangers.values()))
+            if now <= peer.hello_deadline:
+                break
             self._reject(peer, f"no hello within {self.hello_seconds:g}s")
+        if now >= self._next_sweep:       # the proved ones (few), a few times a second
+            self._next_sweep = now + 0.25
+            for peer in [p for p in self._pending.values() if now > p.hello_deadline]:
+                self._reject(peer, f"no hello within {self.hello_seconds:g}s")
         for i, peer in list(self._tasks.items()):
             if peer.closed or now - peer.progress <= self.deadline:
                 continue
@@ -848,6 +902,7 @@ class Hub:
             return
         peer.closed = True
         self._pending.pop(peer.sock, None)
+        self._strangers.pop(peer.sock, None)
         if self._tasks.get(peer.index) is peer:
             del self._tasks[peer.index]
             if self._ssp is not None and peer.index in self._ssp.outstanding:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import uuid
 
@@ -24,9 +25,12 @@ from ..errors import SparkgdError
 from ..stats import block_moments, merge_moments
 from .hub import (DEADLINE_SECONDS, HELLO_SECONDS, PORTS_CONF, Cancelled, Hub, WorkersFailed,
                   WorkersUnavailable, driver_address, parse_ports)
-from .slots import task_slots
+from . import keys
+from .slots import local_cores, task_slots
 from .task import gradient_work
 from .wire import UNREACHABLE_MARKER
+
+log = logging.getLogger("sparkgd")
 
 
 #: Spark conf (seconds): how long a task may go silent while the hub waits on it
@@ -49,13 +53,32 @@ SLOW_TASK_CONF = "spark.sparkgd.testing.slowTask"
 FAIL_FIRST_CONF = "spark.sparkgd.testing.failFirstAttempt"
 
 
+class Settings:
+    """sparkgd's settings as a fit reads them: the session's runtime conf first
+    (``spark.conf.set(...)``, also from a Spark Connect client), then ``conf`` (the
+    SparkConf the application started with)."""
+
+    def __init__(self, conf):
+        from pyspark.sql import SparkSession
+
+        self._conf = conf
+        self._session = SparkSession.getActiveSession()
+
+    def get(self, key, default=None):
+        value = None
+        if self._session is not None:
+            try:
+                value = self._session.conf.get(key, None)
+            except Exception:   # a conf the runtime will not show
+                value = None
+        if value is None:
+            value = self._conf.get(key, None)
+        return default if value is None else value
+
+
 def fail_first(conf):
     """-> whether :data:`FAIL_FIRST_CONF` is on (runtime conf first, then ``conf``)."""
-    from pyspark.sql import SparkSession
-
-    session = SparkSession.getActiveSession()
-    text = session.conf.get(FAIL_FIRST_CONF, None) if session is not None else None
-    text = text or conf.get(FAIL_FIRST_CONF, None) or "false"
+    text = Settings(conf).get(FAIL_FIRST_CONF) or "false"
     return str(text).strip().lower() == "true"
 
 
@@ -73,11 +96,7 @@ def failing_first(enabled):
 def slow_task(conf):
     """-> [index, factor] from :data:`SLOW_TASK_CONF` (the session's runtime conf
     first, then ``conf``), or None."""
-    from pyspark.sql import SparkSession
-
-    session = SparkSession.getActiveSession()
-    text = session.conf.get(SLOW_TASK_CONF, None) if session is not None else None
-    text = text or conf.get(SLOW_TASK_CONF, None)
+    text = Settings(conf).get(SLOW_TASK_CONF)
     if not text:
         return None
     try:
@@ -163,22 +182,30 @@ class ServingJob(HubSession):
         self._cancelling = False
         self._done = threading.Event()
         self._thread = None
-        conf = sc.getConf()
+        conf = Settings(sc.getConf())
         bind, host = driver_address(sc)
         self.connect_seconds = conf_seconds(conf, HELLO_CONF, HELLO_SECONDS)
         try:
             ports = parse_ports(conf.get(PORTS_CONF, ""))
         except ValueError as e:
             raise SparkgdError(str(e)) from None
+        # every setting is read before the hub binds its port (an error after would
+        # leave it open)
+        deadline = conf_seconds(conf, DEADLINE_CONF, DEADLINE_SECONDS)
+        slow, fails = slow_task(conf), fail_first(conf)
+        fit_key = keys.classic(sc)
+        if local_cores(sc.master) is None:    # (on a cluster, operators want to know)
+            log.info("the fit's key: %s", fit_key.source)
         hub = Hub(num_tasks, size, bind, self._raise_if_ended, self._running_tasks,
                   wait_seconds, expected, strict=strict,
-                  failed=self._failed_tasks if strict else None,
-                  deadline=conf_seconds(conf, DEADLINE_CONF, DEADLINE_SECONDS),
+                  failed=self._failed_tasks if strict else None, deadline=deadline,
                   hello_seconds=self.connect_seconds, ports=ports,
-                  slots=lambda: task_slots(sc))
-        super().__init__(hub, parse_work, slow_task(conf))
+                  slots=lambda: task_slots(sc), secret=fit_key.key)
+        super().__init__(hub, parse_work, slow)
+        #: what the tasks' closure carries to make the fit's key (:mod:`.keys`)
+        self.task_key = fit_key.for_tasks
         self.address = (host, self.hub.port)
-        self.fail_first = fail_first(conf)
+        self.fail_first = fails
 
     def _start(self, action, description):
         from pyspark import InheritableThread
@@ -227,6 +254,9 @@ class ServingJob(HubSession):
             raise WorkersUnavailable(
                 f"executors cannot reach the driver's hub at {host}:{port} (allow it on "
                 f"the firewall, or pin the port with {PORTS_CONF})")
+        if keys.NO_KEY_MARKER in text:
+            why = text.split(keys.NO_KEY_MARKER + ":", 1)[-1].strip().splitlines()[0]
+            raise WorkersUnavailable(f"the serving tasks cannot make the fit's key ({why})")
         if "cancel" in text.lower() and not self._cancelling:
             raise Cancelled(f"the fit was cancelled: {text.splitlines()[0]}")
         raise WorkersFailed(text) from None

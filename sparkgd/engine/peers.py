@@ -1,22 +1,28 @@
 """A serving task's links to other tasks (the ``tree`` and ``ring`` topologies).
 
-Every serving task listens on the address it reaches the driver from and tells the
-hub (OP_ADDRESS). For each *epoch* -- the tasks that were connected when the hub last
+Every serving task listens on the address it reaches the hub from and tells the hub
+(OP_ADDRESS). For each *epoch* -- the tasks that were connected when the hub last
 handed out addresses (OP_PEERS) -- a task opens its links at the first pass: it
 connects to one task (tree: its parent; ring: the next task) and accepts from the
 others (tree: its children; ring: the previous task)::
 
-    connector -> acceptor   magic, index, epoch, nonce_c + tag(secret; that header)
-    acceptor  -> connector  nonce_a + tag(secret; header, nonce_a)
+    connector -> acceptor   magic, nonce_c, X25519 share_c                      clear
+                            + sealed (the fit's key): index, epoch
+    acceptor  -> connector  nonce_a, X25519 share_a                             clear
+                            + sealed (the link's key): "ok"
+    connector -> acceptor   a sealed frame (the link's key): the link is taken
 
-then frames exactly as to the hub (:class:`~sparkgd.engine.wire.Channel`), under
-the key ``tag(secret; header, nonce_a)`` and directions of their own. The connector
-speaks first, so a ring of tasks that all connect before they accept cannot
-deadlock; a hello for another epoch, from an unexpected task or with a wrong tag is
-dropped (and counted). A link that fails mid-pass -- closed, reset, silent for four
-heartbeat intervals, a frame that does not check out -- raises :class:`PeerError`:
-the task closes all its links, so the tasks waiting on it stop waiting too, and tells
-the hub, which hands out a new epoch and redoes the pass (:mod:`.hub`).
+then sealed frames exactly as to the hub (:class:`~sparkgd.engine.wire.Channel`), under
+keys of their own from the fit's key, both shares' secret and both nonces. The
+connector speaks first, so a ring of tasks that all connect before they accept cannot
+deadlock. A hello for another epoch, from an unexpected task, that does not open, or
+that never confirms (a recorded hello played again cannot: it lacks the share's
+private half) takes no link, and many hellos are handled at once, each within
+:data:`HELLO_SECONDS`: strangers on a task's port cannot keep it from its links. A
+link that fails mid-pass -- closed, reset, silent for four heartbeat intervals, a
+frame that does not open -- raises :class:`PeerError`: the task closes all its links,
+so the tasks waiting on it stop waiting too, and tells the hub, which hands out a new
+epoch and redoes the pass (:mod:`.hub`).
 
 While a pass computes, the task's heartbeat also goes up its one outgoing link (to
 the parent, or the next task), so the task waiting on it can tell a slow pass from a
@@ -24,7 +30,6 @@ dead link.
 """
 from __future__ import annotations
 
-import hmac
 import os
 import queue
 import select
@@ -34,57 +39,109 @@ import threading
 import time
 
 from . import collective, wire
+from .seal import TAG, Sealer, Share, Unsealed, derive
 
 PEER_MAGIC = b"SGDP"
-#: Seconds a connection to a task's listener has to deliver its hello (a task sends it
-#: as soon as it connects).
+#: Seconds a connection to a task's listener has to deliver its hello and confirm it
+#: (a task sends both as soon as it can).
 HELLO_SECONDS = 5.0
-_PEER_HELLO = struct.Struct("<4siQ16s")       # magic, index, epoch, nonce
-CONNECTOR, ACCEPTOR = b"C", b"A"              # the directions a peer frame's MAC covers
+#: Hellos in progress at once on a task's listener; beyond, the oldest is dropped.
+MAX_PENDING = 64
+_CLEAR = struct.Struct("<4s16s32s")       # magic, nonce_c, share_c
+_WHO = struct.Struct("<iQ")               # index, epoch (sealed)
+_REPLY = struct.Struct("<16s32s")         # nonce_a, share_a
+_OK = b"sparkgd-peer-ok"
+HELLO_BYTES = _CLEAR.size + _WHO.size + TAG
+REPLY_BYTES = _REPLY.size + len(_OK) + TAG
 
 
 class PeerError(RuntimeError):
     """A link to another task failed (or was never made) during a pass."""
 
 
-def _hello_tag(secret, head):
-    return wire.tag(secret, b"sparkgd-peer-hello", head)
+def _hello_key(secret, nonce_c):
+    return derive(secret, nonce_c, b"peer hello")
 
 
-def _reply_tag(secret, head, nonce):
-    return wire.tag(secret, b"sparkgd-peer-reply", head, nonce)
+def _link_conn(secret, shared, nonce_c, nonce_a, connector):
+    material, salt = bytes(secret) + bytes(shared), bytes(nonce_c) + bytes(nonce_a)
+    to_acceptor = derive(material, salt, b"peer to acceptor")
+    to_connector = derive(material, salt, b"peer to connector")
+    return wire.Conn(to_acceptor, to_connector) if connector else \
+        wire.Conn(to_connector, to_acceptor)
 
 
-def _link_key(secret, head, nonce):
-    return wire.tag(secret, b"sparkgd-peer-key", head, nonce)
-
-
-def _recv_by(sock, n, deadline):
-    """Exactly ``n`` bytes by ``deadline`` (however slowly they trickle in), else
-    socket.timeout; EOFError if the peer closes first."""
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout(f"{got} of {n} bytes of a hello in time")
-        sock.settimeout(left)
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise EOFError(f"connection closed after {got} of {n} bytes")
-        got += k
-    return bytes(buf)
+def _ok_key(secret, shared, nonce_c, nonce_a):
+    return derive(bytes(secret) + bytes(shared), bytes(nonce_c) + bytes(nonce_a),
+                  b"peer ok")
 
 
 def open_listener(host):
-    """A blocking listener on ``host`` (the address this task reaches the driver
+    """A non-blocking listener on ``host`` (the address this task reaches the hub
     from), any free port; None when that cannot be done (the hub then keeps to star)."""
     try:
-        s = wire.listen(host)
-        s.setblocking(True)
-        return s
+        return wire.listen(host)
     except OSError:
         return None
+
+
+class _Hello:
+    """A connection on a task's listener, until it is a link or dropped: its hello
+    (read without blocking), the reply, its confirming frame."""
+
+    def __init__(self, sock, now):
+        self.sock = sock
+        self.deadline = now + HELLO_SECONDS
+        self.inbound = wire.Inbound(HELLO_BYTES)
+        self.stage = "hello"
+        self.index = self.epoch = None
+        self.nonce_c = self.share_c = None
+        self.conn = None
+        self.prefix = None
+
+    def read_hello(self, secret):
+        """The hello arrived: -> (index, epoch); ProtocolError when it does not open."""
+        data = bytes(self.inbound.buf)
+        clear, sealed = data[:_CLEAR.size], data[_CLEAR.size:]
+        magic, self.nonce_c, self.share_c = _CLEAR.unpack(clear)
+        if magic != PEER_MAGIC:
+            raise wire.ProtocolError("not a task of this fit")
+        try:
+            who = Sealer(_hello_key(secret, self.nonce_c)).open(clear, sealed)
+        except Unsealed:
+            raise wire.ProtocolError("not a task of this fit") from None
+        self.index, self.epoch = _WHO.unpack(who)
+        return self.index, self.epoch
+
+    def reply(self, secret):
+        """Answer with this end's share; -> the link's frames (once confirmed)."""
+        mine, nonce_a = Share(), os.urandom(wire.NONCE)
+        try:
+            shared = mine.shared(self.share_c)
+        except Unsealed as e:
+            raise wire.ProtocolError(str(e)) from None
+        clear = _REPLY.pack(nonce_a, mine.public)
+        ok = Sealer(_ok_key(secret, shared, self.nonce_c, nonce_a)).seal(clear, _OK)
+        self.sock.setblocking(True)
+        self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
+        self.sock.sendall(clear + ok)
+        self.sock.setblocking(False)
+        self.conn = _link_conn(secret, shared, self.nonce_c, nonce_a, connector=False)
+        self.stage = "prefix"
+        self.inbound.expect(wire.PREFIX_BYTES)
+
+    def confirmed(self):
+        """The connector's first frame arrived and opens: the link is taken."""
+        if self.stage == "prefix":
+            self.prefix = bytes(self.inbound.buf)
+            _, _, rest = wire.parse_prefix(self.prefix, 0)
+            self.stage = "confirm"
+            self.inbound.expect(rest)
+            return False
+        frame = self.conn.open(self.prefix, self.inbound.buf)
+        if frame.op != wire.OP_ALIVE:
+            raise wire.ProtocolError(f"op {frame.op} where a link's confirmation was due")
+        return True
 
 
 class _Sender(threading.Thread):
@@ -144,7 +201,8 @@ class Links:
         self.sender = None        # ring: sends to the next task
         self.sent = 0             # payload bytes sent to other tasks (this pass)
         self.rejected = 0         # strangers and stale hellos dropped
-        self.parked = []          # hellos for a later epoch: (epoch, index, socket, header)
+        self.hellos = []          # connections on the listener, hellos in progress
+        self.parked = []          # hellos (opened) for a later epoch
         self.max_payload = wire.MAX_PAYLOAD
         self.last_pass = 0        # the last pass that came down from a parent
 
@@ -189,23 +247,24 @@ class Links:
         pending = None
         try:
             if target is not None:
-                pending = self._connect(target)
+                pending = self._connect(target, deadline)
             for j in sources:
                 self.down[j] = None
             parked, self.parked = self.parked, []
-            for epoch, j, sock, head in parked:   # they came before this task got here
-                if epoch == self.epoch and self.down.get(j, 0) is None:
-                    self._take(j, sock, head)
-                elif epoch > self.epoch:
-                    self.parked.append((epoch, j, sock, head))
+            for hello in parked:          # they came before this task got here
+                if hello.epoch == self.epoch and self.down.get(hello.index, 0) is None:
+                    self._answer(hello)
+                elif hello.epoch > self.epoch:
+                    self.parked.append(hello)
                 else:
-                    sock.close()
-            while any(c is None for c in self.down.values()):
-                self._accept(deadline)
-            if pending is not None:
-                self.up = self._finish(*pending)
-                pending = None
-                self.sender = _Sender(self.up)
+                    hello.sock.close()
+            # the outgoing link's reply is taken as it comes, among the hellos: in a
+            # ring every task waits on its predecessor's confirmation
+            while pending is not None or any(c is None for c in self.down.values()):
+                if self._serve_listener(deadline, pending):
+                    self.up = self._finish(*pending, deadline)
+                    pending = None
+                    self.sender = _Sender(self.up)
         except PeerError:
             self.close()
             raise
@@ -217,13 +276,17 @@ class Links:
             if pending is not None:
                 pending[0].close()
 
-    def _connect(self, j):
+    def _connect(self, j, deadline):
         host, port = self.addresses[j]
-        sock = socket.create_connection((host, port), timeout=self.timeout)
+        sock = socket.create_connection((host, port),
+                                        timeout=max(0.001, deadline - time.monotonic()))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        head = _PEER_HELLO.pack(PEER_MAGIC, self.index, self.epoch, os.urandom(wire.NONCE))
-        sock.sendall(head + _hello_tag(self.secret, head))
-        return sock, head
+        mine, nonce_c = Share(), os.urandom(wire.NONCE)
+        clear = _CLEAR.pack(PEER_MAGIC, nonce_c, mine.public)
+        sealed = Sealer(_hello_key(self.secret, nonce_c)).seal(
+            clear, _WHO.pack(self.index, self.epoch))
+        sock.sendall(clear + sealed)
+        return sock, mine, nonce_c
 
     def _wait(self, sock, deadline=None):
         """Until ``sock`` is readable; PeerError as soon as the hub says anything but
@@ -250,55 +313,121 @@ class Links:
             return False
         except OSError:
             return True
-        return not head or head[0] != wire.OP_SUMS
+        return not head or head[0] not in (wire.OP_SUMS, wire.OP_LIMIT)
 
-    def _finish(self, sock, head):
-        self._wait(sock, time.monotonic() + self.timeout)
-        reply = wire.recv_exact(sock, wire.NONCE + wire.TAG)
-        nonce, got = bytes(reply[:wire.NONCE]), bytes(reply[wire.NONCE:])
-        if not hmac.compare_digest(got, _reply_tag(self.secret, head, nonce)):
-            raise wire.ProtocolError("a peer reply with a wrong tag")
-        return wire.Channel(sock, _link_key(self.secret, head, nonce), CONNECTOR, ACCEPTOR,
-                            patient=True)
+    def _finish(self, sock, mine, nonce_c, deadline):
+        """The acceptor's reply -> the link (its first frame confirms it)."""
+        self._wait(sock, deadline)
+        reply = bytes(wire.recv_exact(sock, REPLY_BYTES, deadline))
+        nonce_a, share_a = _REPLY.unpack(reply[:_REPLY.size])
+        try:
+            shared = mine.shared(share_a)
+            ok = Sealer(_ok_key(self.secret, shared, nonce_c, nonce_a)).open(
+                reply[:_REPLY.size], reply[_REPLY.size:])
+        except Unsealed:
+            raise wire.ProtocolError("a peer reply that does not open") from None
+        if ok != _OK:
+            raise wire.ProtocolError("a peer reply that does not say ok")
+        sock.settimeout(self.timeout)
+        chan = wire.Channel(sock, _link_conn(self.secret, shared, nonce_c, nonce_a,
+                                             connector=True), patient=True)
+        chan.send(wire.OP_ALIVE)          # the confirmation: the link is taken
+        return chan
 
-    def _accept(self, deadline):
-        left = deadline - time.monotonic()
-        if left <= 0:
+    def _serve_listener(self, deadline, pending=None):
+        """One round over the listener and the hellos in progress: accept what is
+        there, read what arrived, drop what is late or wrong; a confirmed hello for this
+        epoch becomes a link. -> True when ``pending`` (the outgoing link's socket,
+        first) has its reply waiting."""
+        now = time.monotonic()
+        if now >= deadline:
             missing = [j for j, c in self.down.items() if c is None]
             raise socket.timeout(f"tasks {missing} did not connect within "
+                                 f"{self.timeout:g}s" if missing else
+                                 f"no word from task {self.roles()[0]} in "
                                  f"{self.timeout:g}s")
-        self._wait(self.listener, deadline)
-        self.listener.settimeout(left)
-        sock, _ = self.listener.accept()
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            data = _recv_by(sock, _PEER_HELLO.size + wire.TAG,
-                            time.monotonic() + min(left, HELLO_SECONDS))
-            head, got = data[:_PEER_HELLO.size], data[_PEER_HELLO.size:]
-            magic, j, epoch, _ = _PEER_HELLO.unpack(head)
-            if magic != PEER_MAGIC or not hmac.compare_digest(got, _hello_tag(self.secret,
-                                                                            head)):
-                raise wire.ProtocolError("not a task of this fit")
-            if epoch > self.epoch:
-                # the hub has moved on (this pass is being redone): keep the hello for
-                # then, and stop waiting for this epoch's links
-                self.parked.append((epoch, j, sock, head))
-                raise PeerError(f"task {self.index}: task {j} links for epoch {epoch}; "
-                                f"this is epoch {self.epoch}")
-            if epoch != self.epoch or self.down.get(j, 0) is not None:
-                raise wire.ProtocolError("not a task of this epoch")
-            self._take(j, sock, head)
-        except (OSError, EOFError, wire.ProtocolError):
-            self.rejected += 1
-            sock.close()
+        for hello in [h for h in self.hellos if now > h.deadline]:
+            self._drop(hello)
+        watch = ([] if self.listener is None else [self.listener]) + \
+            [h.sock for h in self.hellos]
+        if pending is not None:
+            watch.append(pending[0])
+        if self.hub_sock is not None:
+            watch.append(self.hub_sock)
+        wake = min([deadline] + [h.deadline for h in self.hellos])
+        ready, _, _ = select.select(watch, [], [], max(0.0, wake - now))
+        if self.hub_sock in ready and self._hub_moved_on():
+            raise PeerError(f"task {self.index}: the driver moved on (epoch {self.epoch})")
+        if self.listener is not None and self.listener in ready:
+            self._take_connections()
+        for hello in [h for h in self.hellos if h.sock in ready]:
+            self._read(hello)
+        return pending is not None and pending[0] in ready
 
-    def _take(self, j, sock, head):
-        """Answer task ``j``'s checked hello: the link is open."""
-        nonce = os.urandom(wire.NONCE)
-        sock.sendall(nonce + _reply_tag(self.secret, head, nonce))
-        sock.settimeout(self.timeout)
-        self.down[j] = wire.Channel(sock, _link_key(self.secret, head, nonce), ACCEPTOR,
-                                    CONNECTOR)
+    def _take_connections(self):
+        for _ in range(MAX_PENDING):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:   # out of descriptors: shed the oldest hello in progress
+                if self.hellos:
+                    self._drop(self.hellos[0])
+                return
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            while len(self.hellos) >= MAX_PENDING:
+                self._drop(self.hellos[0])
+            self.hellos.append(_Hello(sock, time.monotonic()))
+
+    def _read(self, hello):
+        try:
+            while hello.inbound.fill(hello.sock):
+                if hello.stage == "hello":
+                    j, epoch = hello.read_hello(self.secret)
+                    if epoch > self.epoch:
+                        # the hub has moved on (this pass is being redone): keep the hello
+                        # for then, and stop waiting for this epoch's links
+                        self.hellos.remove(hello)
+                        self.parked.append(hello)
+                        raise PeerError(f"task {self.index}: task {j} links for epoch "
+                                        f"{epoch}; this is epoch {self.epoch}")
+                    if epoch != self.epoch or self.down.get(j, 0) is not None:
+                        raise wire.ProtocolError("not a task of this epoch")
+                    hello.reply(self.secret)
+                elif hello.confirmed():
+                    self.hellos.remove(hello)
+                    self._take(hello)
+                    return
+        except PeerError:
+            raise
+        except (OSError, EOFError, wire.ProtocolError):
+            self._drop(hello)
+
+    def _answer(self, hello):
+        """A parked hello of this epoch: answer it now; its confirmation comes next."""
+        try:
+            hello.deadline = time.monotonic() + HELLO_SECONDS
+            hello.reply(self.secret)
+            self.hellos.append(hello)
+        except (OSError, wire.ProtocolError):
+            self.rejected += 1
+            hello.sock.close()
+
+    def _drop(self, hello):
+        self.rejected += 1
+        if hello in self.hellos:
+            self.hellos.remove(hello)
+        hello.sock.close()
+
+    def _take(self, hello):
+        """Task ``hello.index``'s confirmed link: open."""
+        hello.sock.setblocking(True)
+        hello.sock.settimeout(self.timeout)
+        self.down[hello.index] = wire.Channel(hello.sock, hello.conn)
 
     # ------------------------------------------------------------------ messages
 
@@ -347,9 +476,9 @@ class Links:
     def close(self, parked=False):
         """Close this epoch's links (``parked``: the hellos kept for later ones too)."""
         if parked:
-            for _, _, sock, _ in self.parked:
-                sock.close()
-            self.parked = []
+            for hello in self.parked + self.hellos:
+                hello.sock.close()
+            self.parked, self.hellos = [], []
         if self.sender is not None:
             self.sender.stop()
             self.sender = None

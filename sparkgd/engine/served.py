@@ -29,7 +29,7 @@ from .. import codecs
 from ..data.arrow import BadInput, stack_csr, stored_dense, xyw_batches
 from ..data.facts import block_info, merge_infos
 from ..stats import block_moments, merge_moments
-from . import jobs, task, wire
+from . import jobs, keys, task, wire
 from .hub import TaskLost, WorkersFailed, WorkersUnavailable
 from .slots import coalesced_input_partitions
 
@@ -56,6 +56,7 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1, time
     ctx = TaskContext.get()
     index = ctx.partitionId() if ctx is not None else 0
     attempt = ctx.attemptNumber() if ctx is not None else 0
+    secret = keys.for_task(secret)       # the fit's key, from what the closure carried
     blocks, facts, moments = build_blocks(batches, spec, dtype, index)
     serve_blocks(address, secret, index, attempt, blocks, facts, moments, threads, timeout,
                  parse_work)
@@ -143,7 +144,7 @@ class ServedJob(jobs.ServingJob):
         self.certified = False
         self.lost = False
         hub = self.hub
-        address, secret, timeout = self.address, hub.secret, self.connect_seconds
+        address, secret, timeout = self.address, self.task_key, self.connect_seconds
         fails = self.fail_first
 
         def body(it, _spec=spec, _dtype=dtype, _threads=threads, _work=parse_work):

@@ -94,18 +94,6 @@ def dynamic_allocation(sc):
     return sc.getConf().get("spark.dynamicAllocation.enabled", "false").strip().lower() == "true"
 
 
-#: Spark confs that turn on encryption of Spark's own traffic.
-ENCRYPTION_CONFS = ("spark.network.crypto.enabled", "spark.ssl.enabled", "spark.ssl.rpc.enabled",
-                    "spark.authenticate.enableSaslEncryption")
-
-
-def spark_encrypts(sc):
-    """Whether Spark encrypts its network traffic (then sparkgd opens no channel of its
-    own, which is authenticated but not encrypted)."""
-    conf = sc.getConf()
-    return any(conf.get(k, "false").strip().lower() == "true" for k in ENCRYPTION_CONFS)
-
-
 #: Spark conf: how many serving tasks a fit from a Spark Connect session runs (its
 #: client cannot ask the cluster how many task slots it has).
 TASKS_CONF = "spark.sparkgd.tasks"

@@ -88,7 +88,7 @@ class _State:
         self.sums = 0             # floats in a pass's vector of sums, past the two leading
         self.loss = self.layout = None
         self.codec = self.theta_codec = codecs.NONE
-        self.max_frame = wire.MAX_JSON       # until the configuration says how wide
+        self.max_frame = wire.FIRST_FRAME    # the hub raises it (OP_LIMIT, sealed)
         self.held = None          # the theta this task holds (differences apply to it)
         self.residual = None      # error feedback: what it has not sent yet
         self.snapshot = None      # (pass, the residual before it): a pass the hub redid
@@ -210,19 +210,22 @@ def _loop(chan, links, state, run_pass, links_up):
             run_pass(frame)
             continue
         try:
-            # a header is read before its MAC can be checked: allocate no more than
-            # the largest frame the hub sends (a configuration, or theta in full)
+            # a frame's size is read before the frame opens: allocate no more than the
+            # largest the hub said it sends (OP_LIMIT) or theta in full
             frame = chan.recv(state.max_frame)
         except (EOFError, ConnectionResetError, BrokenPipeError):
             return            # the driver ended the session (or died, or replaced us)
         if frame.op == wire.OP_STOP:
             return
+        if frame.op == wire.OP_LIMIT:
+            state.max_frame = min(wire.MAX_PAYLOAD, max(state.max_frame, int(frame.iteration)))
+            continue
         if frame.op == wire.OP_CONFIG:
             state.configure(json.loads(bytes(frame.payload)))
             n = state.layout.size
             links.max_payload = max(co.theta_bytes(codecs.NONE, n, False),
                                     co.sums_bytes(codecs.NONE, max(n, state.sums)))
-            state.max_frame = max(wire.MAX_JSON, co.theta_bytes(codecs.NONE, n, False))
+            state.max_frame = max(state.max_frame, co.theta_bytes(codecs.NONE, n, False))
             continue
         if frame.op == wire.OP_PEERS:
             config = json.loads(bytes(frame.payload))

@@ -1,117 +1,271 @@
-"""Both ends of the wire between the driver's hub and the serving tasks.
+"""Both ends of the wire between the fit's hub and the serving tasks: sealed frames.
 
-The handshake proves a task holds this fit's secret without sending it, and binds
-everything after it to this one connection::
+The handshake proves that a task holds the fit's key without sending it, and every
+later key comes from that key, both ends' fresh nonces and an X25519 exchange::
 
-    hub  -> task   CHALLENGE  magic, version, the hub's nonce (16 random bytes)
-    task -> hub    HELLO      magic, the task's nonce, task index, attempt, body sizes
-                              + tag(secret; both nonces, header)  -- checked before
-                                the hub reads (or allocates) any of the body
-                              + body: block keys (int64), facts (JSON), floats (float64)
-                              + tag(secret; both nonces, header, body)
-    hub  -> task   ACCEPT or REJECT, the first frame (below)
+    hub  -> task   CHALLENGE  magic, version, the hub's nonce, its X25519 share     clear
+    task -> hub    HELLO      magic, the task's nonce, its X25519 share             clear
+                              + sealed head: task index, attempt, body sizes -- opened
+                                before the hub reads (or allocates) any of the body
+                              + sealed body: block keys (int64), facts (JSON), floats
+    hub  -> task   ACCEPT or REJECT: the first frame (below)
 
 Then every message, either way, is a frame::
 
-    header: op, sequence number, pass number, iteration, seed, fraction, payload bytes
-    payload (raw little-endian float64, or JSON for OP_CONFIG)
-    HMAC-SHA256(connection key; direction, header, payload)
+    prefix  op, payload bytes                                 clear, covered by the tag
+    sealed  pass number, iteration, seed, fraction, payload   AES-256-GCM
 
-The connection key is ``HMAC(secret; both nonces)``: a hello or frame recorded on one
-connection is worthless on any other. Sequence numbers (one per direction, from 0)
-refuse a replayed, dropped or reordered frame within a connection, and a reply
-carries the pass number of the request it answers. Lengths are checked before
-anything is allocated; nothing received is unpickled or eval'd.
+Keys (HKDF-SHA256 of the fit's key and the two shares' secret, salted with both nonces:
+:mod:`.seal`) are one per connection and direction; a frame's GCM nonce is its sequence
+number in its direction. A recording of the whole fit does not open a frame even
+where the fit's key itself was readable on the way to the tasks (a closure Spark did
+not encrypt: :mod:`.keys`): the shares' secret never travels. So a frame or hello recorded on one connection does not open on another,
+and a replayed, dropped, reordered or altered frame does not open at all: the
+connection is dropped. The hello's body (the task's facts, its feature moments),
+theta, the sums, the DP sampling seed: all sealed. What stays clear is the size of
+each frame and its op.
 
-The task's handshake lives here too (:func:`connect`); what a task does with its
-frames is :mod:`.task`, its links to other tasks :mod:`.peers`. The driver's end is
-:class:`sparkgd.engine.hub.Hub`, which speaks the same frames without ever blocking
-(:class:`Inbound`).
+Lengths are checked before anything is allocated: a hello's body only once its sealed
+head opened; a frame's payload against the largest the receiver can legitimately get
+(a task starts at :data:`FIRST_FRAME`; the hub raises that bound with an OP_LIMIT frame,
+sealed, before it sends anything larger). Nothing received is unpickled or eval'd.
+
+The task's handshake lives here too (:func:`connect`, one deadline for connecting,
+hello and verdict); what a task does with its frames is :mod:`.task`, its links to
+other tasks :mod:`.peers`. The hub's end is :class:`Greeting` (a handshake) and
+:class:`Conn` (the frames) read by :class:`Inbound` without ever blocking
+(:class:`sparkgd.engine.hub.Hub`).
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from .seal import TAG, Sealer, Share, Unsealed, derive
+
 MAGIC = b"SGDW"
-VERSION = 2
+VERSION = 3
 NONCE = 16
-TAG = 32                                     # HMAC-SHA256
-_CHALLENGE = struct.Struct("<4sH16s")        # magic, version, hub nonce
-_HELLO = struct.Struct("<4s16siiQQQ")        # magic, task nonce, index, attempt, keys,
-# facts bytes, floats; + tag; then the body: (partition, position, rows) as 3 int64 per
-# block, the facts (JSON), the floats (float64: the feature moments at any width); + tag
-_FRAME = struct.Struct("<B3xQQqQdQ")         # op, seq, pass, iteration, seed, fraction, bytes
+_CHALLENGE = struct.Struct("<4sH16s32s")     # magic, version, hub nonce, hub share
+_HELLO_CLEAR = struct.Struct("<4s16s32s")    # magic, task nonce, task share
+_HELLO_HEAD = struct.Struct("<iiQQQ")        # index, attempt, keys, facts bytes, floats
+# the hello's body: (partition, position, rows) as 3 int64 per block, the facts (JSON),
+# the floats (float64: the feature moments at any width)
+_PREFIX = struct.Struct("<B3xQ")             # op, payload bytes
+_HEAD = struct.Struct("<QqQd")               # pass, iteration, seed, fraction (sealed)
 (OP_STOP, OP_SUMS, OP_CONFIG, OP_REPLY, OP_ACCEPT, OP_REJECT, OP_ALIVE, OP_PEERS, OP_ADDRESS,
- OP_PEER_FAIL) = range(10)
+ OP_PEER_FAIL, OP_LIMIT) = range(11)
 # OP_PEERS (hub -> task, JSON): the topology of this epoch and every task's address;
 # OP_ADDRESS (task -> hub, JSON): where the task listens for other tasks;
-# OP_PEER_FAIL (task -> hub, text): a link to another task failed during the pass.
+# OP_PEER_FAIL (task -> hub, text): a link to another task failed during the pass;
+# OP_LIMIT (hub -> task): the largest payload the hub sends from now on (``iteration``).
 # OP_REPLY and OP_PEER_FAIL carry in ``iteration`` the payload bytes the task sent to
 # other tasks during the pass.
-TO_TASK, TO_HUB = b"D", b"T"                 # the direction a frame's MAC covers
+OP_LAST = OP_LIMIT
 #: refuse absurd sizes before allocating (2**31 float64 = 16 GiB)
 MAX_FLOATS = 1 << 31
 MAX_JSON = 1 << 26
 MAX_PAYLOAD = 8 * MAX_FLOATS
+#: The largest payload a task accepts before the hub has said otherwise (OP_LIMIT).
+FIRST_FRAME = 1 << 16
 SEED_MOD = 1 << 64
+#: Bytes a hub reads of a hello before it allocates anything for its body.
+HELLO_HEAD_BYTES = _HELLO_CLEAR.size + _HELLO_HEAD.size + TAG
+PREFIX_BYTES = _PREFIX.size
+CHALLENGE_BYTES = _CHALLENGE.size
 
 
 class ProtocolError(ValueError):
-    """Bytes that are not a frame of this connection: wrong tag, sequence, size or op."""
+    """Bytes that are not a frame of this connection: one that does not open, a wrong
+    size or op."""
 
 
 class HubUnreachable(ConnectionError):
-    """A serving task could not reach the driver's hub (firewall, wrong address)."""
+    """A serving task could not reach the fit's hub (firewall, wrong address), or could
+    not complete its hello there (a flood on the hub's port, a stranger on the way)."""
 
 
-#: In a task's error message: the driver then falls back to passes without sockets.
+#: In a task's error message: the fit then falls back to passes without sockets.
 UNREACHABLE_MARKER = "sparkgd-hub-unreachable"
 
 
-def tag(key, *parts):
-    h = hmac.new(key, digestmod=hashlib.sha256)
-    for p in parts:
-        h.update(p)
-    return h.digest()
+class Keys:
+    """The keys of one hub connection: HKDF of the fit's key and the X25519 shares'
+    secret, over both nonces."""
+
+    def __init__(self, fit_key, shared, hub_nonce, task_nonce, purpose=b"hub"):
+        salt = bytes(hub_nonce) + bytes(task_nonce)
+        material = bytes(fit_key) + bytes(shared)
+        self.hello = derive(material, salt, purpose + b" hello")
+        self.to_task = derive(material, salt, purpose + b" to task")
+        self.to_hub = derive(material, salt, purpose + b" to hub")
 
 
-def connection_key(secret, hub_nonce, task_nonce):
-    return tag(secret, b"sparkgd-connection", hub_nonce, task_nonce)
+class Conn:
+    """The sealed frames of one connection, at either end: ``send_key`` seals what
+    this end sends, ``recv_key`` opens what it receives."""
+
+    def __init__(self, send_key, recv_key):
+        self._out, self._in = Sealer(send_key), Sealer(recv_key)
+
+    @property
+    def send_seq(self):
+        return self._out.seq
+
+    @property
+    def recv_seq(self):
+        return self._in.seq
+
+    def frame(self, op, payload=b"", pass_no=0, iteration=0, seed=0, fraction=1.0):
+        """One frame as buffers to send in order: the clear prefix, the sealed rest.
+        ``payload``: one buffer or array, or a list of them (one payload)."""
+        body = [as_bytes(p) for p in payload] if isinstance(payload, list) else \
+            [as_bytes(payload)]
+        size = sum(b.nbytes for b in body)
+        head = _HEAD.pack(int(pass_no), int(iteration), int(seed) % SEED_MOD, float(fraction))
+        prefix = _PREFIX.pack(op, size)
+        plain = head + b"".join(body) if size else head
+        return [prefix, self._out.seal(prefix, plain)]
+
+    def open(self, prefix, sealed):
+        """The prefix and the sealed rest of a frame -> :class:`Frame`;
+        ProtocolError when it does not open (as this connection's next)."""
+        op, size = _PREFIX.unpack(bytes(prefix))
+        try:
+            plain = self._in.open(prefix, sealed)
+        except Unsealed as e:
+            raise ProtocolError(str(e)) from None
+        if len(plain) != _HEAD.size + size:
+            raise ProtocolError(f"a frame of {len(plain)} bytes where its prefix says "
+                                f"{_HEAD.size + size}")
+        pass_no, iteration, seed, fraction = _HEAD.unpack_from(plain)
+        return Frame(op, self._in.seq - 1, pass_no, iteration, seed, fraction,
+                     memoryview(plain)[_HEAD.size:])
 
 
-class Mac:
-    """HMAC-SHA256 under one connection's key; keyed once, copied per frame (a fresh
-    HMAC object per frame costs several times more)."""
-
-    def __init__(self, key):
-        self._base = hmac.new(key, digestmod=hashlib.sha256)
-
-    def __call__(self, *parts):
-        h = self._base.copy()
-        for p in parts:
-            h.update(p)
-        return h.digest()
+def parse_prefix(prefix, max_payload=MAX_PAYLOAD):
+    """-> (op, payload bytes, sealed bytes to read); ProtocolError for an op this
+    version does not know or a payload larger than ``max_payload``."""
+    op, size = _PREFIX.unpack(bytes(prefix))
+    if op > OP_LAST or size > max_payload:
+        raise ProtocolError(f"bad frame header (op {op}, {size} bytes)")
+    return op, size, sealed_size(size)
 
 
-def hello_head_tag(secret, hub_nonce, head):
-    return tag(secret, b"sparkgd-hello-head", hub_nonce, head)
+def sealed_size(payload_bytes):
+    """Bytes after a frame's prefix, for a payload of ``payload_bytes``."""
+    return _HEAD.size + int(payload_bytes) + TAG
 
 
-def hello_tag(secret, hub_nonce, head, *body):
-    return tag(secret, b"sparkgd-hello", hub_nonce, head, *body)
+def frame_bytes(payload_bytes):
+    """Bytes a whole frame takes on the wire."""
+    return _PREFIX.size + sealed_size(payload_bytes)
+
+
+@dataclass
+class Frame:
+    op: int
+    seq: int
+    pass_no: int
+    iteration: int
+    seed: int
+    fraction: float
+    payload: memoryview
+
+    def floats(self):
+        return np.frombuffer(self.payload, dtype="<f8")
+
+
+# ----------------------------------------------------------------- the handshake
+
+
+class Greeting:
+    """The hub's end of one connection's handshake: :meth:`challenge` to send,
+    :meth:`head` once :data:`HELLO_HEAD_BYTES` arrived (-> the body's size to read),
+    :meth:`body` once those arrived (-> what the task said), then :meth:`conn`.
+    ``share``: the hub's X25519 :class:`~.seal.Share` (one per fit)."""
+
+    def __init__(self, fit_key, share):
+        self.fit_key, self.share = fit_key, share
+        self.nonce = os.urandom(NONCE)
+        self.index = self.attempt = None
+        self.sizes = None
+        self._keys = self._hello = self._clear = None
+
+    def challenge(self):
+        return _CHALLENGE.pack(MAGIC, VERSION, self.nonce, self.share.public)
+
+    def head(self, data):
+        """The hello's first bytes -> the sealed body's size; ProtocolError when they
+        are not this fit's (or claim absurd sizes)."""
+        data = bytes(data)
+        clear, sealed = data[:_HELLO_CLEAR.size], data[_HELLO_CLEAR.size:]
+        magic, task_nonce, task_share = _HELLO_CLEAR.unpack(clear)
+        if magic != MAGIC:
+            raise ProtocolError("not a task of this fit")
+        try:
+            shared = self.share.shared(task_share)
+            self._keys = Keys(self.fit_key, shared, self.nonce, task_nonce)
+            self._hello, self._clear = Sealer(self._keys.hello), clear + self.nonce
+            head = self._hello.open(self._clear, sealed)
+        except Unsealed:
+            raise ProtocolError("not a task of this fit") from None
+        index, attempt, nkeys, nfacts, nfloats = _HELLO_HEAD.unpack(head)
+        if nkeys > MAX_FLOATS // 3 or nfacts > MAX_JSON or nfloats > MAX_FLOATS:
+            raise ProtocolError(f"hello with {nkeys} blocks, {nfacts} bytes of facts and "
+                                f"{nfloats} values")
+        self.index, self.attempt = index, attempt
+        self.sizes = (24 * nkeys, nfacts, 8 * nfloats)
+        return sum(self.sizes) + TAG
+
+    def body(self, data):
+        """The sealed body -> (block keys, facts bytes, floats)."""
+        try:
+            body = memoryview(self._hello.open(self._clear, data))
+        except Unsealed:
+            raise ProtocolError("a hello whose body does not open") from None
+        a, b, c = self.sizes
+        keys = sorted(tuple(int(v) for v in k) for k in
+                      np.frombuffer(body[:a], dtype="<i8").reshape(-1, 3))
+        return keys, bytes(body[a:a + b]), np.frombuffer(body[a + b:a + b + c],
+                                                         dtype="<f8").copy()
+
+    def conn(self):
+        return Conn(self._keys.to_task, self._keys.to_hub)
+
+
+def hello_parts(fit_key, hub_nonce, hub_share, index, attempt, keys=(), facts=b"",
+                floats=None):
+    """A task's hello to a hub that sent ``hub_nonce`` and ``hub_share``, as buffers to
+    send in order, and its connection's :class:`Keys`."""
+    keys = np.asarray(list(keys), dtype="<i8").reshape(-1, 3)
+    floats = np.zeros(0) if floats is None else np.ascontiguousarray(floats, dtype="<f8")
+    mine, task_nonce = Share(), os.urandom(NONCE)
+    try:
+        shared = mine.shared(hub_share)
+    except Unsealed as e:
+        raise ProtocolError(str(e)) from None
+    ks = Keys(fit_key, shared, hub_nonce, task_nonce)
+    hello = Sealer(ks.hello)
+    clear = _HELLO_CLEAR.pack(MAGIC, task_nonce, mine.public)
+    head = _HELLO_HEAD.pack(int(index), int(attempt), keys.shape[0], len(facts), floats.size)
+    body = as_bytes(keys.ravel()).tobytes() + bytes(facts) + as_bytes(floats).tobytes()
+    return [clear, hello.seal(clear + hub_nonce, head),
+            hello.seal(clear + hub_nonce, body)], ks
+
+
+# ----------------------------------------------------------------- sockets
 
 
 def listen(bind, ports=(0,)):
     """A listening socket on ``bind`` (IPv4 or IPv6), the first free port of ``ports``
-    (non-blocking: the hub's; a task's peer listener sets its own timeouts)."""
+    (non-blocking: the hub's; a task's peer listener sets its own)."""
     infos = socket.getaddrinfo(bind, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, sockaddr = infos[0]
     last = None
@@ -126,12 +280,19 @@ def listen(bind, ports=(0,)):
     raise OSError(f"no free port on {bind} in {ports[0]}-{ports[-1]}: {last}")
 
 
-def recv_exact(sock, n):
-    """Exactly ``n`` bytes, or EOFError if the peer closed first."""
+def recv_exact(sock, n, deadline=None):
+    """Exactly ``n`` bytes, or EOFError if the peer closed first; with ``deadline``
+    (a ``time.monotonic()``), socket.timeout once it passed, however slowly the bytes
+    trickle in."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout(f"{got} of {n} bytes in time")
+            sock.settimeout(left)
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise EOFError(f"connection closed after {got} of {n} bytes")
@@ -147,23 +308,11 @@ def as_bytes(payload):
     return memoryview(payload).cast("B") if len(payload) else memoryview(b"")
 
 
-def frame_parts(mac, direction, seq, op, payload=b"", pass_no=0, iteration=0, seed=0,
-                fraction=1.0):
-    """One frame as buffers to send in order: header, payload, MAC (``mac``: the
-    connection's :class:`Mac`). ``payload``: one buffer or array, or a list of them
-    sent one after another as one payload (never joined into a copy)."""
-    body = [as_bytes(p) for p in payload] if isinstance(payload, list) else \
-        [as_bytes(payload)]
-    head = _FRAME.pack(op, seq, pass_no, int(iteration), int(seed) % SEED_MOD,
-                       float(fraction), sum(b.nbytes for b in body))
-    return [head, *body, mac(direction, head, *body)]
-
-
 def send_parts(sock, parts, patient=None):
     """Send buffers in order with as few system calls (and TCP segments) as the socket
-    allows: one ``sendmsg`` for a small frame, not one send per piece. Blocking; on a
-    non-blocking socket use :func:`send_some`. ``patient``: on a socket timeout, keep
-    waiting while ``patient()`` is true (a slow reader is not a dead one)."""
+    allows. Blocking; on a non-blocking socket use :func:`send_some`. ``patient``: on a
+    socket timeout, keep waiting while ``patient()`` is true (a slow reader is not a
+    dead one)."""
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     while views:
         try:
@@ -199,40 +348,9 @@ def _consume(views, sent):
     return rest
 
 
-@dataclass
-class Frame:
-    op: int
-    seq: int
-    pass_no: int
-    iteration: int
-    seed: int
-    fraction: float
-    payload: bytearray
-
-    def floats(self):
-        return np.frombuffer(self.payload, dtype="<f8")
-
-
-def parse_head(head, max_payload=MAX_PAYLOAD):
-    op, seq, pass_no, iteration, seed, fraction, size = _FRAME.unpack(head)
-    if op > OP_PEER_FAIL or size > max_payload:
-        raise ProtocolError(f"bad frame header (op {op}, {size} bytes)")
-    return op, seq, pass_no, iteration, seed, fraction, size
-
-
-def check_frame(mac, direction, expected_seq, head, payload, got):
-    """-> the Frame, or ProtocolError when its MAC or sequence number is wrong."""
-    op, seq, pass_no, iteration, seed, fraction, _ = parse_head(head)
-    if not hmac.compare_digest(bytes(got), mac(direction, head, payload)):
-        raise ProtocolError("frame with a wrong MAC")
-    if seq != expected_seq:
-        raise ProtocolError(f"frame {seq} where {expected_seq} was due (replayed or lost)")
-    return Frame(op, seq, pass_no, iteration, seed, fraction, payload)
-
-
 class Inbound:
     """Reads one connection's bytes without blocking: a fixed-size piece at a time, into
-    a buffer allocated for exactly it (large payloads land without copies)."""
+    a buffer allocated for exactly it."""
 
     def __init__(self, size):
         self.expect(size)
@@ -264,13 +382,11 @@ class Inbound:
 # ----------------------------------------------------------------- the task's end
 
 class Channel:
-    """A task's end of an authenticated connection (blocking): to the hub, or to
-    another task (:mod:`.peers`, with directions of its own)."""
+    """A task's end of a sealed connection (blocking): to the hub, or to another task
+    (:mod:`.peers`)."""
 
-    def __init__(self, sock, key, send_dir=TO_HUB, recv_dir=TO_TASK, patient=False):
-        self.sock, self.mac = sock, Mac(key)
-        self.send_dir, self.recv_dir = send_dir, recv_dir
-        self.send_seq = self.recv_seq = 0
+    def __init__(self, sock, conn, patient=False):
+        self.sock, self.conn = sock, conn
         self.heartbeat = 0.0
         self.open = True
         self._patient = (lambda: self.open) if patient else None
@@ -278,74 +394,83 @@ class Channel:
 
     def send(self, op, payload=b"", **fields):
         with self._lock:
-            self._send(op, payload, fields)
+            send_parts(self.sock, self.conn.frame(op, payload, **fields), self._patient)
 
     def try_send(self, op):
         """Send a payload-less frame unless another send holds the channel (a
         heartbeat must not wait behind a message a slow reader has not taken yet)."""
         if self._lock.acquire(blocking=False):
             try:
-                self._send(op, b"", {})
+                send_parts(self.sock, self.conn.frame(op), self._patient)
             finally:
                 self._lock.release()
 
-    def _send(self, op, payload, fields):
-        parts = frame_parts(self.mac, self.send_dir, self.send_seq, op, payload, **fields)
-        self.send_seq += 1
-        send_parts(self.sock, parts, self._patient)
-
-    def recv(self, max_payload=MAX_PAYLOAD):
-        """The next frame; ProtocolError before allocating more than ``max_payload``."""
-        head = bytes(recv_exact(self.sock, _FRAME.size))
-        size = parse_head(head, max_payload)[-1]
-        rest = memoryview(recv_exact(self.sock, size + TAG))    # payload and MAC at once
-        frame = check_frame(self.mac, self.recv_dir, self.recv_seq, head, rest[:size],
-                            rest[size:])
-        self.recv_seq += 1
-        return frame
+    def recv(self, max_payload=MAX_PAYLOAD, deadline=None):
+        """The next frame; ProtocolError before allocating more than ``max_payload``
+        (nothing is trusted before it opens: the size in the clear prefix is not)."""
+        prefix = bytes(recv_exact(self.sock, _PREFIX.size, deadline))
+        _, _, rest = parse_prefix(prefix, max_payload)
+        return self.conn.open(prefix, recv_exact(self.sock, rest, deadline))
 
     def close(self):
         self.open = False
         self.sock.close()
 
 
-def connect(address, secret, index, attempt, keys=(), facts=b"", floats=None, timeout=60.0):
+#: Seconds a task gives connecting, its hello and the hub's verdict, in all.
+CONNECT_SECONDS = 60.0
+#: Times a task tries to get through its hello (a connection reset mid-hello: a
+#: flooded hub dropped it before it proved itself) before it gives up.
+HELLO_TRIES = 4
+
+
+def connect(address, fit_key, index, attempt, keys=(), facts=b"", floats=None,
+            timeout=CONNECT_SECONDS):
     """The task's handshake; -> an open :class:`Channel`, or None when the hub refused
-    the task. :class:`HubUnreachable` when no connection can be made."""
-    try:
-        sock = socket.create_connection(tuple(address), timeout=timeout)
-    except OSError as e:
-        raise HubUnreachable(f"{UNREACHABLE_MARKER}: task {index} cannot reach the driver "
-                             f"at {address[0]}:{address[1]} ({e})") from None
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        magic, version, hub_nonce = _CHALLENGE.unpack(recv_exact(sock, _CHALLENGE.size))
-        if magic != MAGIC or version != VERSION:
-            raise ProtocolError("not a sparkgd hub of this version")
-        nonce = os.urandom(NONCE)
-        send_parts(sock, hello_parts(secret, hub_nonce, nonce, index, attempt, keys, facts,
-                                     floats))
-        chan = Channel(sock, connection_key(secret, hub_nonce, nonce))
-        verdict = chan.recv()
-        if verdict.op == OP_REJECT:
+    the task. :class:`HubUnreachable` (marked: the fit then falls back) when no
+    connection can be made, or none completes its hello, within ``timeout`` seconds
+    in all."""
+    deadline = time.monotonic() + timeout
+    last = None
+    for _ in range(HELLO_TRIES):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            sock = socket.create_connection(tuple(address), timeout=left)
+        except OSError as e:
+            raise HubUnreachable(f"{UNREACHABLE_MARKER}: task {index} cannot reach the "
+                                 f"fit's hub at {address[0]}:{address[1]} ({e})") from None
+        try:
+            return _hello(sock, fit_key, index, attempt, keys, facts, floats, deadline)
+        except (OSError, EOFError) as e:    # reset mid-hello, or no verdict in time
             sock.close()
-            return None
-        if verdict.op != OP_ACCEPT:
-            raise ProtocolError(f"op {verdict.op} where the hub's verdict was due")
-        chan.heartbeat = verdict.fraction
-        sock.settimeout(None)
-        return chan
-    except BaseException:
+            last = e
+        except BaseException:
+            sock.close()
+            raise
+    raise HubUnreachable(f"{UNREACHABLE_MARKER}: task {index} could not complete its hello "
+                         f"at the fit's hub {address[0]}:{address[1]} in {timeout:g}s "
+                         f"({last or 'no time left'})")
+
+
+def _hello(sock, fit_key, index, attempt, keys, facts, floats, deadline):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    magic, version, hub_nonce, hub_share = _CHALLENGE.unpack(
+        recv_exact(sock, _CHALLENGE.size, deadline))
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError("not a sparkgd hub of this version")
+    parts, ks = hello_parts(fit_key, hub_nonce, hub_share, index, attempt, keys, facts,
+                            floats)
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
+    send_parts(sock, parts)
+    chan = Channel(sock, Conn(ks.to_hub, ks.to_task))
+    verdict = chan.recv(FIRST_FRAME, deadline)
+    if verdict.op == OP_REJECT:
         sock.close()
-        raise
-
-
-def hello_parts(secret, hub_nonce, nonce, index, attempt, keys=(), facts=b"", floats=None):
-    """The hello, as buffers to send in order (the floats without a copy)."""
-    keys = np.asarray(list(keys), dtype="<i8").reshape(-1, 3)
-    floats = np.zeros(0) if floats is None else np.ascontiguousarray(floats, dtype="<f8")
-    body = [as_bytes(keys.ravel()), memoryview(facts), as_bytes(floats)]
-    head = _HELLO.pack(MAGIC, nonce, int(index), int(attempt), keys.shape[0], len(facts),
-                       floats.size)
-    return [head, hello_head_tag(secret, hub_nonce, head), *body,
-            hello_tag(secret, hub_nonce, head, *body)]
+        return None
+    if verdict.op != OP_ACCEPT:
+        raise ProtocolError(f"op {verdict.op} where the hub's verdict was due")
+    chan.heartbeat = verdict.fraction
+    sock.settimeout(None)
+    return chan

@@ -44,7 +44,7 @@ def test_logistic_reaches_the_optimum_on_real_data(spark, cancer, caplog):
     got = full_objective(model_theta(model), X, y, None, "logistic", 1, 0.01, 0.0)
     assert got - f_star < 1e-6 * max(1.0, abs(f_star))
     assert abs(s.objectiveHistory[-1] - got) < 1e-12
-    assert s.engine == "served" and s.numRows == 569
+    assert s.engine == "served, sealed" and s.numRows == 569
     assert "[cluster] iter" in caplog.text
     # the training metrics came from the blocks, with Spark ML's names
     assert 0.9 < s.accuracy <= 1 and 0.9 < s.areaUnderROC <= 1
@@ -82,7 +82,7 @@ def test_every_estimator_reaches_its_optimum(spark, case):
         kw["loss"] = case["loss"]
     est = getattr(sparkgd, case["cls"])(**kw)
     model = est.fit(df)
-    assert model.summary.engine == "served"
+    assert model.summary.engine == "served, sealed"
     theta = model_theta(model)
     kk = k if case["loss"] == "multinomial" else 1
     if case.get("standardization"):
@@ -231,7 +231,7 @@ def test_classic_and_connect_give_the_same_model_and_read_each_others(spark, can
     told = json.loads(run.stdout.strip().splitlines()[-1])
     np.testing.assert_array_equal(told["theirs"], model_theta(model))
     classic = sparkgd.load_model(out)
-    assert told["engine"] == "served"
+    assert told["engine"] == "served, sealed"
     np.testing.assert_allclose(model_theta(classic), model_theta(model), rtol=1e-9, atol=1e-9)
     assert classic.summary.numRows == 569
 
