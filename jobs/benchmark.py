@@ -230,6 +230,11 @@ def main(argv=None):
                    help="--dp breast cancer: miniBatchFraction")
     p.add_argument("--bc-clip", type=float, default=1.0, help="--dp breast cancer: maxGradNorm")
     p.add_argument("--bc-reg", type=float, default=1e-3, help="--dp breast cancer: regParam")
+    p.add_argument("--crypto", action="store_true",
+                   help="a served pass with Spark's encryption on (a child application: "
+                        "spark.authenticate + spark.network.crypto.enabled) against this "
+                        "one's (jobs/bench_crypto.py)")
+    p.add_argument("--crypto-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None)
     p.add_argument("--memory-only", action="store_true",
                    help="only build sparkgd's blocks from the Parquet files and run passes, "
@@ -253,6 +258,10 @@ def main(argv=None):
 
     spark = SparkSession.builder.appName("sparkgd-benchmark").getOrCreate()
     sc = spark.sparkContext
+    if args.crypto or args.crypto_child:
+        import bench_crypto
+
+        return (bench_crypto.child if args.crypto_child else bench_crypto.run)(spark, args)
     if args.comm:
         import bench_comm
 
