@@ -62,6 +62,18 @@ class DistributedObjective:
 
     __call__ = smooth
 
+    def exact(self, theta):
+        """The smooth part and its gradient with every sum sent exactly, whatever
+        ``codec`` (gd's line search where a compressed gradient does not go downhill)."""
+        theta = np.asarray(theta, dtype=np.float64)
+        total = self.engine.evaluate(theta, self.loss, self.layout, None, codecs.NONE,
+                                     codecs.NONE)
+        self.evaluations += 1
+        weight = total[1]
+        if weight <= 0:
+            return self.penalty.add_l2(0.0, np.zeros(self.layout.size), theta)
+        return self.penalty.add_l2(float(total[0] / weight), total[2:] / weight, theta)
+
 
 def theta_codec_for(codec, optimizer, step_size):
     """The codec theta travels with: ``codec`` when the optimizer takes fixed steps
@@ -181,6 +193,13 @@ def run(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
             raise diverged("not finite", at["iteration"] + 1, checkpoint, "gradient")
         return f, g
 
+    exact_fun = None
+    if objective.codec.lossy and hasattr(objective, "exact"):
+        def exact_plain(u):
+            f, g = objective.exact(u if pre is None else pre.to_theta(u))
+            return f, (g if pre is None else pre.grad_to_u(g))
+
+        exact_fun = (lambda u: guarded(exact_plain(u)))
     plain_fun, plain_batch = fun, batch_fun
     fun = (lambda u: guarded(plain_fun(u)))
     if plain_batch is not None:
@@ -208,6 +227,8 @@ def run(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
         fun = replay.wrap(fun)
         if batch_fun is not None:
             batch_fun = replay.wrap(batch_fun, batch=True)
+        if exact_fun is not None:
+            exact_fun = replay.wrap(exact_fun)
     last = [start, objective.engine.bytes_communicated]
     times, hist, sent_hist = [], [], []
     origin = {"t": start, "base": 0.0}
@@ -236,7 +257,7 @@ def run(objective, x0, optimizer="lbfgs", max_iter=100, tol=1e-6, step_size=None
 
     res = optim.minimize(optimizer, fun, u0, max_iter=max_iter, tol=tol, step_size=step_size,
                          l1=l1_u, callback=progress, batch_fun=batch_fun,
-                         inexact=objective.codec.lossy)
+                         inexact=objective.codec.lossy, exact_fun=exact_fun)
     theta = res.x if pre is None else pre.to_theta(res.x)
     history = [float(v) for v in res.history]
     if history and not np.isfinite(history[-1]):

@@ -47,13 +47,15 @@ def preload(name):
 
 
 def minimize(name, fun, x0, max_iter=100, tol=1e-6, step_size=None, l1=None, callback=None,
-             batch_fun=None, inexact=False):
+             batch_fun=None, inexact=False, exact_fun=None):
     """Minimize ``fun(x)[0] + sum_j l1_j |x_j|`` from ``x0`` with optimizer ``name``.
 
     ``callback(iteration, F, grad_norm, step)`` is called after each iteration,
     with ``step`` the length of the step just taken. ``inexact``: the gradients are
-    compressed (F is exact): gd's line search then steps without BB and does not stop
-    on one small change (see :func:`~sparkgd.optim.gd.minimize_gd`).
+    compressed (F is exact): gd's line search then steps without BB, does not stop on
+    one small change, and searches along ``exact_fun``'s gradient (one exact pass)
+    where the compressed one does not go downhill (see
+    :func:`~sparkgd.optim.gd.minimize_gd`).
     """
     x0 = np.asarray(x0, dtype=np.float64)
     if l1 is not None and not np.any(l1 > 0):
@@ -66,7 +68,7 @@ def minimize(name, fun, x0, max_iter=100, tol=1e-6, step_size=None, l1=None, cal
         from .gd import minimize_gd
 
         return minimize_gd(fun, x0, max_iter=max_iter, tol=tol, step_size=step_size, l1=l1,
-                           callback=callback, inexact=inexact)
+                           callback=callback, inexact=inexact, exact_fun=exact_fun)
     if name in ("sgd", "momentum", "nesterov", "adam"):
         from .first_order import minimize_first_order
 
