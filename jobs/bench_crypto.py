@@ -81,7 +81,11 @@ def run(spark, args):
            "spark.network.crypto.enabled=true", os.path.join(HERE, "benchmark.py"),
            "--crypto-child", "--data", path, "--repeat", str(args.repeat), "--json",
            child_json]
-    run_ = subprocess.run(cmd, capture_output=True, text=True)
+    # a fresh application: not this driver's environment (spark-submit set its
+    # PYTHONPATH, SPARK_HOME and gateway for it)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK_", "SPARK_"))
+           and k != "PYTHONPATH"}
+    run_ = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if run_.returncode != 0:
         print(run_.stdout[-3000:], run_.stderr[-3000:], file=sys.stderr)
         return 1

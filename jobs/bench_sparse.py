@@ -199,3 +199,97 @@ def table(res):
     line("fit seconds, warm (incl. blocks)", None, warm["wall"], None)
     line("peak memory GiB (JVM + Python)", None, warm["peak_bytes"] / 2**30,
          None if ml is None else ml["peak_bytes"] / 2**30)
+
+
+def run_hashed(spark, args, peak_rss):
+    """``--hashed-bits 24,28``: click-log-shaped rows (``--rows``, 40 categorical fields,
+    Zipf values, one-hot, hashed into 2^bits columns: :func:`sparkgd.datagen.write_hashed`)
+    as LIBSVM text. For each width: SciPy's L-BFGS-B on the columns the rows touch (F*;
+    iterations and seconds an iteration), sparkgd ``lbfgs`` (first and warm fit: seconds
+    an evaluation, iterations to 1e-6 of F*, the gap at the end, peak memory of the JVM
+    and every Python process), Spark ML (``--spark-ml-iter`` iterations on
+    ``format("libsvm")`` with numFeatures 2^bits, cached: seconds an iteration, its gap,
+    peak memory; not at 2^28, where its dense vectors are 2 GB each)."""
+    import sparkgd
+    from sparkgd import datagen
+    from sparkgd.data import read_libsvm
+
+    out = {}
+    reg = args.reg_param
+    for bits in args.hashed_bits:
+        path = os.path.join(args.tmp, f"hashed{bits}")
+        t = time.perf_counter()
+        X, y = datagen.write_hashed(path, rows=int(args.rows), bits=bits)
+        cols = np.unique(X.indices)
+        Xc = X[:, cols]
+        del X
+        print(f"2^{bits}: {int(args.rows)} rows, {Xc.nnz} non-zeros, {cols.size} columns "
+              f"touched, written in {time.perf_counter() - t:.1f}s", flush=True)
+        fun = objective(Xc, y, reg)
+        fstar, hist, times, secs = scipy_run(fun, cols.size + 1)
+        fstar = min([fstar] + hist)
+        it6, _ = first_within(hist, fstar, 1e-6, times)
+        res = {"bits": bits, "columns": int(cols.size), "fstar": fstar,
+               "scipy": {"iterations": len(hist), "per_iteration": secs / max(len(hist), 1),
+                         "iter_to_1e-6": it6}}
+
+        def full_theta(model):
+            coef = np.asarray(model.coefficients)
+            return np.r_[coef[cols], model.intercept]
+
+        def fit():
+            df = read_libsvm(spark, path, num_features=1 << bits)
+            est = sparkgd.LogisticRegression(regParam=reg, tol=1e-12, maxIter=200)
+            t0 = time.perf_counter()
+            with peak_rss() as mem:
+                model = est.fit(df)
+            s = model.summary
+            it, _ = first_within(s.objectiveHistory, fstar, 1e-6)
+            return {"wall": time.perf_counter() - t0,
+                    "per_eval": s.trainingSeconds / max(s.numEvaluations, 1),
+                    "evaluations": s.numEvaluations, "iter_to_1e-6": it,
+                    "gap": (fun(full_theta(model))[0] - fstar) / abs(fstar),
+                    "peak_bytes": mem.peak, "width": model.numFeatures}
+
+        res["sparkgd_cold"], res["sparkgd_warm"] = fit(), fit()
+        if bits <= 24 and not args.skip_spark_ml:
+            from pyspark.ml.classification import LogisticRegression as SparkLR
+
+            with peak_rss() as mem:
+                cached = spark.read.format("libsvm").option("numFeatures", str(1 << bits)) \
+                    .load(path).cache()
+                cached.count()
+                t1 = time.perf_counter()
+                model = SparkLR(regParam=reg, standardization=False,
+                                maxIter=args.spark_ml_iter, tol=0.0).fit(cached)
+                fit_s = time.perf_counter() - t1
+            coef = model.coefficients.toArray()
+            gap = (fun(np.r_[coef[cols], model.intercept])[0] - fstar) / abs(fstar)
+            iters = model.summary.totalIterations
+            res["spark_ml"] = {"per_iteration": fit_s / max(iters, 1), "iterations": iters,
+                               "gap": gap, "peak_bytes": mem.peak}
+            cached.unpersist()
+        out[bits] = res
+        w = res["sparkgd_warm"]
+        print(f"2^{bits}: sparkgd {w['per_eval']:.3f}s an evaluation, 1e-6 at iteration "
+              f"{w['iter_to_1e-6']}, gap {w['gap']:.1e}, peak {w['peak_bytes'] / 2**30:.2f} "
+              f"GiB; " + (f"Spark ML {res['spark_ml']['per_iteration']:.2f}s an iteration, "
+                          f"gap {res['spark_ml']['gap']:.1e} after "
+                          f"{res['spark_ml']['iterations']}" if "spark_ml" in res else
+                          "Spark ML not run"), flush=True)
+    print("\n| width | columns touched | SciPy s/iteration (touched columns) | SciPy its to "
+          "1e-6 | sparkgd s/evaluation | its to 1e-6 | gap at the end | Spark ML s/iteration "
+          "| ratio | Spark ML gap | peak GiB sparkgd / Spark ML |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for bits, res in out.items():
+        w, ml, sc = res["sparkgd_warm"], res.get("spark_ml"), res["scipy"]
+        ratio = f"{w['per_eval'] / ml['per_iteration']:.3f}x" if ml else "-"
+        print(f"| 2^{bits} | {res['columns']} | {sc['per_iteration']:.3f} | "
+              f"{sc['iter_to_1e-6']} | {w['per_eval']:.3f} | {w['iter_to_1e-6']} | "
+              f"{w['gap']:.1e} | {ml['per_iteration'] if ml else '-'} | {ratio} | "
+              f"{ml['gap'] if ml else '-'} | {w['peak_bytes'] / 2**30:.2f} / "
+              f"{ml['peak_bytes'] / 2**30 if ml else '-'} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({str(k): v for k, v in out.items()}, f, indent=2)
+    return out

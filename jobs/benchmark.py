@@ -190,6 +190,9 @@ def main(argv=None):
     p.add_argument("--value-scale", type=float, default=0.1,
                    help="--sparse: standard deviation of the non-zero values")
     p.add_argument("--sparkgd-iter", type=int, default=100, help="--sparse: sparkgd maxIter")
+    p.add_argument("--hashed-bits", type=lambda s: [int(x) for x in s.split(",")],
+                   default=None, help="--sparse: click-log rows hashed into 2^bits columns "
+                                      "instead (e.g. 24,28; jobs/bench_sparse.run_hashed)")
     p.add_argument("--spark-ml-iter", type=int, default=100, help="--sparse: Spark ML maxIter")
     p.add_argument("--comm", action="store_true",
                    help="time and bytes of one pass by topology and codec at 2, 4, 8, 16 "
@@ -278,8 +281,8 @@ def main(argv=None):
         import bench_sparse
 
         # the driver's Python (SciPy's copy of the rows) is under the JVM too
-        return _in_scratch(args, lambda: bench_sparse.run(spark, args,
-                                                          lambda: PeakRss(os.getppid())))
+        run = bench_sparse.run_hashed if args.hashed_bits else bench_sparse.run
+        return _in_scratch(args, lambda: run(spark, args, lambda: PeakRss(os.getppid())))
     results = {"master": sc.master, "rows": int(args.rows), "features": args.features,
                "partitions": args.partitions}
 

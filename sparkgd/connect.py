@@ -257,7 +257,7 @@ def fit_task(batches, plan, read_spec, secret, conf, num_tasks, partitions):
     if conf.get("pid_dir"):
         with open(os.path.join(conf["pid_dir"], f"task-{index}.pid"), "w") as f:
             f.write(str(os.getpid()))
-    blocks, facts, moments = build_blocks(batches, read_spec, plan.dtype, index)
+    blocks, facts, moments, cols = build_blocks(batches, read_spec, plan.dtype, index)
     host = _executor_host(ctx, index)
     hub = None
     if index == 0:
@@ -281,9 +281,9 @@ def fit_task(batches, plan, read_spec, secret, conf, num_tasks, partitions):
     timeout, threads = conf["hello"], conf["threads"]
     if index != 0:
         serve_blocks(address, secret, index, attempt, blocks, facts, moments, threads,
-                     timeout, work.parse)
+                     timeout, work.parse, cols)
         return
-    own.start(address, secret, attempt, blocks, facts, moments, threads, timeout)
+    own.start(address, secret, attempt, blocks, facts, moments, threads, timeout, cols)
     lines = _LogLines()
     try:
         store = InTaskStore(hub, partitions, threads, work.parse, conf["slow"])
@@ -349,10 +349,12 @@ class _OwnTask:
         self.thread = None
         self.error = None
 
-    def start(self, *args):
+    def start(self, address, secret, attempt, blocks, facts, moments, threads, timeout,
+              cols):
         def run():
             try:
-                serve_blocks(args[0], args[1], 0, *args[2:], work.parse)
+                serve_blocks(address, secret, 0, attempt, blocks, facts, moments, threads,
+                             timeout, work.parse, cols)
             except BaseException as e:   # reported by the hub's next wait
                 self.error = e
 
@@ -399,14 +401,19 @@ def encode(outcome, log_text=""):
 
     coef = np.ascontiguousarray(outcome.coef, dtype="<f8")
     intercept = np.ascontiguousarray(outcome.intercept, dtype="<f8")
+    columns = np.zeros(0, dtype="<i8") if outcome.columns is None else \
+        np.ascontiguousarray(outcome.columns, dtype="<i8")
     text = json.dumps({"coef": list(coef.shape), "intercept": list(intercept.shape),
+                       "columns": None if outcome.columns is None else int(columns.size),
+                       "width": outcome.width,
                        "loss_name": outcome.loss_name, "loss_params": outcome.loss_params,
                        "num_classes": outcome.num_classes, "summary": outcome.summary,
                        "metrics": outcome.metrics, "no_metrics": outcome.no_metrics,
                        "log": log_text}, default=_plain)
-    return pa.RecordBatch.from_pydict({"kind": ["outcome"], "text": [text],
-                                       "data": [coef.tobytes() + intercept.tobytes()]},
-                                      schema=_schema())
+    return pa.RecordBatch.from_pydict(
+        {"kind": ["outcome"], "text": [text],
+         "data": [coef.tobytes() + intercept.tobytes() + columns.tobytes()]},
+        schema=_schema())
 
 
 def _plain(v):
@@ -427,15 +434,20 @@ def decode(rows):
             continue
         meta = json.loads(row["text"])
         replay_log(meta.get("log"))
-        values = np.frombuffer(bytes(row["data"]), dtype="<f8")
-        n = int(np.prod(meta["coef"]))
-        if values.size != n + int(np.prod(meta["intercept"])):
+        data = bytes(row["data"])
+        n, k = int(np.prod(meta["coef"])), int(np.prod(meta["intercept"]))
+        m = meta.get("columns") or 0
+        if len(data) != 8 * (n + k + m):
             raise SparkgdError("the fit's job returned a malformed model")
+        values = np.frombuffer(data[:8 * (n + k)], dtype="<f8")
         coef = values[:n].reshape(meta["coef"]).copy()
         intercept = values[n:].reshape(meta["intercept"]).copy()
+        columns = None if meta.get("columns") is None else \
+            np.frombuffer(data[8 * (n + k):], dtype="<i8").copy()
         return coordinator.Outcome(coef, intercept, meta["loss_name"], meta["loss_params"],
                                    meta["num_classes"], meta["summary"], meta["metrics"],
-                                   meta["no_metrics"])
+                                   meta["no_metrics"], columns=columns,
+                                   width=meta.get("width"))
     raise SparkgdError("the fit's job returned no model")
 
 

@@ -87,7 +87,7 @@ class Plan:
 class Outcome:
     """What a fit gives the model: plain values."""
 
-    coef: np.ndarray                 # (K, d)
+    coef: np.ndarray                 # (K, d): d the fit's width (see columns)
     intercept: np.ndarray            # (K,)
     loss_name: str
     loss_params: dict
@@ -95,6 +95,17 @@ class Outcome:
     summary: dict                    # sparkgd.summary.TrainingSummary's fields
     metrics: dict = None             # the training metrics' sums (sparkgd.metrics)
     no_metrics: str = None           # why there are none
+    columns: np.ndarray = None       # sparse data: the data's column of each of coef's
+    width: int = None                # ... out of the data's width (None: coef is whole)
+
+    def full_coef(self):
+        """The coefficients at the data's width: zero where no row has a value (the
+        penalty alone pulls there, to exactly 0 at the optimum)."""
+        if self.columns is None:
+            return self.coef
+        out = np.zeros((self.coef.shape[0], int(self.width)))
+        out[:, self.columns] = self.coef
+        return out
 
 
 class Attempts:
@@ -192,14 +203,18 @@ def check_labels(plan, facts, loss_name):
             f"(range {lo:g} to {hi:g}); the {loss_name} loss needs them")
 
 
-def initial_theta(plan, layout, classes, loss_name):
-    """The start before any adjustment: zeros, or the warm start's coefficients."""
+def initial_theta(plan, layout, classes, loss_name, facts=None):
+    """The start before any adjustment: zeros, or the warm start's coefficients (at
+    the fit's columns, for sparse data)."""
     if plan.initial is None:
         return layout.zeros()
     coef, icpt = (np.asarray(a, dtype=np.float64) for a in plan.initial)
-    if coef.ndim != 2 or coef.shape[1] != layout.d:
+    width = layout.d if facts is None else facts.width
+    if coef.ndim != 2 or coef.shape[1] != width:
         raise SparkgdError(f"initialModel has {coef.shape[-1]} features but the data has "
-                           f"{layout.d}")
+                           f"{width}")
+    if facts is not None and facts.columns is not None:
+        coef = coef[:, facts.columns]
     if coef.shape[0] != layout.k:
         raise SparkgdError(f"initialModel has {coef.shape[0]} coefficient row(s) but this fit "
                            f"needs {layout.k} ({loss_name} loss, {classes} classes)")
@@ -248,11 +263,19 @@ def problem_of(plan, engine, facts, layout, loss, attempts, resumed, ck):
     recovery = attempts.recovery
     mean = std = pre = None
     space = recovery.space or (ck.space() if resumed else None)
+    if space is not None and np.shape(space["x0"]) != (layout.size,):
+        # kept at another width (sparse data fitted at its touched columns on one store,
+        # at its whole width on another): it does not apply; the fit starts over
+        log.warning("the kept start has %d values, this fit %d: the fit starts over",
+                    np.size(space["x0"]), layout.size)
+        recovery.replay = recovery.snapshot = None
+        recovery.iteration, recovery.times = 0, []
+        space = None
     if space is not None:
         x0, mean, std = space["x0"], space.get("mean"), space.get("std")
     else:
         loss_name = loss.name
-        x0 = initial_theta(plan, layout, num_classes(plan, facts), loss_name)
+        x0 = initial_theta(plan, layout, num_classes(plan, facts), loss_name, facts)
         if plan.initial is None and layout.fit_intercept and not private:
             # (the label counts are data: a private fit starts from zero)
             if plan.model == "logistic":
@@ -308,7 +331,8 @@ def train(plan, engine, attempts=None):
         rowsPerTask=engine.rows_per_task(), rejectedPushes=engine.rejected_pushes,
         bytesHistory=list(result.bytes_history or []), privacy=result.privacy,
         engine=engine.description)
-    outcome = Outcome(coef, intercept, loss_name, loss.params(), classes, summary)
+    outcome = Outcome(coef, intercept, loss_name, loss.params(), classes, summary,
+                      columns=facts.columns, width=facts.width)
     if result.privacy is not None:
         # exact training metrics would leave with the private model: none
         outcome.no_metrics = ("a private fit computes no training metrics (they are not "

@@ -71,7 +71,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-__all__ = ["write_dataset", "write_libsvm", "true_model", "main"]
+__all__ = ["write_dataset", "write_libsvm", "write_hashed", "true_model", "main"]
 
 TASKS = ("binary", "regression", "multiclass")
 FORMATS = ("array", "columns")
@@ -491,6 +491,68 @@ def write_libsvm(
         "path": path,
         "files": [os.path.join(path, name) for name in names],
     }
+
+
+def hashed_rows(rows, fields=40, bits=24, zipf=1.2, seed=0):
+    """Click-log-shaped rows: ``fields`` categorical fields, each value drawn from a
+    Zipf(``zipf``) distribution over an unbounded vocabulary, one-hot and hashed into
+    ``2^bits`` columns (the hashing trick: column = hash(field, value) mod 2^bits,
+    collisions and all: two fields of a row that land on one column are one non-zero,
+    2.0). Labels from a logistic model that weighs each (field, value) N(0, 1) /
+    sqrt(fields) (a weight drawn from its hash: no table of values). -> (CSR matrix
+    (rows, 2^bits), labels). Deterministic in the arguments."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng([seed, 7])
+    vals = rng.zipf(zipf, size=(rows, fields)).astype(np.uint64)
+    field_ids = np.arange(fields, dtype=np.uint64)[None, :]
+    # splitmix64 of (field, value): a fixed hash (Python's own is salted per process)
+    h = vals * np.uint64(0x9E3779B97F4A7C15) + field_ids * np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(31)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(29)
+    cols = (h & np.uint64((1 << bits) - 1)).astype(np.int64)
+    g = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)      # uniform in [0, 1)
+    weight = np.sqrt(-2.0 * np.log(np.maximum(g, 1e-300))) * np.cos(
+        2 * np.pi * ((h & np.uint64(0x7FF)).astype(np.float64) / 2048.0))
+    z = weight.sum(axis=1) / np.sqrt(fields) - 0.5
+    y = (rng.random(rows) < 1.0 / (1.0 + np.exp(-z))).astype(np.float64)
+    cols.sort(axis=1)
+    keys = ((np.arange(rows, dtype=np.int64)[:, None] << bits) + cols).ravel()  # sorted
+    first = np.ones(keys.size, dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    starts = np.flatnonzero(first)
+    count = np.diff(np.r_[starts, keys.size]).astype(np.float64)
+    keys = keys[starts]
+    indptr = np.searchsorted(keys >> bits, np.arange(rows + 1))
+    X = sp.csr_matrix((count, keys & ((1 << bits) - 1), indptr), shape=(rows, 1 << bits))
+    return X, y
+
+
+def write_hashed(path, rows=100_000, fields=40, bits=24, zipf=1.2, partitions=4, seed=0,
+                 overwrite=False):
+    """:func:`hashed_rows` as LIBSVM text, ``path/part-NNNNN.libsvm`` (1-based indices,
+    as LIBSVM has them), rows split evenly over ``partitions`` files; -> (CSR matrix
+    (rows, 2^bits), labels) of the same rows."""
+    X, y = hashed_rows(rows, fields, bits, zipf, seed)
+
+    def write_files(tmp):
+        names = []
+        start = 0
+        for fi, n_file in enumerate(_split_rows(rows, partitions)):
+            name = "part-%05d.libsvm" % fi
+            with open(os.path.join(tmp, name), "w") as f:
+                for i in range(start, start + n_file):
+                    lo, hi = X.indptr[i], X.indptr[i + 1]
+                    f.write("%d " % int(y[i]) + " ".join(
+                        f"{c + 1}:{v:g}" for c, v in zip(X.indices[lo:hi].tolist(),
+                                                       X.data[lo:hi].tolist())) + "\n")
+            start += n_file
+            names.append(name)
+        return names
+
+    _write_atomically(path, overwrite, write_files)
+    return X, y
 
 
 def _count(text):

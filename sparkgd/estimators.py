@@ -117,7 +117,7 @@ class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsRead
         outcome = launch.fit(dataset, plan)
         summary = TrainingSummary(**outcome.summary)
         summary.metrics = outcome.metrics
-        model = self._model_class._from_fit(outcome.coef, outcome.intercept,
+        model = self._model_class._from_fit(outcome.full_coef(), outcome.intercept,
                                             outcome.loss_name, outcome.num_classes, summary,
                                             outcome.loss_params)
         model._est_params = plan.params

@@ -117,7 +117,7 @@ class _SparkgdModel(Model, _SparkgdParams, MLWritable, MLReadable):
     @classmethod
     def _from_fit(cls, coef, intercept, loss_name, num_classes, summary, loss_params=None):
         m = cls()
-        m._coef = np.array(coef, dtype=np.float64)  # (K, d)
+        m._coef = np.asarray(coef, dtype=np.float64)  # (K, d) (a fit's own: not copied)
         m._intercept = np.array(intercept, dtype=np.float64)  # (K,)
         m._loss_name = loss_name
         m._loss_params = dict(loss_params or {})

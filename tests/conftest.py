@@ -73,3 +73,16 @@ def to_df(spark, X, y, w=None, partitions=2, kind="array"):
 
         df = df.withColumn("features", array_to_vector("features"))
     return df.repartition(partitions)
+
+
+@pytest.fixture(scope="session")
+def cancer(spark):
+    """The breast-cancer data (real: 569 x 30, features in units 1e-3 to 1e3) as a
+    DataFrame, and as NumPy arrays."""
+    import pyarrow.parquet as pq
+
+    path = os.path.join(ROOT, "data", "breast_cancer")
+    table = pq.read_table(path)
+    X = np.array(table.column("features").to_pylist())
+    y = table.column("label").to_numpy()
+    return spark.read.parquet(path), X, y

@@ -276,3 +276,35 @@ def stack_csr(blocks, max_nnz=CSR_BLOCK_NNZ):
         nnz += block[0].nnz
     flush()
     return out
+
+
+def localize(blocks, cols):
+    """CSR ``blocks`` whose rows touch the sorted columns ``cols`` (all of them, and no
+    other), re-indexed so that ``cols[j]`` is their column j: ``len(cols)`` wide, however
+    wide the data's space (a hashed 2^28). Values are not copied; dense blocks are kept
+    as they are. :func:`remap_columns` places them among a fit's columns later."""
+    from ..stats import table_pays
+
+    width = max([X.shape[1] for X, _y, _w in blocks if sp.issparse(X)] or [0])
+    nnz = sum(X.nnz for X, _y, _w in blocks if sp.issparse(X))
+    if table_pays(width, nnz):
+        table = np.zeros(width, dtype=np.int64)     # a gather: O(width + non-zeros)
+        table[cols] = np.arange(len(cols))
+        return remap_columns(blocks, table, len(cols))
+    return remap_columns(blocks, None, len(cols), lambda indices: np.searchsorted(
+        cols, indices))
+
+
+def remap_columns(blocks, positions, width, where=None):
+    """CSR ``blocks`` re-indexed to ``width`` columns, column j at ``positions[j]``
+    (increasing: each row's indices stay sorted); ``where(indices)``: the new indices
+    instead. Values are not copied; dense blocks are kept as they are."""
+    index_type = np.int32 if width < 2 ** 31 else np.int64
+    out = []
+    for X, y, w in blocks:
+        if sp.issparse(X):
+            new = where(X.indices) if where is not None else positions[X.indices]
+            X = sp.csr_matrix((X.data, new.astype(index_type, copy=False), X.indptr),
+                              shape=(X.shape[0], int(width)), copy=False)
+        out.append((X, y, w))
+    return out

@@ -99,14 +99,20 @@ def check(infos, spec, source):
 
 
 class Facts:
-    """What the driver knows of a fit's input: per block (or task), :func:`block_info`."""
+    """What the driver knows of a fit's input: per block (or task), :func:`block_info`.
 
-    def __init__(self, infos, spec, num_partitions):
+    ``num_features``: the width the fit works at -- for sparse data the columns some row
+    touches (``columns``, sorted: the fit's column j is the data's ``columns[j]``) out of
+    the data's ``width``; for dense data both are the data's width, ``columns`` None."""
+
+    def __init__(self, infos, spec, num_partitions, columns=None, width=None):
         self.infos = infos
         self.spec = spec
         self.num_rows = sum(i["n"] for i in infos)
         self.num_features = max(i["d"] for i in infos) if infos else 0
         self.num_partitions = num_partitions   # of the data, as read or repartitioned
+        self.columns = columns
+        self.width = self.num_features if width is None else int(width)
 
     def label_weights(self):
         """Weighted count of each class label 0, 1, ... (None if labels are not such)."""

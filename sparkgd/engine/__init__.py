@@ -157,7 +157,10 @@ class Engine:
             raise
         log.info("blocks built by %d tasks in %.2f s (%s)", store.num_tasks,
                  time.monotonic() - started, kind)
-        return cls(store, _facts.Facts(infos, spec, store.num_partitions), aggregator, kind)
+        facts = _facts.Facts(infos, spec, store.num_partitions,
+                             columns=getattr(store, "columns", None),
+                             width=getattr(store, "width", None))
+        return cls(store, facts, aggregator, kind)
 
     @property
     def num_tasks(self):

@@ -109,6 +109,42 @@ def chunk_bytes(codec, lo, hi):
     return (_HEAD if lo == 0 else 0) + codec.nbytes(hi - lo)
 
 
+def pack_exact(sums):
+    """Exact sums ``[loss, weight, grad]`` as sent: the float64 vector itself, or -- when
+    fewer than half the gradient's values are non-zero (a task whose rows touch a small
+    share of a wide sparse space) -- its two leading sums, then the non-zeros' positions
+    (int64, ascending) and their values (float64): 16 bytes a non-zero instead of 8 a
+    value, so always fewer bytes. :func:`unpack_sums` tells the two apart by size."""
+    sums = np.ascontiguousarray(sums, dtype="<f8")
+    grad = sums[2:]
+    nz = np.flatnonzero(grad)
+    if 2 * nz.size >= grad.size:
+        return sums
+    return sums[:2].tobytes() + nz.astype("<i8").tobytes() + grad[nz].tobytes()
+
+
+def exact_size_ok(size, n):
+    """Whether ``size`` bytes can be an exact message of ``n`` gradient values: dense,
+    or sparse (:func:`pack_exact`: fewer than n / 2 non-zeros)."""
+    if size == _HEAD + 8 * n:
+        return True
+    k, rest = divmod(size - _HEAD, 16)
+    return size >= _HEAD and rest == 0 and 2 * k < n
+
+
+def _unpack_sparse(data, n):
+    k = (len(data) - _HEAD) // 16
+    if (len(data) - _HEAD) % 16 or 2 * k >= n:
+        raise codecs.CodecError(f"{len(data)} bytes of exact sums for {n} values")
+    idx = np.frombuffer(data[_HEAD:_HEAD + 8 * k], dtype="<i8")
+    if k and (idx[0] < 0 or idx[-1] >= n or np.any(np.diff(idx) <= 0)):
+        raise codecs.CodecError("sparse sums whose positions are not ascending in range")
+    out = np.zeros(2 + n)
+    out[:2] = np.frombuffer(data[:_HEAD], dtype="<f8")
+    out[2 + idx] = np.frombuffer(data[_HEAD + 8 * k:], dtype="<f8")
+    return out
+
+
 def pack_sums(head, grad, codec, residual=None, seed=(0,)):
     """``head`` (2 float64, or None for a chunk without it) and ``grad`` encoded ->
     (bytes, new residual)."""
@@ -124,6 +160,8 @@ def unpack_sums(data, codec, n, with_head=True):
     data = memoryview(data).cast("B")
     if not with_head:
         return codecs.decode(codec, data, n)
+    if not codec.lossy and len(data) != _HEAD + 8 * n:
+        return _unpack_sparse(data, n)          # exact sums, sent sparse (pack_exact)
     if len(data) < _HEAD:
         raise codecs.CodecError(f"{len(data)} bytes where the sums' head was due")
     head = np.frombuffer(data[:_HEAD], dtype="<f8")

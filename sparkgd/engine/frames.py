@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..data.arrow import stack_csr, stored_dense, xyw_batches
+from ..stats import spread_moments
 from .served import build_blocks
 from .task import gradient_work
 
@@ -40,7 +41,9 @@ def _facts_task(batches, spec, dtype):
     from pyspark import TaskContext
 
     p = TaskContext.get().partitionId()
-    _, facts, moments = build_blocks(batches, spec, dtype, p)
+    _, facts, moments, cols = build_blocks(batches, spec, dtype, p)
+    if cols is not None:      # one job per pass works at the data's width: its moments
+        moments = spread_moments(moments, cols, int(facts["d"]))
     data = b"" if moments is None else np.ascontiguousarray(moments, dtype="<f8").tobytes()
     yield pa.RecordBatch.from_pydict({"p": [p], "facts": [json.dumps(facts)],
                                       "moments": [data]})

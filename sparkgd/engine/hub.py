@@ -251,6 +251,9 @@ class Hub:
         self._share = seal.Share()    # the hub's X25519 share: every connection's keys
         self.facts = {}               # task index -> the facts bytes of its hello
         self.floats = {}              # task index -> the float64 array of its hello
+        self.columns = {}             # task index -> the columns its rows touch (sparse)
+        self._positions = {}          # task index -> where they sit in the fit's columns
+        self.width = 0                # the fit's columns, once set_columns said so
         self.refused = 0              # tasks refused for reporting other blocks
         self.rejected = 0             # connections dropped: strangers, bad frames, stalls
         self.reconnects = 0
@@ -333,11 +336,18 @@ class Hub:
         c = co.ring_final_chunk(i, self.num_tasks)
         return co.chunk_bytes(self.codec, b[c], b[c + 1])
 
+    def _reply_ok(self, i, size):
+        """Whether a reply of ``size`` bytes can be task ``i``'s for this pass: the
+        codec's size, or (exact sums, star and tree) their sparse form."""
+        if self.topology != "ring" and not self.codec.lossy:
+            return co.exact_size_ok(size, self.size - 2)
+        return size == self._reply_size(i)
+
     def _decode(self, i, payload):
         """Task ``i``'s reply -> its float64 sums (a ring task: its chunk's totals)."""
         if not len(payload):
             return None
-        if self.codec.name == "none":
+        if self.codec.name == "none" and self.topology == "ring":
             return np.frombuffer(payload, dtype="<f8")
         n = self.size - 2
         if self.topology == "ring":
@@ -345,6 +355,17 @@ class Hub:
             c = co.ring_final_chunk(i, self.num_tasks)
             return co.unpack_sums(payload, self.codec, b[c + 1] - b[c], with_head=(c == 0))
         return co.unpack_sums(payload, self.codec, n)
+
+    def set_columns(self, positions, width):
+        """Sparse data: tell every task where each column its rows touch sits among the
+        fit's ``width`` columns (``positions``: task index -> int64 array, aligned with
+        the columns it reported); a task that connects later is told first thing."""
+        self._positions = {i: np.ascontiguousarray(p, dtype="<i8")
+                           for i, p in positions.items()}
+        self.width = int(width)
+        for i, peer in list(self._tasks.items()):
+            peer.frame(wire.OP_COLUMNS, self._positions[i], iteration=self.width)
+            self._push(peer)
 
     def configure(self, config):
         """Send every task the loss and layout to compute with (OP_CONFIG, JSON); a
@@ -569,7 +590,7 @@ class Hub:
                      frame.pass_no, "a duplicate" if frame.pass_no <= self.pass_no
                      else "never asked for")
             return
-        if len(frame.payload) != co.sums_bytes(self.codec, self.size - 2):
+        if not self._reply_ok(i, len(frame.payload)):
             raise wire.ProtocolError(f"task {i}: a push of {len(frame.payload)} bytes")
         sums = self._decode(i, frame.payload)
         del ssp.outstanding[i]
@@ -738,11 +759,11 @@ class Hub:
             peer.stage = "body"
             peer.inbound.expect(size)
             return
-        keys, facts, floats = peer.greeting.body(peer.inbound.buf)
+        keys, facts, floats, cols = peer.greeting.body(peer.inbound.buf)
         peer.conn = peer.greeting.conn()
-        self._admit(peer, keys, facts, floats)
+        self._admit(peer, keys, facts, floats, cols)
 
-    def _admit(self, peer, keys, facts, floats):
+    def _admit(self, peer, keys, facts, floats, cols=None):
         """A task proved it belongs to this fit: accept it, or refuse it."""
         i, attempt = peer.index, peer.attempt
         del self._pending[peer.sock]
@@ -753,7 +774,9 @@ class Hub:
             self._refuse(peer, f"task index {i} out of range")
             return
         if self.strict and i in self._seen:
-            if not self._vouched(i, facts, floats):
+            if not self._vouched(i, facts, floats) or not (
+                    (cols is None and self.columns.get(i) is None) or
+                    (cols is not None and np.array_equal(cols, self.columns.get(i)))):
                 self._refuse(peer, "a second attempt with other blocks")
                 self._lost(i, attempt)
                 return
@@ -773,12 +796,14 @@ class Hub:
             self.reconnects += 1
             log.info("serving task %d reconnected (attempt %d)", i, attempt)
         self._seen.add(i)
-        self.facts[i], self.floats[i] = facts, floats
+        self.facts[i], self.floats[i], self.columns[i] = facts, floats, cols
         self._tasks[i] = peer
         self._holders.discard(i)
         self._sent_to.discard(i)
         self.addresses.pop(i, None)       # it says where it listens next
         peer.frame(wire.OP_ACCEPT, fraction=self.deadline / 4)   # the heartbeat interval
+        if i in self._positions:          # (an attempt that came back: its blocks again)
+            peer.frame(wire.OP_COLUMNS, self._positions[i], iteration=self.width)
         if self._config is not None:
             peer.frame(wire.OP_CONFIG, self._config)
         if self.topology != "star":
@@ -838,7 +863,7 @@ class Hub:
             return True
         awaited = frame.pass_no == self.pass_no and self._started and i in self._awaiting
         if frame.op != wire.OP_REPLY or not awaited or \
-                len(frame.payload) != self._reply_size(i):
+                not self._reply_ok(i, len(frame.payload)):
             raise wire.ProtocolError(
                 f"task {i}: op {frame.op} for pass {frame.pass_no} ({len(frame.payload)} "
                 f"bytes) where pass {self.pass_no} is {'awaited' if i in self._awaiting else 'done'}")

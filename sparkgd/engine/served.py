@@ -23,12 +23,14 @@ import json
 import logging
 import os
 
+import numpy as np
 import scipy.sparse as sp
 
 from .. import codecs
-from ..data.arrow import BadInput, stack_csr, stored_dense, xyw_batches
+from ..data.arrow import BadInput, localize, stack_csr, stored_dense, xyw_batches
 from ..data.facts import block_info, merge_infos
-from ..stats import block_moments, merge_moments
+from ..stats import (block_moments, column_moments, distinct, local_columns, merge_moments,
+                     spread_moments)
 from . import jobs, keys, task, wire
 from .hub import TaskLost, WorkersFailed, WorkersUnavailable
 from .slots import coalesced_input_partitions
@@ -57,18 +59,21 @@ def serve_arrow_partition(batches, spec, dtype, address, secret, threads=1, time
     index = ctx.partitionId() if ctx is not None else 0
     attempt = ctx.attemptNumber() if ctx is not None else 0
     secret = keys.for_task(secret)       # the fit's key, from what the closure carried
-    blocks, facts, moments = build_blocks(batches, spec, dtype, index)
+    blocks, facts, moments, cols = build_blocks(batches, spec, dtype, index)
     serve_blocks(address, secret, index, attempt, blocks, facts, moments, threads, timeout,
-                 parse_work)
+                 parse_work, cols)
     yield pa.RecordBatch.from_pydict({"rows": [facts.get("n", 0)]})
 
 
 def build_blocks(batches, spec, dtype, index=0):
-    """A task's Arrow batches -> ``(blocks, facts, moments)``: the (X, y, w) blocks it
-    keeps, their merged facts (a dict; ``{"error": ...}`` for bad input) and the
-    feature moments (or None). See :func:`serve_arrow_partition`."""
+    """A task's Arrow batches -> ``(blocks, facts, moments, columns)``: the (X, y, w)
+    blocks it keeps, their merged facts (a dict; ``{"error": ...}`` for bad input), the
+    feature moments (or None) and, for sparse (CSR) blocks, the sorted columns their
+    rows touch -- the moments are then at those columns alone, and nothing as wide as
+    the data's space is made (see :mod:`sparkgd.stats`). See
+    :func:`serve_arrow_partition`."""
     blocks, info = [], None
-    moments = None
+    moments = cols = None
     try:
         for X, y, w in xyw_batches(batches, spec):
             if not sp.issparse(X):
@@ -81,30 +86,61 @@ def build_blocks(batches, spec, dtype, index=0):
                 raise BadInput(f"{spec.feature_desc}: rows have different lengths "
                                f"({info['d']}, {part['d']})")
             info = part if info is None else merge_infos(info, part)
-            m = block_moments(X, w, X.shape[1])
-            moments = m if moments is None else merge_moments(moments, m)
+            if not sp.issparse(X):
+                m = block_moments(X, w, X.shape[1])
+                moments = m if moments is None else merge_moments(moments, m)
             blocks.append((X, y, w))
         blocks = stack_csr(blocks)
+        if blocks and all(sp.issparse(b[0]) for b in blocks):
+            cols = local_columns(blocks)
+            blocks = localize(blocks, cols)      # the columns they touch, as their own
+            moments = column_moments(blocks, cols.size)
         facts = {} if info is None else dict(info, part=index, seq=0, pid=os.getpid())
     except BadInput as e:
-        blocks, facts, moments = [], {"error": str(e)}, None
-    return blocks, facts, moments
+        blocks, facts, moments, cols = [], {"error": str(e)}, None, None
+    return blocks, facts, moments, cols
 
 
 def serve_blocks(address, secret, index, attempt, blocks, facts, moments, threads=1,
-                 timeout=60.0, parse_work=task.gradient_work):
-    """Meet the hub at ``address`` (the facts and moments in the hello), then answer
-    its passes until it says stop."""
+                 timeout=60.0, parse_work=task.gradient_work, columns=None):
+    """Meet the hub at ``address`` (the facts, moments and columns in the hello), then
+    answer its passes until it says stop."""
     chan = wire.connect(address, secret, index, attempt, facts=json.dumps(facts).encode(),
-                        floats=moments, timeout=timeout)
+                        floats=moments, timeout=timeout, columns=columns)
     if chan is None:
         raise TaskLost(f"sparkgd: serving task {index} (attempt {attempt}) was refused")
     try:
         # with bad input too: stay until the driver has everyone's facts and says stop
         # (leaving early would look like a lost task)
-        task.serve(chan, blocks, index, threads, secret, parse_work)
+        task.serve(chan, blocks, index, threads, secret, parse_work, columns)
     finally:
         chan.close()
+
+
+def compact(hub, facts):
+    """Sparse data (every task with rows reported the columns they touch): the fit's
+    columns are the sorted union of those -- a hashed space of 2^24 that the rows touch
+    at 10^6 places is fitted at 10^6 -- and each task is told where its own sit
+    (OP_COLUMNS; it re-indexes its blocks). ``facts`` are changed in place: width ``d``
+    the fit's, the data's own as ``width``, moments at the fit's columns.
+    -> (the fit's columns, the data's width), or (None, None) for dense data."""
+    reported = {i: hub.columns.get(i) for i in range(hub.num_tasks)}
+    with_rows = [i for i, f in enumerate(facts) if f and "error" not in f and f.get("n")]
+    if not with_rows or any(reported[i] is None for i in with_rows):
+        return None, None
+    columns = distinct(np.concatenate([reported[i] for i in with_rows]))
+    if columns.size == 0:          # no row touches any column: one, so the fit has a width
+        columns = np.zeros(1, dtype=np.int64)
+    width = max(int(facts[i]["d"]) for i in with_rows)
+    positions = {i: np.searchsorted(columns, reported[i]) if reported[i] is not None else
+                 np.zeros(0, dtype=np.int64) for i in range(hub.num_tasks)}
+    hub.set_columns(positions, columns.size)
+    for i, f in enumerate(facts):
+        if f and "error" not in f:
+            f["width"], f["d"] = int(f["d"]), int(columns.size)
+            if f.get("moments") is not None and reported[i] is not None:
+                f["moments"] = spread_moments(f["moments"], positions[i], columns.size)
+    return columns, width
 
 
 def hub_facts(hub):
@@ -165,6 +201,7 @@ class ServedJob(jobs.ServingJob):
             self.close()
             raise
         self.facts = hub_facts(hub)
+        self.columns, self.width = compact(hub, self.facts)
 
     def configure(self, loss, layout, codec, topology="star", depth=2, theta_codec=None,
                   work=None):
@@ -260,6 +297,15 @@ class ServedStore:
     def hub(self):
         return self.job.hub if self.job is not None else None
 
+    @property
+    def columns(self):
+        """The fit's columns (sparse data: those some row touches), or None."""
+        return None if self.job is None else self.job.columns
+
+    @property
+    def width(self):
+        return None if self.job is None else self.job.width
+
     def rows_per_task(self):
         return [] if self.job is None else [int(f.get("n", 0)) for f in self.job.facts]
 
@@ -298,6 +344,7 @@ class InTaskJob(jobs.HubSession):
         self.lost = False
         self._guarded(hub.wait_for_tasks)
         self.facts = hub_facts(hub)
+        self.columns, self.width = compact(hub, self.facts)
 
     def configure(self, *args, **kwargs):
         return self._guarded(super().configure, *args, **kwargs)

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from .. import codecs, kernels
+from ..data.arrow import remap_columns
 from . import collective as co
 from . import peers, wire
 
@@ -140,9 +141,11 @@ class _State:
         return data
 
 
-def serve(chan, blocks, index, threads, secret, parse_work=gradient_work):
+def serve(chan, blocks, index, threads, secret, parse_work=gradient_work, columns=None):
     """Answer the driver until it says stop (or goes away). ``parse_work``: what a
-    pass computes for the work of a configuration (:func:`sparkgd.work.parse`)."""
+    pass computes for the work of a configuration (:func:`sparkgd.work.parse`);
+    ``columns``: the sorted columns the task's (CSR) rows touch, which OP_COLUMNS
+    places among the fit's (the blocks are then re-indexed to those)."""
     host = chan.sock.getsockname()[0]
     listener = peers.open_listener(host)
     links = peers.Links(secret, index, listener, chan.heartbeat, hub_sock=chan.sock)
@@ -182,8 +185,19 @@ def serve(chan, blocks, index, threads, secret, parse_work=gradient_work):
         finally:
             beat.busy.clear()
 
+    def place(frame):
+        positions = np.frombuffer(frame.payload, dtype="<i8")
+        width = int(frame.iteration)
+        local = np.zeros(0, dtype=np.int64) if columns is None else columns
+        if positions.size != local.size or (positions.size and (
+                positions[0] < 0 or positions[-1] >= width or
+                np.any(np.diff(positions) <= 0))):
+            raise wire.ProtocolError(f"{positions.size} column positions for "
+                                     f"{local.size} columns")
+        blocks[:] = remap_columns(blocks, positions, width)
+
     try:
-        _loop(chan, links, state, run_pass, links_up)
+        _loop(chan, links, state, run_pass, links_up, place)
     except (ConnectionResetError, BrokenPipeError):
         return                    # the driver ended the session while we spoke
     finally:
@@ -193,7 +207,7 @@ def serve(chan, blocks, index, threads, secret, parse_work=gradient_work):
             listener.close()
 
 
-def _loop(chan, links, state, run_pass, links_up):
+def _loop(chan, links, state, run_pass, links_up, place=None):
     """The task's frames, until the driver says stop or goes away."""
     while True:
         if links.topology == "tree" and links.up is not None and \
@@ -219,6 +233,9 @@ def _loop(chan, links, state, run_pass, links_up):
             return
         if frame.op == wire.OP_LIMIT:
             state.max_frame = min(wire.MAX_PAYLOAD, max(state.max_frame, int(frame.iteration)))
+            continue
+        if frame.op == wire.OP_COLUMNS and place is not None:
+            place(frame)
             continue
         if frame.op == wire.OP_CONFIG:
             state.configure(json.loads(bytes(frame.payload)))
@@ -263,6 +280,8 @@ def _star(state, chan, links, frame, compute):
     sums = compute(theta, frame)
     if state.codec.lossy:
         sums = state.pack(sums[:2], sums[2:], _seed(frame, state.index))
+    else:
+        sums = co.pack_exact(sums)         # sparse where few values are non-zero
     chan.send(wire.OP_REPLY, sums, pass_no=frame.pass_no, fraction=state.seconds)
 
 
@@ -292,7 +311,9 @@ def _tree(state, chan, links, frame, compute):
             total += co.unpack_sums(reply.payload, codec, m)
         except codecs.CodecError as e:
             raise peers.PeerError(f"task {i}: from task {j}: {e}") from None
-    data = total if not codec.lossy else state.pack(total[:2], total[2:], _seed(frame, i))
+    # dense or sparse by size, at every hop (a subtree's total densifies going up)
+    data = co.pack_exact(total) if not codec.lossy else \
+        state.pack(total[:2], total[2:], _seed(frame, i))
     if parent is None:
         chan.send(wire.OP_REPLY, data, pass_no=p, iteration=links.sent + below,
                   fraction=state.seconds)

@@ -7,7 +7,8 @@ later key comes from that key, both ends' fresh nonces and an X25519 exchange::
     task -> hub    HELLO      magic, the task's nonce, its X25519 share             clear
                               + sealed head: task index, attempt, body sizes -- opened
                                 before the hub reads (or allocates) any of the body
-                              + sealed body: block keys (int64), facts (JSON), floats
+                              + sealed body: block keys (int64), facts (JSON), floats,
+                                the columns its rows touch (int64; sparse data)
     hub  -> task   ACCEPT or REJECT: the first frame (below)
 
 Then every message, either way, is a frame::
@@ -54,20 +55,23 @@ VERSION = 3
 NONCE = 16
 _CHALLENGE = struct.Struct("<4sH16s32s")     # magic, version, hub nonce, hub share
 _HELLO_CLEAR = struct.Struct("<4s16s32s")    # magic, task nonce, task share
-_HELLO_HEAD = struct.Struct("<iiQQQ")        # index, attempt, keys, facts bytes, floats
+_HELLO_HEAD = struct.Struct("<iiQQQQ")       # index, attempt, keys, facts bytes, floats, cols
 # the hello's body: (partition, position, rows) as 3 int64 per block, the facts (JSON),
-# the floats (float64: the feature moments at any width)
+# the floats (float64: the feature moments at any width), the columns the task's rows
+# touch (int64, sorted; sparse data only)
 _PREFIX = struct.Struct("<B3xQ")             # op, payload bytes
 _HEAD = struct.Struct("<QqQd")               # pass, iteration, seed, fraction (sealed)
 (OP_STOP, OP_SUMS, OP_CONFIG, OP_REPLY, OP_ACCEPT, OP_REJECT, OP_ALIVE, OP_PEERS, OP_ADDRESS,
- OP_PEER_FAIL, OP_LIMIT) = range(11)
+ OP_PEER_FAIL, OP_LIMIT, OP_COLUMNS) = range(12)
 # OP_PEERS (hub -> task, JSON): the topology of this epoch and every task's address;
 # OP_ADDRESS (task -> hub, JSON): where the task listens for other tasks;
 # OP_PEER_FAIL (task -> hub, text): a link to another task failed during the pass;
-# OP_LIMIT (hub -> task): the largest payload the hub sends from now on (``iteration``).
+# OP_LIMIT (hub -> task): the largest payload the hub sends from now on (``iteration``);
+# OP_COLUMNS (hub -> task, int64): where each column the task's rows touch sits among
+# the fit's columns (``iteration`` of them): the task re-indexes its blocks.
 # OP_REPLY and OP_PEER_FAIL carry in ``iteration`` the payload bytes the task sent to
 # other tasks during the pass.
-OP_LAST = OP_LIMIT
+OP_LAST = OP_COLUMNS
 #: refuse absurd sizes before allocating (2**31 float64 = 16 GiB)
 MAX_FLOATS = 1 << 31
 MAX_JSON = 1 << 26
@@ -216,32 +220,36 @@ class Greeting:
             head = self._hello.open(self._clear, sealed)
         except Unsealed:
             raise ProtocolError("not a task of this fit") from None
-        index, attempt, nkeys, nfacts, nfloats = _HELLO_HEAD.unpack(head)
-        if nkeys > MAX_FLOATS // 3 or nfacts > MAX_JSON or nfloats > MAX_FLOATS:
-            raise ProtocolError(f"hello with {nkeys} blocks, {nfacts} bytes of facts and "
-                                f"{nfloats} values")
+        index, attempt, nkeys, nfacts, nfloats, ncols = _HELLO_HEAD.unpack(head)
+        if nkeys > MAX_FLOATS // 3 or nfacts > MAX_JSON or nfloats > MAX_FLOATS or \
+                ncols > MAX_FLOATS:
+            raise ProtocolError(f"hello with {nkeys} blocks, {nfacts} bytes of facts, "
+                                f"{nfloats} values and {ncols} columns")
         self.index, self.attempt = index, attempt
-        self.sizes = (24 * nkeys, nfacts, 8 * nfloats)
+        self.sizes = (24 * nkeys, nfacts, 8 * nfloats, 8 * ncols)
         return sum(self.sizes) + TAG
 
     def body(self, data):
-        """The sealed body -> (block keys, facts bytes, floats)."""
+        """The sealed body -> (block keys, facts bytes, floats, columns or None)."""
         try:
             body = memoryview(self._hello.open(self._clear, data))
         except Unsealed:
             raise ProtocolError("a hello whose body does not open") from None
-        a, b, c = self.sizes
+        a, b, c, e = self.sizes
         keys = sorted(tuple(int(v) for v in k) for k in
                       np.frombuffer(body[:a], dtype="<i8").reshape(-1, 3))
-        return keys, bytes(body[a:a + b]), np.frombuffer(body[a + b:a + b + c],
-                                                         dtype="<f8").copy()
+        floats = np.frombuffer(body[a + b:a + b + c], dtype="<f8").copy()
+        cols = np.frombuffer(body[a + b + c:a + b + c + e], dtype="<i8").copy() if e else None
+        if cols is not None and cols.size and (cols[0] < 0 or np.any(np.diff(cols) <= 0)):
+            raise ProtocolError("a hello whose columns are not sorted, distinct, >= 0")
+        return keys, bytes(body[a:a + b]), floats, cols
 
     def conn(self):
         return Conn(self._keys.to_task, self._keys.to_hub)
 
 
 def hello_parts(fit_key, hub_nonce, hub_share, index, attempt, keys=(), facts=b"",
-                floats=None):
+                floats=None, columns=None):
     """A task's hello to a hub that sent ``hub_nonce`` and ``hub_share``, as buffers to
     send in order, and its connection's :class:`Keys`."""
     keys = np.asarray(list(keys), dtype="<i8").reshape(-1, 3)
@@ -254,8 +262,12 @@ def hello_parts(fit_key, hub_nonce, hub_share, index, attempt, keys=(), facts=b"
     ks = Keys(fit_key, shared, hub_nonce, task_nonce)
     hello = Sealer(ks.hello)
     clear = _HELLO_CLEAR.pack(MAGIC, task_nonce, mine.public)
-    head = _HELLO_HEAD.pack(int(index), int(attempt), keys.shape[0], len(facts), floats.size)
-    body = as_bytes(keys.ravel()).tobytes() + bytes(facts) + as_bytes(floats).tobytes()
+    cols = np.zeros(0, dtype="<i8") if columns is None else \
+        np.ascontiguousarray(columns, dtype="<i8")
+    head = _HELLO_HEAD.pack(int(index), int(attempt), keys.shape[0], len(facts), floats.size,
+                            cols.size)
+    body = as_bytes(keys.ravel()).tobytes() + bytes(facts) + as_bytes(floats).tobytes() + \
+        as_bytes(cols).tobytes()
     return [clear, hello.seal(clear + hub_nonce, head),
             hello.seal(clear + hub_nonce, body)], ks
 
@@ -425,7 +437,7 @@ HELLO_TRIES = 4
 
 
 def connect(address, fit_key, index, attempt, keys=(), facts=b"", floats=None,
-            timeout=CONNECT_SECONDS):
+            timeout=CONNECT_SECONDS, columns=None):
     """The task's handshake; -> an open :class:`Channel`, or None when the hub refused
     the task. :class:`HubUnreachable` (marked: the fit then falls back) when no
     connection can be made, or none completes its hello, within ``timeout`` seconds
@@ -442,7 +454,8 @@ def connect(address, fit_key, index, attempt, keys=(), facts=b"", floats=None,
             raise HubUnreachable(f"{UNREACHABLE_MARKER}: task {index} cannot reach the "
                                  f"fit's hub at {address[0]}:{address[1]} ({e})") from None
         try:
-            return _hello(sock, fit_key, index, attempt, keys, facts, floats, deadline)
+            return _hello(sock, fit_key, index, attempt, keys, facts, floats, deadline,
+                          columns)
         except (OSError, EOFError) as e:    # reset mid-hello, or no verdict in time
             sock.close()
             last = e
@@ -454,14 +467,14 @@ def connect(address, fit_key, index, attempt, keys=(), facts=b"", floats=None,
                          f"({last or 'no time left'})")
 
 
-def _hello(sock, fit_key, index, attempt, keys, facts, floats, deadline):
+def _hello(sock, fit_key, index, attempt, keys, facts, floats, deadline, columns=None):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     magic, version, hub_nonce, hub_share = _CHALLENGE.unpack(
         recv_exact(sock, _CHALLENGE.size, deadline))
     if magic != MAGIC or version != VERSION:
         raise ProtocolError("not a sparkgd hub of this version")
     parts, ks = hello_parts(fit_key, hub_nonce, hub_share, index, attempt, keys, facts,
-                            floats)
+                            floats, columns)
     sock.settimeout(max(0.001, deadline - time.monotonic()))
     send_parts(sock, parts)
     chan = Channel(sock, Conn(ks.to_hub, ks.to_task))
