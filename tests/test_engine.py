@@ -494,26 +494,34 @@ def sparse_df(spark, n=400, d=3000, k=7, seed=5, partitions=3):
 
 
 def test_served_store_serves_sparse_blocks(spark):
-    """CSR blocks are held and served like dense ones: facts, moments and passes equal
-    SciPy's on the same CSR matrix."""
+    """CSR blocks are held and served like dense ones, at the columns their rows touch
+    (issue 25): facts, moments and passes equal SciPy's on the same CSR matrix, whose
+    other columns hold zero coefficients."""
     from test_distributed import numpy_objective
 
     X, y, w, df = sparse_df(spark)
     spec = resolve_input(df.schema, weight_col="weight")
+    cols = np.unique(X.indices)
+    assert cols.size < 3000
     theta = np.random.default_rng(2).normal(size=X.shape[1] + 1)
+    theta[:-1][np.setdiff1d(np.arange(3000), cols)] = 0.0
+    compact = np.r_[theta[:-1][cols], theta[-1]]
     with served_engine(df, spec) as engine:
         facts = engine.facts
         assert engine.num_tasks == 2 and facts.num_rows == 400
-        assert facts.num_features == 3000 and sum(i["nnz"] for i in facts.infos) == X.nnz
-        mean, std = engine.moments(3000)
-        np.testing.assert_allclose(mean, np.asarray(X.T @ w).ravel() / w.sum(),
+        assert facts.width == 3000 and facts.num_features == cols.size
+        np.testing.assert_array_equal(facts.columns, cols)
+        assert sum(i["nnz"] for i in facts.infos) == X.nnz
+        mean, std = engine.moments(cols.size)
+        np.testing.assert_allclose(mean, np.asarray(X.T @ w).ravel()[cols] / w.sum(),
                                    rtol=1e-12, atol=1e-17)
-        obj = objective(engine, d=X.shape[1])
-        f, g = obj(theta)
+        obj = objective(engine, d=cols.size)
+        f, g = obj(compact)
         f_ref, g_ref = numpy_objective(theta, X, y, w, "logistic", True, 0.1)
         assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
-        np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
-        fs, gs = obj.smooth(theta, (0.5, 3, 1))        # mini-batches of CSR rows
+        np.testing.assert_allclose(g, np.r_[g_ref[:-1][cols], g_ref[-1]], rtol=1e-11,
+                                   atol=1e-14)
+        fs, gs = obj.smooth(compact, (0.5, 3, 1))        # mini-batches of CSR rows
         assert np.isfinite(fs) and fs != f
     assert engine.certified and wait_idle(spark, 10)
 
@@ -743,7 +751,7 @@ def huge_hello_head(key, hub_nonce, hub_share, floats=1 << 40):
     ks = wire.Keys(key, mine.shared(hub_share), hub_nonce, task_nonce)
     clear = wire._HELLO_CLEAR.pack(wire.MAGIC, task_nonce, mine.public)
     return clear + seal.Sealer(ks.hello).seal(clear + hub_nonce,
-                                              wire._HELLO_HEAD.pack(0, 0, 0, 0, floats))
+                                              wire._HELLO_HEAD.pack(0, 0, 0, 0, floats, 0))
 
 
 def fuzz(hubs_seen, done, counts, n=10_000):
@@ -975,24 +983,29 @@ def test_seeds_beyond_int64_reach_the_tasks_whole(spark, data):
 
 
 def test_served_build_at_two_million_features(spark):
-    """The hellos carry 2 x 2,000,000 moments per task as raw float64 (32 MB each);
-    facts, moments and a pass equal SciPy's."""
+    """2,000,000 columns of which the rows touch about 1,000: the hellos carry the
+    moments at those alone, and facts, moments and a pass equal SciPy's on the full
+    matrix (zero coefficients elsewhere)."""
     from test_distributed import numpy_objective
 
     d = 2_000_000
     X, y, w, df = sparse_df(spark, n=200, d=d, k=5, seed=9, partitions=2)
     spec = resolve_input(df.schema, weight_col="weight")
-    theta = np.random.default_rng(3).normal(size=d + 1) * 0.01
+    cols = np.unique(X.indices)
+    theta = np.zeros(d + 1)
+    theta[cols] = np.random.default_rng(3).normal(size=cols.size) * 0.01
+    theta[-1] = 0.1
     with served_engine(df, spec) as engine:
-        assert engine.facts.num_features == d and engine.num_tasks == 2
-        mean, _ = engine.moments(d)
-        np.testing.assert_allclose(mean, np.asarray(X.T @ w).ravel() / w.sum(),
+        assert engine.facts.width == d and engine.num_tasks == 2
+        assert engine.facts.num_features == cols.size
+        mean, _ = engine.moments(cols.size)
+        np.testing.assert_allclose(mean, np.asarray(X.T @ w).ravel()[cols] / w.sum(),
                                    rtol=1e-12, atol=1e-17)
-        f, g = objective(engine, d=d)(theta)
+        f, g = objective(engine, d=cols.size)(np.r_[theta[cols], theta[-1]])
     assert engine.certified
     f_ref, g_ref = numpy_objective(theta, X, y, w, "logistic", True, 0.1)
     assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
-    np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(g, np.r_[g_ref[cols], g_ref[-1]], rtol=1e-11, atol=1e-14)
 
 
 # ------------------------------------------------ compressed replies (issue 12, star)

@@ -130,9 +130,11 @@ def minimize_gd(fun, x0, max_iter=100, tol=1e-6, step_size=None, l1=None, callba
         if not np.any(s) and tol > 0:   # tol=0: every iteration runs, as the contract says
             message, done = "fixed point reached", True
             break
-        if inexact and exact_fun is not None and converged(f_prev, f, SLOW_CHANGE):
-            # compressed gradients crawl here (no BB step can be had with them): exact
-            # ones from the next iteration on, with gradient descent's own rules
+        if inexact and exact_fun is not None and step_size is None and \
+                converged(f_prev, f, SLOW_CHANGE):
+            # a line search with compressed gradients crawls here (no BB step can be had
+            # with them): exact ones from the next iteration on, with gradient descent's
+            # own rules (a fixed step keeps its compressed passes: error feedback does)
             oracle, inexact = exact_fun, False
             fs, g = oracle(x)
             s = None

@@ -170,7 +170,8 @@ def test_pipeline_saves_loads_and_scores_every_row(spark, binary, tmp_path):
     assert len(b) == X.shape[0] == len(a)
     assert [r["prediction"] for r in a] == [r["prediction"] for r in b]
     # the stage's directory is DESIGN's layout, readable without Spark
-    stage = next(p for p in (tmp_path / "pipeline" / "stages").iterdir())
+    stage = next(p for p in (tmp_path / "pipeline" / "stages").iterdir()
+                 if p.name.startswith("1_"))    # the second stage: ours
     meta = json.loads((stage / "metadata.json").read_text())
     coef = np.load(stage / "coefficients.npy", allow_pickle=False)
     np.testing.assert_array_equal(coef, model.stages[-1].coefficients)
