@@ -19,6 +19,8 @@ as JSON: nothing is unpickled):
                                          :class:`sparkgd.modes.local.Work`)
 ``{"mode": "metrics", "rule": {...}}``   the training metrics' sums at theta
                                          (:func:`sparkgd.metrics.block_sums`)
+``{"mode": "read"}``                     one read of every block (its values summed):
+                                         the floor a pass is judged against
 =======================================  =============================================
 
 :func:`parse` is what the engine is given (as a value: the engine imports nothing of
@@ -86,6 +88,17 @@ class MetricsWorker(Worker):
         return metrics.block_sums(blocks, coef, intercept, self.rule)
 
 
+class ReadWorker(Worker):
+    """The floor of a pass: each block's stored bytes read once (``[sum of X's stored
+    values, rows]``), in the threads a pass uses, with nothing else computed."""
+
+    def size(self, layout):
+        return 2
+
+    def compute(self, blocks, theta, loss, layout, sample, index, threads=1):
+        return kernels.read_sums(blocks, threads)
+
+
 def parse(work, layout):
     """``work`` (see the module) -> its :class:`Worker`; ValueError when it is not one
     this version computes (a frame from elsewhere)."""
@@ -104,6 +117,8 @@ def parse(work, layout):
         return Worker(base_fraction=fraction)
     if mode == "local":
         return RoundWorker(local.Work.from_config(work, layout.d))
+    if mode == "read":
+        return ReadWorker()
     if mode == "metrics":
         rule = work.get("rule")
         if not isinstance(rule, dict) or rule.get("kind") not in (

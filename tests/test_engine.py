@@ -469,9 +469,10 @@ def test_served_store_matches_numpy_and_the_file_store(spark, data):
     X32 = X.astype(np.float32).astype(np.float64)
     with served_engine(data, spec, dtype="float32") as engine:
         f, g = objective(engine)(thetas[1])
+    # float32 blocks are multiplied in float32 (sums in float64): float32's rounding
     f_ref, g_ref = numpy_objective(thetas[1], X32, y, w, "logistic", True, 0.1)
-    assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
-    np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
+    assert abs(f - f_ref) <= 1e-6 * abs(f_ref)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * np.abs(g_ref).max())
 
 
 def sparse_df(spark, n=400, d=3000, k=7, seed=5, partitions=3):

@@ -64,8 +64,9 @@ def test_files_and_served_stores_give_numpys_objective(spark, data):
 
 
 def test_float32_storage_is_exact_on_the_rounded_data(spark, data):
-    """dtype=float32 stores X rounded to float32 (half the bytes) and sums in float64:
-    the objective equals NumPy's on the rounded features to 1e-12, for both engines."""
+    """dtype=float32 stores X rounded to float32 (half the bytes), multiplies chunks in
+    float32 and sums in float64: the objective is NumPy's on the rounded features to
+    float32's rounding of the products, for both engines."""
     from test_distributed import numpy_objective
 
     X, y, w, df = data
@@ -83,8 +84,8 @@ def test_float32_storage_is_exact_on_the_rounded_data(spark, data):
         assert set(kinds) == {"float32"}
         for kind in ("workers", "jobs"):
             f, g = objective(engine, layout, kind=kind)(theta)
-            assert abs(f - f_ref) <= 1e-12 * abs(f_ref)
-            np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
+            assert abs(f - f_ref) <= 1e-6 * abs(f_ref)
+            np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * np.abs(g_ref).max())
     big = to_df(spark, np.r_[X[:5], [[1e39] * 6]], np.r_[y[:5], 1.0], partitions=1)
     with pytest.raises(SparkgdError, match="beyond float32's range"):
         open_files(big, dtype="float32")

@@ -65,18 +65,21 @@ def test_lbfgs_reaches_the_reference_optimum(spark, case):
     assert abs(f_check - f) <= 1e-9 * abs(f)
 
 
-def test_float32_storage_reaches_the_optimum_of_the_rounded_data(spark):
-    """dtype=float32 fits the features as float32 holds them: the reference optimum
-    on X rounded to float32, computed in float64."""
+def test_float32_storage_reaches_the_float64_optimum_to_1e_6(spark):
+    """dtype=float32 holds the features as float32 and multiplies them in float32 (sums
+    in float64): its model's objective, computed in float64 on the original features,
+    is within 1e-6 of the float64 optimum (the rounded data's optimum and the float32
+    products each move it by ~1e-8 here)."""
     X, y, _ = logistic_data(n=400, d=5, seed=9)
     X = X * [1, 10, 0.1, 3, 1] + [0.3, 5, 0, 0, -2]
     df = to_df(spark, X, y, partitions=3)
     model = sparkgd.LogisticRegression(regParam=0.01, tol=1e-12, dtype="float32").fit(df)
+    _, f_ref = reference_optimum(X, y, None, "logistic", 1, 0.01, 0.0)
+    f = full_objective(model_theta(model), X, y, None, "logistic", 1, 0.01, 0.0)
+    assert f - f_ref <= 1e-6 * abs(f_ref), (f, f_ref)
     X32 = X.astype(np.float32).astype(np.float64)
-    _, f_ref = reference_optimum(X32, y, None, "logistic", 1, 0.01, 0.0)
-    f = full_objective(model_theta(model), X32, y, None, "logistic", 1, 0.01, 0.0)
-    assert abs(f - f_ref) <= 1e-9 * abs(f_ref), (f, f_ref)
-    assert model.summary.objectiveHistory[-1] == pytest.approx(f, rel=1e-12)
+    f32 = full_objective(model_theta(model), X32, y, None, "logistic", 1, 0.01, 0.0)
+    assert model.summary.objectiveHistory[-1] == pytest.approx(f32, rel=1e-6)
     assert model.getDtype() == "float32"
     with pytest.raises(SparkgdError, match="unknown dtype 'float16'"):
         sparkgd.LogisticRegression(dtype="float16").fit(df)
