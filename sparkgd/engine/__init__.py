@@ -32,6 +32,7 @@ import numpy as np
 from .. import codecs
 from ..comm import Aggregator
 from ..data import facts as _facts
+from ..data import direct
 from ..data.schema import project
 from ..errors import SparkgdError, first_line
 from ..stats import moments_from_parts
@@ -106,20 +107,32 @@ class Engine:
             store = "files" if dynamic_allocation(sc) else "served"
         if store == "served":
             counts = None
+            paths = None if num_partitions else direct_files(dataset, spec)
             for shrink in range(MAX_SHRINKS + 1):
                 # one task per slot, their rows within 20% of one another (balance.py)
                 seen, slots = {}, task_slots(sc)
-                try:
-                    with jobs.described(sc, "sparkgd: count rows"):
-                        tasks_frame, how = balanced(frame, slots, counts=counts, info=seen)
-                except Exception as e:  # the count job: the input's own errors show first
-                    raise SparkgdError(f"cannot read {source}: {first_line(e)}") from None
-                counts = seen["counts"]
-                log.info("%d rows in %d partitions -> %d serving tasks (%s)",
-                         sum(counts), len(counts), min(slots, max(1, sum(counts))), how)
-                served = ServedStore(tasks_frame, read_spec, dtype,
-                                     num_partitions or len(counts), wait,
-                                     threads=task_cpus(sc), parse_work=parse_work)
+                if paths:
+                    # the tasks read the Parquet files themselves (data/direct.py): equal
+                    # contiguous shares from the footers, no count job
+                    parts, total = direct.row_parts(paths, slots)
+                    log.info("%d rows in %d Parquet files -> %d serving tasks (read by the "
+                             "tasks)", total, len(paths), len(parts))
+                    served = ServedStore(direct.Shares(parts, frame.sparkSession), read_spec,
+                                         dtype, len(paths), wait, threads=task_cpus(sc),
+                                         parse_work=parse_work)
+                else:
+                    try:
+                        with jobs.described(sc, "sparkgd: count rows"):
+                            tasks_frame, how = balanced(frame, slots, counts=counts,
+                                                        info=seen)
+                    except Exception as e:  # the count job: the input's own errors first
+                        raise SparkgdError(f"cannot read {source}: {first_line(e)}") from None
+                    counts = seen["counts"]
+                    log.info("%d rows in %d partitions -> %d serving tasks (%s)",
+                             sum(counts), len(counts), min(slots, max(1, sum(counts))), how)
+                    served = ServedStore(tasks_frame, read_spec, dtype,
+                                         num_partitions or len(counts), wait,
+                                         threads=task_cpus(sc), parse_work=parse_work)
                 try:
                     return cls._materialize(served, spec, source, aggregator, "served")
                 except WorkersUnavailable as e:
@@ -333,3 +346,19 @@ def run(dataset, spec, train, *, source="the DataFrame", dtype="float64",
             if attempt >= MAX_SERVED_ATTEMPTS:
                 store = "files"
     raise SparkgdError("the fit could not complete")  # pragma: no cover - files never lose
+
+
+def direct_files(dataset, spec):
+    """The Parquet files the serving tasks may read themselves (:mod:`sparkgd.data.direct`),
+    or None: Spark reads the rows."""
+    paths = direct.plain_parquet_files(dataset)
+    if not paths:
+        return None
+    try:
+        import pyarrow.parquet as pq
+
+        if all(direct.readable_as(pq.read_schema(p), spec) for p in paths):
+            return paths
+    except Exception as e:     # a footer pyarrow cannot read: Spark's read will say
+        log.debug("reading the Parquet files through Spark: %s", e)
+    return None

@@ -27,6 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import codecs
+from ..data import direct
 from ..data.arrow import BadInput, localize, stack_csr, stored_dense, xyw_batches
 from ..data.facts import block_info, merge_infos
 from ..stats import (block_moments, column_moments, distinct, local_columns, merge_moments,
@@ -183,12 +184,23 @@ class ServedJob(jobs.ServingJob):
         address, secret, timeout = self.address, self.task_key, self.connect_seconds
         fails = self.fail_first
 
-        def body(it, _spec=spec, _dtype=dtype, _threads=threads, _work=parse_work):
+        shares = frame.parts if isinstance(frame, direct.Shares) else None
+
+        def body(it, _spec=spec, _dtype=dtype, _threads=threads, _work=parse_work,
+                 _shares=shares):
             jobs.failing_first(fails)
+            if _shares is not None:      # the task reads its share of the Parquet files
+                from pyspark import TaskContext
+
+                for _ in it:
+                    pass
+                it = direct.part_batches(_shares[TaskContext.get().partitionId()], _spec)
             return serve_arrow_partition(it, _spec, _dtype, address, secret, _threads, timeout,
                                          _work)
 
         try:
+            if shares is not None:
+                frame = frame.frame()
             # One RDD, counted and run: with adaptive execution, planning the query
             # (``.rdd``) runs its upstream stages, so a second query would run them again.
             self.rdd = frame.mapInArrow(body, "rows long").rdd
