@@ -857,6 +857,9 @@ def test_fit_survives_a_lost_worker(phase, undisturbed, local_gd_reference, clus
         rebuild = builds[-1][1]
         fit = job.started + job.seconds - killed["progress"].first_at
         ref_fit = ref.started + ref.seconds - ref.first_at
+        # against the undisturbed run of this same session (not a fixed time): the
+        # loss may cost the rebuild and 10 s for noticing it (Spark's executor-lost event,
+        # the slot count, the tasks reconnecting): the bound the recovery work set
         bound = ref_fit + rebuild + 10
         print(f"{job.name}: {fit:.1f}s from the first line ({job.seconds:.1f}s in all); "
               f"undisturbed {ref_fit:.1f}s ({ref.seconds:.1f}s); builds {builds} (tasks, s); "

@@ -84,9 +84,9 @@ def test_a_replayed_hello_is_rejected_and_replaces_nothing():
 
 
 def test_strangers_are_dropped_without_slowing_a_pass():
-    """100 idle connections and 10 that trickle a byte every 0.2 s: passes take no
-    longer than 1 s more than undisturbed, a task still gets in, and every stranger is
-    dropped once its hello time is up."""
+    """100 idle connections and 10 that trickle a byte every 0.2 s: no pass takes more
+    than 0.25 s over the slowest undisturbed one, a task still gets in, and every
+    stranger is dropped once its hello time is up."""
     hub = Hub(3, 4, "127.0.0.1", lambda: None, lambda: 3, 5.0, hello_seconds=2.0)
     start_wait = threading.Thread(target=hub.wait_for_tasks, daemon=True)
     tasks = [FakeTask(hub, 0), FakeTask(hub, 1)]
@@ -117,18 +117,24 @@ def test_strangers_are_dropped_without_slowing_a_pass():
             time.sleep(0.01)
         assert not start_wait.is_alive() and late.verdict == ACCEPTED
         worst, started = 0.0, time.monotonic()
-        while time.monotonic() - started < 3.0:        # past the strangers' hello time
+        # passes until past the strangers' hello time and every one of them dropped
+        while (time.monotonic() - started < 3.0 or hub.rejected < 110) and \
+                time.monotonic() - started < 60:
             t = time.perf_counter()
             parts = hub.evaluate(theta)
             worst = max(worst, time.perf_counter() - t)
         assert [p[0] for p in parts] == [1.0, 1.0, 1.0]
+        assert hub.rejected == 110
         undisturbed = 0.0                              # the strangers are gone now
         for _ in range(50):
             t = time.perf_counter()
             hub.evaluate(theta)
             undisturbed = max(undisturbed, time.perf_counter() - t)
-        assert worst <= undisturbed + 1.0, (worst, undisturbed)
-        assert hub.rejected == 110
+        # The hub reads and drops strangers in the loop that serves the passes: a drop
+        # or a read that blocks shows as one slow pass. Passes here take ~1 ms; 0.25 s is
+        # a scheduling hiccup's margin on a busy 2-core machine, and a hub that sleeps
+        # 0.3 s a stranger fails it (checked by breaking it so).
+        assert worst <= undisturbed + 0.25, (worst, undisturbed)
         assert all(closed_by_peer(s, 1) for s in idle + trickle)
     finally:
         stop.set()
@@ -243,6 +249,9 @@ def test_a_stalled_task_fails_the_pass_over_within_the_deadline(how, why, strict
         with pytest.raises(TaskLost if strict else WorkersUnavailable,
                            match="was lost" if strict else why):
             hub.evaluate(theta)
+        # the deadline (0.5 s) and a margin for a busy 2-core machine: what it guards
+        # is "never a hang" (before the deadline existed a stalled task held the pass
+        # forever), so any bound far below the next timeout (5 s) will do
         assert time.monotonic() - t0 < 0.5 + 2.0
         assert hub.rejected == 1
     finally:

@@ -1,4 +1,6 @@
 """Optimizers on plain NumPy objectives: no Spark needed."""
+import math
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize as scipy_minimize
@@ -176,7 +178,9 @@ def test_gd_line_search_with_compressed_gradients():
     """Top-k gradients with error feedback (F exact), no step size: the exact-gradient
     rules stop percent above the optimum (BB steps from compression noise, a direction
     that is not downhill); inexact ones get within 1e-3 in 1,000 iterations, as the
-    issue asks; qsgd and fp16 stop on their own, close."""
+    issue asks; qsgd and fp16 stop on their own, close. Measured (issue 29): top-k
+    8.8e-4 (the issue's 1e-3 is the bound), qsgd:8 2.3e-6, fp16 1.2e-5 relative above the
+    optimum (exact gradients through the same search: 1.1e-5); the bounds are 4x those."""
     from scipy.optimize import minimize as sp_minimize
 
     from sparkgd import codecs
@@ -210,6 +214,84 @@ def test_gd_line_search_with_compressed_gradients():
 
     plain = minimize_gd(oracle("topk:0.1"), np.zeros(d + 1), max_iter=1000, tol=1e-6)
     assert (plain.fun - best) / best > 1e-2
-    for spec, bound in (("topk:0.1", 1e-3), ("qsgd:8", 1e-4), ("fp16", 1e-4)):
+    for spec, bound in (("topk:0.1", 1e-3), ("qsgd:8", 1e-5), ("fp16", 5e-5)):
         r = minimize_gd(oracle(spec), np.zeros(d + 1), max_iter=1000, tol=1e-6, inexact=True)
         assert (r.fun - best) / best <= bound, (spec, r.fun, best, r.message)
+
+
+# ------------------------------------------------ first-order updates, written out
+
+
+def textbook_path(name, fun, x0, lr, steps):
+    """``steps`` iterations of ``name`` written from the textbooks (no sparkgd), as
+    optim.first_order's table documents them -> (x after each step, F after each step):
+
+    * sgd: ``x -= lr / sqrt(t) * g`` (t = 1, 2, ...);
+    * momentum: PyTorch's ``torch.optim.SGD(momentum=mu, dampening=0)``, the heavy ball
+      with the velocity summing raw gradients: ``v = mu v + g; x -= lr v``, v_0 = 0;
+    * nesterov: PyTorch's ``nesterov=True`` (Sutskever et al. 2013 rewritten at the
+      look-ahead point): ``v = mu v + g; x -= lr (g + mu v)``;
+    * adam: Kingma & Ba (2015), Algorithm 1: ``m = b1 m + (1 - b1) g``,
+      ``v = b2 v + (1 - b2) g^2``, ``m^ = m / (1 - b1^t)``, ``v^ = v / (1 - b2^t)``,
+      ``x -= lr m^ / (sqrt(v^) + eps)``; b1 = 0.9, b2 = 0.999, eps = 1e-8;
+    with mu = 0.9, the gradient taken at the current x before each step."""
+    mu, b1, b2, eps = 0.9, 0.9, 0.999, 1e-8
+    x = np.array(x0, dtype=float)
+    vel, m, v = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)
+    xs, fs = [], []
+    _, g = fun(x)
+    for t in range(1, steps + 1):
+        if name == "sgd":
+            x = x - lr / math.sqrt(t) * g
+        elif name == "momentum":
+            vel = mu * vel + g
+            x = x - lr * vel
+        elif name == "nesterov":
+            vel = mu * vel + g
+            x = x - lr * (g + mu * vel)
+        else:
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            m_hat = m / (1 - b1 ** t)
+            v_hat = v / (1 - b2 ** t)
+            x = x - lr * m_hat / (np.sqrt(v_hat) + eps)
+        f, g = fun(x)
+        xs.append(x.copy())
+        fs.append(f)
+    return xs, fs
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam"])
+def test_first_order_steps_are_the_textbook_updates(name):
+    """Each step of sgd, momentum, nesterov and adam against the update written out in
+    :func:`textbook_path` (PyTorch's momentum and Nesterov, Kingma and Ba's Adam with bias
+    correction), step by step on a fixed quadratic; the iterates differ enough between
+    the four (and from a momentum of 0.8, or Adam without bias correction) that a
+    changed coefficient or convention shows at the first steps."""
+    fun, _, _, H = quadratic(seed=4)
+    x0 = np.linspace(-1.0, 1.0, H.shape[0])
+    lr = {"sgd": 0.3, "momentum": 0.1, "nesterov": 0.1, "adam": 0.05}[name]
+    want_x, want_f = textbook_path(name, fun, x0, lr, 6)
+    for k in range(1, 7):
+        res = optim.minimize(name, fun, x0, max_iter=k, tol=0, step_size=lr)
+        assert res.iterations == k
+        np.testing.assert_allclose(res.x, want_x[k - 1], rtol=1e-12, atol=1e-15,
+                                   err_msg=f"{name}, step {k}")
+    np.testing.assert_allclose(res.history, want_f, rtol=1e-12)
+    # the test can tell: the first steps of another convention are far from these
+    other = {"sgd": "momentum", "momentum": "nesterov", "nesterov": "momentum",
+             "adam": "sgd"}[name]
+    assert np.abs(textbook_path(other, fun, x0, lr, 3)[0][2] - want_x[2]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam"])
+def test_first_order_defaults_are_the_documented_ones(name):
+    """Without a stepSize, the table's default (momentum and nesterov 0.1, adam 0.01;
+    sgd 1.0) with mu = 0.9 and Adam's 0.9 / 0.999 / 1e-8 -- the textbook path above at
+    the default step."""
+    fun, _, _, H = quadratic(seed=5)
+    x0 = np.linspace(1.0, -1.0, H.shape[0])
+    default = {"sgd": 1.0, "momentum": 0.1, "nesterov": 0.1, "adam": 0.01}[name]
+    want_x, _ = textbook_path(name, fun, x0, default, 4)
+    res = optim.minimize(name, fun, x0, max_iter=4, tol=0)
+    np.testing.assert_allclose(res.x, want_x[-1], rtol=1e-12, atol=1e-15)

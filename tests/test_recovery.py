@@ -1,6 +1,13 @@
 """Recovery end to end through ``spark-submit`` (issue 14): a driver SIGKILLed mid-fit
 resumes from its checkpoint to the uninterrupted model; injected first-attempt failures
-and Spark's speculation give the same model."""
+give the same model.
+
+(No speculation case here: Spark never launches a speculative copy on a host where an
+attempt of the task runs -- TaskSetManager's ``hasAttemptOnHost`` -- and local mode is one
+host. Measured with the event log: the sample fit with ``spark.speculation=true``,
+interval 100 ms, multiplier 1.1, quantile 0.1 on ``local[2]`` started 3 tasks, none
+speculative. A case that cannot see a speculative attempt would pass with speculation
+off; it needs executors on two hosts.)"""
 import json
 import os
 import signal
@@ -76,17 +83,13 @@ def test_a_driver_killed_mid_fit_resumes_to_the_uninterrupted_model(spark, tmp_p
     assert not (ck / "checkpoint.json").exists()
 
 
-def test_injected_failures_and_speculation_give_the_same_model(spark, tmp_path, capsys):
+def test_injected_failures_give_the_same_model(spark, tmp_path, capsys):
     """The first attempt of every task sparkgd runs fails (``local[2,4]`` retries it):
     the served build gives way to the file store, whose tasks are retried and
-    reconnect; with speculation on, nothing changes either."""
+    reconnect."""
     want = reference(tmp_path, capsys)
     for name, master, conf in (("injected", "local[2,4]",
-                                ["spark.sparkgd.testing.failFirstAttempt=true"]),
-                               ("speculation", "local[2]",
-                                ["spark.speculation=true", "spark.speculation.interval=100ms",
-                                 "spark.speculation.multiplier=1.1",
-                                 "spark.speculation.quantile=0.1"])):
+                                ["spark.sparkgd.testing.failFirstAttempt=true"]),):
         out = tmp_path / name
         cmd, env = submit(*FIT, "--output", str(out), master=master, conf=conf)
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,

@@ -152,9 +152,7 @@ class Tasks:
         return co_sum(self.hub.evaluate(theta))
 
     def reference(self, theta):
-        every = [b for bl in self.blocks for b in bl]
-        return kernels.partition_sums(every, theta, kernels.make_loss("logistic"),
-                                      self.layout)
+        return numpy_logistic_sums([b for bl in self.blocks for b in bl], theta)
 
     def close(self, lost=()):
         """Stop every task; none may have failed (``lost``: whose connections a test
@@ -178,6 +176,23 @@ def hub_skews(tasks, seconds=5.0):
             return got
         end = time.monotonic() + 0.05
         tasks.hub._wait(lambda: time.monotonic() < end)
+
+
+def numpy_logistic_sums(blocks, theta):
+    """``[loss_sum, weight_sum, grad (D + 1)]`` of the weighted logistic loss over
+    ``blocks``, written out in NumPy (not sparkgd's kernels): ``z = X beta + b``,
+    ``loss_i = log(1 + e^z_i) - y_i z_i``, ``r_i = w_i (sigmoid(z_i) - y_i)``, the gradient
+    ``[X^T r, sum r]``."""
+    beta, b = theta[:-1], theta[-1]
+    out = np.zeros(theta.size + 2)
+    for X, y, w in blocks:
+        z = X @ beta + b
+        r = w * (1.0 / (1.0 + np.exp(-z)) - y)
+        out[0] += w @ (np.logaddexp(0.0, z) - y * z)
+        out[1] += w.sum()
+        out[2:-1] += X.T @ r
+        out[-1] += r.sum()
+    return out
 
 
 def co_sum(parts):
@@ -212,11 +227,24 @@ def test_every_topology_sums_like_numpy_with_exact_bytes(topology, p):
     assert tasks.hub.peer_failures == 0
 
 
+#: Top-k passes at one theta whose mean is checked (error feedback: the mean tends to the
+#: exact sums as 1 / passes).
+TOPK_PASSES = 40
+
+
 @pytest.mark.parametrize("codec", ["fp16", "topk:0.1", "qsgd:8"])
 @pytest.mark.parametrize("topology", ["star", "tree", "ring"])
 def test_compressed_links_count_what_crosses_them(topology, codec):
     """Every hop decodes, adds in float64 and encodes again; theta goes down as the
-    encoded difference from what the tasks hold (in full the first time)."""
+    encoded difference from what the tasks hold (in full the first time).
+
+    How close to NumPy's sums (largest error over the largest sum; an all-zero total
+    scores 1 and must fail): fp16 and qsgd:8 in one pass, measured 3.1e-4 and 2.4e-2 at
+    worst over the topologies (bounds 1e-3 and 0.1). Top-k sends one value in ten a hop
+    -- one pass is 0.94 to 1.2 off -- and keeps the rest in the tasks' residuals, so the
+    mean of TOPK_PASSES passes at one theta is the exact total up to the residuals over
+    TOPK_PASSES: measured 0.12 (star), 0.10 (tree), 0.17 (ring), bound 0.5; without
+    the residuals the mean would stay at one pass's error, all zeros at 1."""
     p = 5
     tasks = Tasks(p, topology, codec, theta_codec=codec)
     rng = np.random.default_rng(2)
@@ -226,17 +254,27 @@ def test_compressed_links_count_what_crosses_them(topology, codec):
         got = tasks.total(theta)
         assert tasks.hub.last_bytes == co.pass_bytes(topology, p, D + 1, c, delta=False)
         theta2 = theta + rng.normal(size=D + 1) * 1e-3
-        tasks.total(theta2)
+        passes = [tasks.total(theta2)]
         assert tasks.hub.last_bytes == co.pass_bytes(topology, p, D + 1, c, delta=True)
+        if c.name == "topk":
+            passes += [tasks.total(theta2) for _ in range(TOPK_PASSES - 1)]
     finally:
         tasks.close()
     want = tasks.reference(theta)
     assert got[0] == pytest.approx(want[0], rel=1e-12)     # the loss sum is never encoded
     assert got[1] == pytest.approx(want[1], rel=1e-12)
-    scale = np.abs(want[2:]).max()
-    err = np.abs(got[2:] - want[2:]).max() / scale
-    bound = {"fp16": 1e-2, "qsgd:8": 0.2, "topk:0.1": 1.0}[codec]
-    assert err <= bound, err
+
+    def err(total, exact):
+        return np.abs(total[2:] - exact[2:]).max() / np.abs(exact[2:]).max()
+
+    if c.name == "topk":
+        want2 = tasks.reference(theta2)
+        mean = np.mean(passes, axis=0)
+        assert err(mean, want2) <= 0.5, (err(mean, want2), err(passes[0], want2))
+        assert np.count_nonzero(got[2:]) >= c.k(D + 1)       # what was sent is there
+    else:
+        bound = {"fp16": 1e-3, "qsgd:8": 0.1}[codec]
+        assert err(got, want) <= bound, err(got, want)
 
 
 def test_ring_and_tree_cut_the_drivers_bytes_to_a_third_of_stars_at_eight_tasks():
