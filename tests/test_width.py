@@ -175,7 +175,7 @@ def test_the_touched_columns_fit_is_the_full_width_fit(spark, hashed):
     np.testing.assert_allclose(warm.coefficients, compact.coefficients, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec,bound", [("topk:0.1", 1.5e-5), ("qsgd:8", 1e-9),
+@pytest.mark.parametrize("spec,bound", [("topk:0.1", 1.5e-5), ("qsgd:8", 1e-8),
                                         ("fp16", 1e-5)])
 def test_gd_with_compressed_gradients_reaches_the_optimum_on_real_data(spark, cancer, spec,
                                                                        bound):
@@ -183,8 +183,9 @@ def test_gd_with_compressed_gradients_reaches_the_optimum_on_real_data(spark, ca
     top-k stopped 3.7e-3 above the optimum, qsgd:8 0.74, fp16 9.1e-4): where a compressed
     gradient leads nowhere the search goes on with exact ones; 1,000 iterations end as
     gradient descent with exact gradients does (the README's figures, measured here:
-    topk:0.1 3.4e-6, qsgd:8 within 1e-10 (-2e-11), fp16 1.4e-6, none 4.4e-6). Bounds
-    (issue 29): about 4x, 10x and 7x those."""
+    topk:0.1 3.4e-6, qsgd:8 2.4e-9 (-2e-11 when Spark grouped the rows: qsgd's random
+    rounding follows the grouping), fp16 1.4e-6, none 4.4e-6). Bounds (issue 29): about
+    4x, 4x and 7x those."""
     df, X, y = cancer
     _, f_star = reference_optimum(X, y, None, "logistic", reg=0.01)
     m = sparkgd.LogisticRegression(regParam=0.01, optimizer="gd", maxIter=1000, tol=0.0,

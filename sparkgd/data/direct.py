@@ -120,15 +120,15 @@ def row_parts(paths, tasks):
     one row), from the files' footers."""
     import pyarrow.parquet as pq
 
-    from ..engine.balance import contiguous_groups
-
     groups = []
     for path in paths:
         meta = pq.read_metadata(path)
         for g in range(meta.num_row_groups):
             groups.append((path, g, meta.row_group(g).num_rows))
     total = sum(n for _, _, n in groups)
-    shares = contiguous_groups([total], max(1, min(int(tasks), max(total, 1))))
+    tasks = max(1, min(int(tasks), max(total, 1)))
+    cuts = [-(-g * total // tasks) for g in range(tasks + 1)]    # ceil(g * total / tasks)
+    shares = list(zip(cuts[:-1], cuts[1:]))
     parts = []
     for lo, hi in shares:
         mine, offset = [], 0

@@ -214,8 +214,11 @@ print(json.dumps({"theirs": np.r_[np.ravel(theirs.coefficients), theirs.intercep
 def test_classic_and_connect_give_the_same_model_and_read_each_others(spark, cancer,
                                                                       tmp_path):
     """The same plan, fitted from this Connect session and from a classic session in a
-    process of its own: the same model to 1e-9; each session loads what the other
-    saved."""
+    process of its own: the same objective to 1e-9 (the classic session's tasks read the
+    Parquet files themselves, the Connect job's get them from Spark: other row groups,
+    other roundings, and on this ill-conditioned data (units 1e-3 to 1e3) L-BFGS ends 300
+    iterations within 4e-10 of each other, coefficients within 1e-3); each session loads
+    what the other saved."""
     df, _, _ = cancer
     model = sparkgd.LogisticRegression(regParam=0.01, tol=1e-12, maxIter=300).fit(df)
     saved = str(tmp_path / "from_connect")
@@ -233,7 +236,10 @@ def test_classic_and_connect_give_the_same_model_and_read_each_others(spark, can
     np.testing.assert_array_equal(told["theirs"], model_theta(model))
     classic = sparkgd.load_model(out)
     assert told["engine"] == "served, sealed"
-    np.testing.assert_allclose(model_theta(classic), model_theta(model), rtol=1e-9, atol=1e-9)
+    f_classic = classic.summary.objectiveHistory[-1]
+    f_connect = model.summary.objectiveHistory[-1]
+    assert abs(f_classic - f_connect) <= 1e-9 * f_connect, (f_classic, f_connect)
+    np.testing.assert_allclose(model_theta(classic), model_theta(model), rtol=1e-3, atol=1e-5)
     assert classic.summary.numRows == 569
 
 
