@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, codecs, kernels, metrics, stats
+from . import checkpoint, codecs, inference, kernels, metrics, stats
 from .errors import SparkgdError
 from .modes import Keep, Problem, dp, local, ps, sync
 from .penalties import Penalty
@@ -345,7 +345,41 @@ def train(plan, engine, attempts=None):
         if outcome.metrics is not None:
             log.info("training metrics from the blocks in %.2f s (one pass; the fit's "
                      "training took %.2f s)", time.perf_counter() - started, result.seconds)
+    summary["inference"] = coefficient_statistics(plan, engine, facts, layout, loss,
+                                                  loss_name, coef, intercept,
+                                                  result.privacy is not None)
     return outcome
+
+
+def coefficient_statistics(plan, engine, facts, layout, loss, loss_name, coef, intercept,
+                           private):
+    """The coefficient statistics (:mod:`sparkgd.inference`) from one more pass over the
+    blocks at the returned coefficients, or ``{"error": why}`` where the fit has none."""
+    untouched = None
+    if facts.columns is not None and len(facts.columns) < facts.width:
+        idle = np.setdiff1d(np.arange(min(facts.width, inference.MAX_FEATURES + 1)),
+                            facts.columns)[:10]
+        untouched = ("coefficient statistics need every column to hold a value; no row "
+                     "has one in column(s) " + ", ".join(str(int(j)) for j in idle))
+    why = inference.why_none(loss_name, layout.k, facts.width or layout.d, plan.reg_param,
+                             private, untouched)
+    if why is not None:
+        return {"error": why}
+    kind = inference.KINDS[loss_name]
+    started = time.perf_counter()
+    total = engine.evaluate(layout.join(coef, intercept), loss, layout, None, codecs.NONE,
+                            work={"mode": "hessian", "kind": kind})
+    spec = plan.spec
+    names = list(spec.features) if spec.kind == "columns" else \
+        [f"{spec.features[0]}[{j}]" for j in range(layout.d)]
+    try:
+        out = inference.statistics(total, coef[0], intercept, kind, layout.fit_intercept,
+                                   names)
+    except SparkgdError as e:
+        return {"error": str(e)}
+    log.info("coefficient statistics from the blocks in %.2f s (one pass)",
+             time.perf_counter() - started)
+    return out
 
 
 def training_metrics(plan, engine, layout, loss, loss_name, classes, coef, intercept):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class TrainingSummary:
@@ -44,6 +46,9 @@ class TrainingSummary:
     #: what carried the passes: ``served`` (tasks holding the blocks in memory),
     #: ``files`` (block files, serving tasks) or ``jobs`` (one Spark job per pass)
     engine: str = ""
+    #: coefficient statistics (:mod:`sparkgd.inference`): their values, or
+    #: ``{"error": why}`` where a fit has none
+    inference: dict = None
 
     def __getattr__(self, name):
         """Spark ML's training-summary metrics (``r2``, ``rootMeanSquaredError``,
@@ -58,6 +63,49 @@ class TrainingSummary:
         why = self.__dict__.get("_no_metrics")
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}" +
                              (f" ({why})" if why else ""))
+
+    def _statistic(self, name):
+        from .errors import SparkgdError
+
+        stats = self.inference or {"error": "this summary carries no coefficient statistics"}
+        if "error" in stats:
+            raise SparkgdError(f"no {name}: {stats['error']}")
+        value = stats[name]
+        return np.asarray(value) if isinstance(value, list) else value
+
+    @property
+    def coefficientStandardErrors(self):
+        """Standard errors of the coefficients, the intercept last (an unpenalized linear
+        or binomial logistic fit; see :mod:`sparkgd.inference`)."""
+        return self._statistic("coefficientStandardErrors")
+
+    @property
+    def tValues(self):
+        """Coefficient / standard error, the intercept last (Wald z for logistic)."""
+        return self._statistic("tValues")
+
+    @property
+    def pValues(self):
+        """Two-sided p-values of tValues (Student's t with degreesOfFreedom for linear
+        regression, the normal for logistic), the intercept last."""
+        return self._statistic("pValues")
+
+    @property
+    def degreesOfFreedom(self):
+        """Rows minus coefficients (the intercept counted): from the coefficient
+        statistics, else (any regression fit) from the training metrics, as Spark ML."""
+        stats = self.inference or {}
+        if "degreesOfFreedom" in stats:
+            return stats["degreesOfFreedom"]
+        evaluation = self._evaluated()
+        if evaluation is not None and hasattr(type(evaluation), "degreesOfFreedom"):
+            return evaluation.degreesOfFreedom
+        return self._statistic("degreesOfFreedom")
+
+    @property
+    def dispersion(self):
+        """Residual variance sum(w r^2) / degreesOfFreedom (linear), 1 (logistic)."""
+        return self._statistic("dispersion")
 
     def _evaluated(self):
         """The metrics' summary object: saved sums, or (after a fit in this session)

@@ -19,6 +19,9 @@ as JSON: nothing is unpickled):
                                          :class:`sparkgd.modes.local.Work`)
 ``{"mode": "metrics", "rule": {...}}``   the training metrics' sums at theta
                                          (:func:`sparkgd.metrics.block_sums`)
+``{"mode": "hessian", "kind": k}``       coefficient statistics' sums at theta, k
+                                         ``linear`` or ``logistic``
+                                         (:func:`sparkgd.inference.block_sums`)
 ``{"mode": "read"}``                     one read of every block (its values summed):
                                          the floor a pass is judged against
 =======================================  =============================================
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels, metrics, privacy
+from . import inference, kernels, metrics, privacy
 from .modes import local
 
 
@@ -99,6 +102,20 @@ class ReadWorker(Worker):
         return kernels.read_sums(blocks, threads)
 
 
+class HessianWorker(Worker):
+    """The coefficient statistics' sums at theta (one more pass over the blocks)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def size(self, layout):
+        return inference.vector_size(layout.d + (1 if layout.fit_intercept else 0))
+
+    def compute(self, blocks, theta, loss, layout, sample, index, threads=1):
+        return inference.block_sums(blocks, theta, layout, self.kind)
+
+
 def parse(work, layout):
     """``work`` (see the module) -> its :class:`Worker`; ValueError when it is not one
     this version computes (a frame from elsewhere)."""
@@ -117,6 +134,12 @@ def parse(work, layout):
         return Worker(base_fraction=fraction)
     if mode == "local":
         return RoundWorker(local.Work.from_config(work, layout.d))
+    if mode == "hessian":
+        kind = work.get("kind")
+        if kind not in ("linear", "logistic") or layout.k != 1 or \
+                layout.d > inference.MAX_FEATURES:
+            raise ValueError(f"coefficient statistics of kind {kind!r} at width {layout.d}")
+        return HessianWorker(kind)
     if mode == "read":
         return ReadWorker()
     if mode == "metrics":
