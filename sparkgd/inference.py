@@ -130,7 +130,8 @@ def statistics(total, coef, intercept, kind, fit_intercept, names):
         dispersion = 1.0
         cov = inv
     se = np.sqrt(np.maximum(np.diag(cov), 0.0))
-    t = beta / se
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = beta / se           # a perfect linear fit: se 0, t infinite (as Spark ML's)
     if kind == "linear":
         pv = 2.0 * stats.t.sf(np.abs(t), dof)
     else:
