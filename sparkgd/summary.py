@@ -138,7 +138,10 @@ class TrainingSummary:
 
     def to_dict(self):
         self._evaluated()   # a summary saved with its model carries the metrics
-        return asdict(self)
+        out = asdict(self)
+        # DESIGN.md section 4: the statistics are fields of the saved summary too
+        out.update({k: v for k, v in (self.inference or {}).items() if k != "error"})
+        return out
 
     @classmethod
     def from_dict(cls, d):

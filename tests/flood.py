@@ -4,7 +4,8 @@ sending a few bytes of garbage (or nothing) and then waiting to be dropped.
 
     python tests/flood.py HOST PORT N SECONDS
 
-Prints one JSON line at the end: connections made, drops seen.
+Prints ``started`` once its first n connections were tried, and one JSON line at the
+end: connections made, drops seen.
 """
 import json
 import selectors
@@ -34,6 +35,7 @@ def main(host, port, n, seconds):
 
     for _ in range(n):
         open_one()
+    print("started", flush=True)      # the caller waits for this before it goes on
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         for key, _ in sel.select(timeout=0.05):

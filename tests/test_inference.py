@@ -141,6 +141,11 @@ def test_fits_on_spark_carry_the_textbook_statistics(spark, tmp_path):
     model.save(str(tmp_path / "m"))
     loaded = sparkgd.LinearRegressionModel.load(str(tmp_path / "m"))
     np.testing.assert_array_equal(loaded.summary.pValues, s.pValues)
+    import json
+
+    saved = json.load(open(tmp_path / "m" / "metadata.json"))["summary"]   # DESIGN.md 4
+    for name in ("coefficientStandardErrors", "tValues", "pValues"):
+        np.testing.assert_array_equal(saved[name], getattr(s, name))
 
     Xl, yl, wl = logistic_data(n=800, d=4, seed=3, weights=True)
     dfl = to_df(spark, Xl, yl, wl, partitions=3)
