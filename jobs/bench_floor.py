@@ -10,8 +10,9 @@ which pays the same costs). For each data set, on served blocks (the default eng
   tree), best of ``--repeat``;
 * the served floor: the same tasks asked to read their blocks once and sum the values
   (work mode ``read``: :func:`sparkgd.kernels.read_sums`), through the same wire;
-* in this driver, on a copy of the same rows: one read by as many threads as there are
-  serving tasks, and the library's own pass (NumPy ``X @ W`` / ``R.T @ X`` for dense
+* in this driver, on a copy of the same rows: one read (the same ``read_sums``, in as
+  many threads as there are serving tasks; a CSR matrix is one piece, one thread), and
+  the library's own pass (NumPy ``X @ W`` / ``R.T @ X`` for dense
   rows, SciPy's ``X @ w`` / ``X.T @ r`` for CSR).
 
 Data sets: ``--rows`` x ``--features`` dense logistic (float64 and float32 blocks),
@@ -22,7 +23,6 @@ see the same background. Prints one table; ``--json`` writes the figures.
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -36,22 +36,6 @@ def best_of(fn, repeat, pause=0.3):
         fn()
         best = min(best, time.perf_counter() - t)
     return best
-
-
-def threaded_read(X, threads):
-    """One read of every stored value of ``X`` (dense, or CSR values and indices), split
-    by rows over ``threads`` threads (NumPy's sums let go of the GIL)."""
-    n = X.shape[0]
-    cuts = np.linspace(0, n, threads + 1).astype(int)
-    parts = [X[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
-
-    def one(P):
-        if hasattr(P, "indices"):
-            return float(P.data.sum()) + float(P.indices.sum())
-        return float(P.sum())
-
-    with ThreadPoolExecutor(threads) as pool:
-        return sum(pool.map(one, parts))
 
 
 def local_pass(X, y, W, b, k):
@@ -95,7 +79,7 @@ def measure(spark, name, df, X, y, k, repeat, dtype="float64", rounds=2):
                     ("pass", lambda: obj(theta)),
                     ("read", lambda: engine.evaluate(theta, loss, layout,
                                                      work={"mode": "read"})),
-                    ("driver_read", lambda: threaded_read(Xl, tasks)),
+                    ("driver_read", lambda: kernels.read_sums([(Xl, y, None)], tasks)),
                     ("driver_pass", lambda: local_pass(Xl, y, W.astype(Xl.dtype), b, k))):
                 out[key] = min(out.get(key, float("inf")), best_of(fn, repeat))
         out["tasks"] = tasks

@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,67 +68,23 @@ def spark_ml_job(argv):
     return 0
 
 
-def tree_cpu_and_pss(root):
-    """(CPU seconds, PSS bytes) of ``root`` and every process below it."""
-    children = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(pid))
-        except (OSError, IndexError):
-            continue
-    cpu = pss = 0
-    todo = [root]
-    tick = os.sysconf("SC_CLK_TCK")
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            cpu += (int(fields[11]) + int(fields[12])) / tick
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
-        except (OSError, IndexError, ValueError):
-            continue
-    return cpu, pss
-
-
 def run_job(cmd, log):
-    """Run ``cmd``; wall seconds, CPU seconds of its tree (sampled last while alive, and
-    the children's totals once reaped), peak PSS, and its output lines with the second
-    each arrived at."""
+    """Run ``cmd``: wall seconds, peak PSS of its process tree (``benchmark.PeakRss``),
+    and its output lines with the second each arrived at (CPU: the caller's
+    ``RUSAGE_CHILDREN`` before and after)."""
+    from benchmark import PeakRss
+
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    peak, cpu_seen = [0], {}
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            cpu, pss = tree_cpu_and_pss(proc.pid)
-            peak[0] = max(peak[0], pss)
-            cpu_seen["last"] = cpu
-            done.wait(0.2)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
     lines = []
-    for line in proc.stdout:
-        lines.append((time.perf_counter() - t0, line.rstrip()))
-        log.write(f"{lines[-1][0]:7.2f} {line}")
-    proc.wait()
-    done.set()
-    th.join()
-    wall = time.perf_counter() - t0
-    return {"rc": proc.returncode, "wall": wall, "cpu_sampled": cpu_seen.get("last", 0.0),
-            "peak": peak[0], "lines": lines,
-            "children_cpu": resource.getrusage(resource.RUSAGE_CHILDREN)}
+    with PeakRss(proc.pid) as mem:
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - t0, line.rstrip()))
+            log.write(f"{lines[-1][0]:7.2f} {line}")
+        proc.wait()
+    return {"rc": proc.returncode, "wall": time.perf_counter() - t0, "peak": mem.peak,
+            "lines": lines, "children_cpu": resource.getrusage(resource.RUSAGE_CHILDREN)}
 
 
 def main(argv=None):
