@@ -242,6 +242,15 @@ def main(argv=None):
                         "spark.authenticate + spark.network.crypto.enabled) against this "
                         "one's (jobs/bench_crypto.py)")
     p.add_argument("--crypto-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--select", action="store_true",
+                   help="CrossValidator and TrainValidationSplit: sparkgd's beside Spark ML's")
+    p.add_argument("--select-rows", type=int, default=200000, help="--select: rows")
+    p.add_argument("--select-features", type=int, default=50, help="--select: features")
+    p.add_argument("--select-folds", type=int, default=3, help="--select: numFolds")
+    p.add_argument("--select-runs", type=int, default=2,
+                   help="--select: runs of each selection (the first is cold)")
+    p.add_argument("--select-parallelism", type=int, default=1,
+                   help="--select: the selections' parallelism")
     p.add_argument("--json", default=None)
     p.add_argument("--memory-only", action="store_true",
                    help="only build sparkgd's blocks from the Parquet files and run passes, "
@@ -281,6 +290,10 @@ def main(argv=None):
         import bench_modes
 
         return _in_scratch(args, lambda: bench_modes.run(spark, args))
+    if args.select:
+        import bench_select
+
+        return _in_scratch(args, lambda: bench_select.run(spark, args))
     if args.floors:
         import bench_floor
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, codecs, inference, kernels, metrics, stats
+from . import checkpoint, codecs, inference, kernels, metrics, multi, stats
 from .errors import SparkgdError
 from .modes import Keep, Problem, dp, local, ps, sync
 from .penalties import Penalty
@@ -304,8 +304,11 @@ def problem_of(plan, engine, facts, layout, loss, attempts, resumed, ck):
                    codecs.parse(plan.compression), weight=weight, rows=facts.num_rows)
 
 
-def train(plan, engine, attempts=None):
-    """One fit of ``plan`` over ``engine``'s blocks -> :class:`Outcome`."""
+def train(plan, engine, attempts=None, metrics_pass=True):
+    """One fit of ``plan`` over ``engine``'s blocks -> :class:`Outcome`.
+    ``metrics_pass=False``: no pass for the training metrics (the model's summary
+    computes them from its DataFrame if ever asked: fitMultiple's models are scored on
+    other data)."""
     attempts = attempts or Attempts()
     facts = engine.facts
     classes = num_classes(plan, facts)
@@ -338,7 +341,7 @@ def train(plan, engine, attempts=None):
         # exact training metrics would leave with the private model: none
         outcome.no_metrics = ("a private fit computes no training metrics (they are not "
                               "noised); use model.evaluate(held_out_df)")
-    else:
+    elif metrics_pass:
         started = time.perf_counter()
         outcome.metrics = training_metrics(plan, engine, layout, loss, loss_name, classes,
                                            coef, intercept)
@@ -349,6 +352,13 @@ def train(plan, engine, attempts=None):
                                                   loss_name, coef, intercept,
                                                   result.privacy is not None)
     return outcome
+
+
+def train_many(plans, engine, attempts):
+    """Fits of ``plans`` (which read their data the same way: :func:`sparkgd.multi.groups`)
+    together over ``engine``, their plain gradient passes shared -> their outcomes."""
+    return multi.train_many(plans, engine, attempts,
+                            lambda plan, view, att: train(plan, view, att, metrics_pass=False))
 
 
 def coefficient_statistics(plan, engine, facts, layout, loss, loss_name, coef, intercept,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import numpy as np
 from pyspark import keyword_only
@@ -18,7 +19,7 @@ from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import HasRawPredictionCol, HasThreshold
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWriter, MLWritable
 
-from . import coordinator, data, launch, privacy
+from . import coordinator, data, launch, multi, privacy
 from .errors import SparkgdError
 from .models import (  # noqa: F401  (the models are sparkgd's public names here too)
     MODEL_CLASSES,
@@ -114,7 +115,19 @@ class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsRead
 
     def _fit(self, dataset):
         plan = self._plan(dataset)
-        outcome = launch.fit(dataset, plan)
+        return self._model_of(launch.fit(dataset, plan), plan, dataset)
+
+    def fitMultiple(self, dataset, paramMaps):
+        """Spark ML's ``fitMultiple`` (what pyspark.ml.tuning calls for each fold): an
+        iterator of ``(index, model)``, thread-safe. The param maps that read the data the
+        same way are fitted together, over one build of the blocks, each pass one read
+        of them for every model still running (:mod:`sparkgd.multi`); each model is the
+        one its own ``fit`` gives. A Spark Connect session fits them one by one."""
+        if len(paramMaps) < 2 or launch.is_connect(dataset.sparkSession):
+            return super().fitMultiple(dataset, paramMaps)
+        return _SharedFits(self, dataset, paramMaps)
+
+    def _model_of(self, outcome, plan, dataset):
         summary = TrainingSummary(**outcome.summary)
         summary.metrics = outcome.metrics
         model = self._model_class._from_fit(outcome.full_coef(), outcome.intercept,
@@ -129,6 +142,50 @@ class _SparkgdEstimator(Estimator, _SparkgdParams, MLWritable, DefaultParamsRead
         else:
             summary._scored = (model, dataset)    # ``predictions``, when first asked
         return model
+
+
+class _SharedFits:
+    """fitMultiple's iterator: on the first ``next``, every param map is fitted -- the
+    groups of :func:`sparkgd.multi.groups` together, the rest alone -- then the models
+    are handed out in order, one a call, from whichever thread asks."""
+
+    def __init__(self, estimator, dataset, param_maps):
+        self.estimator, self.dataset = estimator, dataset
+        self.param_maps = list(param_maps)
+        self.models = None
+        self.counter = 0
+        self.lock = threading.Lock()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self.lock:
+            if self.counter >= len(self.param_maps):
+                raise StopIteration("no models remaining")
+            if self.models is None:
+                self.models = self._fit_all()
+            index = self.counter
+            self.counter += 1
+        return index, self.models[index]
+
+    next = __next__
+
+    def _fit_all(self):
+        copies = [self.estimator.copy(pm) for pm in self.param_maps]
+        plans = [est._plan(self.dataset) for est in copies]
+        models = [None] * len(plans)
+        for group in multi.groups(plans):
+            if len(group) == 1:
+                i = group[0]
+                models[i] = copies[i]._model_of(launch.fit(self.dataset, plans[i]),
+                                                plans[i], self.dataset)
+                continue
+            log.info("fitMultiple: %d param maps over one build of the blocks", len(group))
+            outcomes = launch.fit_many(self.dataset, [plans[i] for i in group])
+            for i, outcome in zip(group, outcomes):
+                models[i] = copies[i]._model_of(outcome, plans[i], self.dataset)
+        return models
 
 
 _COMMON_DOC = """

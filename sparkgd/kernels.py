@@ -433,6 +433,52 @@ def _block_sums(X, y, w, theta, loss, layout):
     return out
 
 
+def models_sums(blocks, theta, loss, layout, threads=1):
+    """``layout.k`` models of one single-output loss at once (``fitMultiple``: several
+    param maps over the same blocks): ``theta`` stacks their coefficients as the rows of
+    ``coef`` (K, d) and their intercepts, as a K-output layout lays them out. Each row
+    chunk is read once for all of them: ``Z = X @ coef.T + b`` (n, K), each model's loss
+    on its column, then ``wdz.T @ X`` (K, d).
+
+    -> ``[0, weight_sum, loss_sum of each model (K), grad (layout.size)]``: model k's
+    own pass is ``[loss_sums[k], weight_sum, coef_grad[k], intercept_grad[k]]``
+    (:func:`split_models`)."""
+    k = layout.k
+    out = np.zeros(2 + k + layout.size)
+    coef, intercept = layout.split(theta)
+    grad = out[2 + k:]
+    with blas_threads(threads):
+        for X, y, w in blocks:
+            for Xc, yc, wc in row_chunks(X, y, w):
+                n = yc.shape[0]
+                if n == 0:
+                    continue
+                z = chunk_margins(Xc, coef, intercept, layout.d)   # columns contiguous
+                wdz = np.empty((n, k), order="F")
+                for j in range(k):
+                    value, dz = loss.summed(yc, z[:, j:j + 1], wc)
+                    out[2 + j] += value
+                    wdz[:, j] = dz[:, 0]
+                out[1] += n if wc is None else wc.sum()
+                grad[:layout.n_coef] += chunk_gradient(Xc, wdz, layout.d).ravel()
+                if layout.fit_intercept:
+                    grad[layout.n_coef:] += wdz.sum(axis=0)
+    return out
+
+
+def split_models(total, d, k, fit_intercept):
+    """:func:`models_sums`' vector -> each model's ``[loss_sum, weight_sum, grad...]``."""
+    n_coef = d * k
+    coefs = total[2 + k:2 + k + n_coef].reshape(k, d)
+    out = []
+    for j in range(k):
+        parts = [total[2 + j:3 + j], total[1:2], coefs[j]]
+        if fit_intercept:
+            parts.append(total[2 + k + n_coef + j:3 + k + n_coef + j])
+        out.append(np.concatenate(parts))
+    return out
+
+
 def chunk_margins(X, coef, intercept, d):
     """``z = X @ coef.T + intercept``, (n, K) float64 and the caller's own, for a row
     chunk as it is stored: dense float64 or float32 (multiplied in float32: BLAS reads

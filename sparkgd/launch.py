@@ -43,3 +43,20 @@ def fit(dataset, plan):
                          topology=plan.engine_topology, parse_work=work.parse)
     attempts.done()
     return outcome
+
+
+def fit_many(dataset, plans):
+    """Run ``plans`` -- param maps that read ``dataset`` the same way
+    (:func:`sparkgd.multi.groups`) -- over one build of its blocks, their passes shared
+    (:mod:`sparkgd.multi`) -> their outcomes, in order. A classic session only (a Spark
+    Connect session fits each map on its own, :func:`fit`)."""
+    plan = plans[0]
+    attempts = [coordinator.Attempts() for _ in plans]
+    outcomes = engine.run(dataset, plan.spec,
+                          lambda eng: coordinator.train_many(plans, eng, attempts),
+                          source=plan.source, dtype=plan.dtype,
+                          aggregation_depth=plan.aggregation_depth,
+                          topology=plan.engine_topology, parse_work=work.parse)
+    for a in attempts:
+        a.done()
+    return outcomes

@@ -24,6 +24,9 @@ as JSON: nothing is unpickled):
                                          (:func:`sparkgd.inference.block_sums`)
 ``{"mode": "read"}``                     one read of every block (its values summed):
                                          the floor a pass is judged against
+``{"mode": "models"}``                   the gradient sums of ``layout.k`` models of a
+                                         single-output loss at once (fitMultiple;
+                                         :func:`sparkgd.kernels.models_sums`)
 =======================================  =============================================
 
 :func:`parse` is what the engine is given (as a value: the engine imports nothing of
@@ -102,6 +105,18 @@ class ReadWorker(Worker):
         return kernels.read_sums(blocks, threads)
 
 
+class ModelsWorker(Worker):
+    """Several models' gradient sums in one read of the blocks (fitMultiple)."""
+
+    def size(self, layout):
+        return 2 + layout.k + layout.size
+
+    def compute(self, blocks, theta, loss, layout, sample, index, threads=1):
+        if loss.n_outputs(2) != 1:
+            raise ValueError(f"several models of the {loss.name} loss at once")
+        return kernels.models_sums(blocks, theta, loss, layout, threads)
+
+
 class HessianWorker(Worker):
     """The coefficient statistics' sums at theta (one more pass over the blocks)."""
 
@@ -142,6 +157,8 @@ def parse(work, layout):
         return HessianWorker(kind)
     if mode == "read":
         return ReadWorker()
+    if mode == "models":
+        return ModelsWorker()
     if mode == "metrics":
         rule = work.get("rule")
         if not isinstance(rule, dict) or rule.get("kind") not in (
