@@ -1,8 +1,9 @@
 """./spark-submit.sh against a real Spark standalone cluster on loopback.
 
 A module fixture starts a standalone master and two workers (1 core, 2 GiB each) from
-the venv's own pyspark (``$SPARK_HOME/bin/spark-class``), bound to 127.0.0.1 on free
-ports, with logs, work dir and an empty SPARK_CONF_DIR in a temp directory. It waits
+the venv's own pyspark (``$SPARK_HOME/bin/spark-class``), bound to loopback on free
+ports -- the master and worker 0 to 127.0.0.1, worker 1 to 127.0.0.2 (two hosts, as
+Spark sees them: speculation needs that) -- with logs, work dir and an empty SPARK_CONF_DIR in a temp directory. It waits
 until the master is up and the workers have registered, and at teardown stops exactly
 the process groups it started. Jobs ask for both cores and wait for both executors
 (``spark.cores.max``, ``spark.scheduler.minRegisteredResourcesRatio``). Then:
@@ -23,11 +24,14 @@ the process groups it started. Jobs ask for both cores and wait for both executo
   the one surviving task slot serves all the rows in a new served job, and the fit goes
   on from the iteration it had reached (each iteration printed once) to the undisturbed
   model (1e-9), within the undisturbed time + the rebuild's time + 10 s. A new worker
-  then takes the killed one's place for the next test.
+  then takes the killed one's place for the next test;
+* with spark.speculation on and every pass one Spark job whose task 0 is slowed, Spark
+  runs speculative copies of it on the other host (seen in the event log), and the model
+  is that of a local run without speculation.
 
 Throughout, a watcher thread polls /proc and records every listening TCP socket of the
 processes started here and of their descendants (driver, executors, Python workers):
-all of them must be on 127.0.0.1. The jobs are run with SPARK_LOCAL_IP=127.0.0.1 in
+all of them must be on the loopback addresses above. The jobs are run with SPARK_LOCAL_IP=127.0.0.1 in
 their environment; without it the driver's web UI listens on all interfaces.
 
 Only a missing Java skips the module (bootstrap.sh reports that case itself); anything
@@ -52,6 +56,10 @@ from conftest import ROOT
 SUBMIT = os.path.join(ROOT, "spark-submit.sh")
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 LOOPBACK = "127.0.0.1"
+#: Each worker's address, by index: worker 1 (VICTIM) on a second loopback address, so
+#: that Spark sees two hosts -- it launches a speculative copy of a task only on another
+#: host than the running attempt's (test_speculative_copies_change_nothing).
+HOSTS = ("127.0.0.1", "127.0.0.2")
 START_TIMEOUT = 60   # master up + worker registered
 JOB_TIMEOUT = 240    # one spark-submit run
 # Fixed-step gradient descent: deterministic, so a run that lost its executor half-way
@@ -256,11 +264,11 @@ class Watch(threading.Thread):
 
     def not_loopback(self):
         with self.lock:
-            return sorted(x for x in self.listeners if x[3] != LOOPBACK)
+            return sorted(x for x in self.listeners if x[3] not in HOSTS)
 
     def assert_loopback_only(self):
         bad = self.not_loopback()
-        assert not bad, f"listening on something other than {LOOPBACK}: {bad}"
+        assert not bad, f"listening on something other than {HOSTS}: {bad}"
 
 
 @pytest.fixture(scope="module")
@@ -517,9 +525,10 @@ class Cluster:
         return "\n".join(text)
 
     def _spawn(self, label, log, args):
+        host = args[args.index("--host") + 1]
         with open(log, "w") as f:
             proc = subprocess.Popen([os.path.join(self.spark_home, "bin", "spark-class"), *args],
-                                    env=self.env, cwd=self.base, stdin=subprocess.DEVNULL,
+                                    env=dict(self.env, SPARK_LOCAL_IP=host), cwd=self.base, stdin=subprocess.DEVNULL,
                                     stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         self.watch.add(proc.pid, label)
@@ -551,18 +560,19 @@ class Cluster:
         self._wait_for(master, self.master_log, r"I have been elected leader", "master leader",
                        deadline)
         self.master_url = url
-        for _ in range(WORKERS):
-            self.workers.append(self._start_worker(deadline))
+        for index in range(WORKERS):
+            self.workers.append(self._start_worker(deadline, index))
 
-    def _start_worker(self, deadline):
-        """One more one-core worker, registered with the master."""
+    def _start_worker(self, deadline, index):
+        """One more one-core worker at ``HOSTS[index]``, registered with the master."""
+        host = HOSTS[index % len(HOSTS)]
         n = self._spawned
         self._spawned += 1
         log = os.path.join(self.logs, f"worker-{n}.log")
         self.worker_logs.append(log)
         ui_port, = _free_ports(1)
         worker = self._spawn(f"worker-{n}", log, [
-            "org.apache.spark.deploy.worker.Worker", "--host", LOOPBACK, "--cores", "1",
+            "org.apache.spark.deploy.worker.Worker", "--host", host, "--cores", "1",
             "--memory", "2g", "--webui-port", str(ui_port), "--work-dir", self.work_dir,
             self.master_url])
         self._wait_for(worker, log,
@@ -582,7 +592,7 @@ class Cluster:
         """A new worker in place of the killed worker ``index`` (for the next tests)."""
         if self.workers[index].returncode is not None:
             _stop_group(self.workers[index])
-            self.workers[index] = self._start_worker(time.monotonic() + START_TIMEOUT)
+            self.workers[index] = self._start_worker(time.monotonic() + START_TIMEOUT, index)
 
     def stop(self):
         for proc in reversed(self.procs):  # worker (and its executors) first
@@ -845,7 +855,7 @@ def test_fit_survives_a_lost_worker(phase, undisturbed, local_gd_reference, clus
         # the last build served all the rows with the one slot left
         assert builds and builds[-1][0] == 1, (builds, info)
         logs = cluster.read_logs(cluster.master_log)
-        assert re.search(rf"Removing worker worker-\S+ on {LOOPBACK}:", logs), info
+        assert re.search(rf"Removing worker worker-\S+ on {HOSTS[VICTIM]}:", logs), info
         # no worker had a core to spare: the app never got a replacement executor
         launched = re.findall(rf"Launching executor {re.escape(killed['app'])}/(\d+) on", logs)
         assert len(launched) == WORKERS, (launched, info)
@@ -896,4 +906,72 @@ def test_an_encrypted_cluster_serves_over_the_sealed_wire(cluster, undisturbed, 
         spark.read.parquet(os.path.join(ROOT, "data", "sample")))
     np.testing.assert_allclose(coef, ref.coefficients, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(intercept, ref.intercept, rtol=1e-12, atol=1e-14)
+    watch.assert_loopback_only()
+
+
+SPEC_ITERS = 6
+SPEC_TRAIN = ["jobs/train.py", "--optimizer", "gd", "--step-size", "0.5", "--max-iter",
+              str(SPEC_ITERS), "--tol", "0", "--partitions", "4"]
+
+
+def _speculative_starts(events_dir):
+    """(stage, task index, host) of every speculative task attempt in the event log."""
+    out = []
+    paths = [os.path.join(root, name) for root, _dirs, names in os.walk(events_dir)
+             for name in names if not name.startswith(".")]
+    for path in paths:
+        with open(path, errors="replace") as f:
+            for line in f:
+                if '"SparkListenerTaskStart"' not in line:
+                    continue
+                event = json.loads(line)
+                info = event["Task Info"]
+                if info.get("Speculative"):
+                    out.append((event["Stage ID"], info["Index"], info["Host"]))
+    return out
+
+
+def test_speculative_copies_change_nothing(cluster, watch, tmp_path):
+    """spark.speculation on, every pass one Spark job (spark.sparkgd.store=jobs), task 0
+    of each pass slowed 10x (spark.sparkgd.testing.slowTask): Spark launches speculative
+    copies of it on the other worker's host -- the event log shows them -- and the model
+    is a local[2] run's of the same command, without speculation, to 1e-9. (Passes served
+    by long-lived tasks have no speculative copies: their tasks end together, at the
+    fit's end.)"""
+    import numpy as np
+
+    ref_out, out = tmp_path / "reference", tmp_path / "model"
+    events = tmp_path / "events"
+    events.mkdir()
+    # (the reference first: run beside the cluster's job it slows both of a pass's tasks
+    # alike, and Spark then finds fewer to speculate on -- 2 attempts in 4 passes, against
+    # 21 in 6 alone)
+    ref = Job("speculation-reference", ["--master", "local[2]", *SPEC_TRAIN, "--output",
+                                        str(ref_out)], str(tmp_path), watch).wait()
+    job = Job("speculation", [
+        *cluster.submit_args(), "--conf", "spark.speculation=true",
+        "--conf", "spark.speculation.interval=20ms", "--conf", "spark.speculation.quantile=0.5",
+        "--conf", "spark.speculation.multiplier=2",
+        "--conf", "spark.speculation.minTaskRuntime=50ms",
+        "--conf", "spark.sparkgd.store=jobs", "--conf", "spark.sparkgd.testing.slowTask=0:10",
+        "--conf", "spark.eventLog.enabled=true", "--conf", f"spark.eventLog.dir=file://{events}",
+        "--conf", "spark.eventLog.compress=false", "--conf", "spark.eventLog.rolling.enabled=false",
+        *SPEC_TRAIN, "--output", str(out)], str(tmp_path), watch).wait()
+    assert ref.proc.returncode == 0, ref.describe()
+    info = job.describe() + "\n" + cluster.tails()
+    assert job.proc.returncode == 0, info
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["summary"]["engine"] == "jobs", meta["summary"]["engine"]
+    speculative = _speculative_starts(str(events))
+    print(f"\n{job.name}: {len(speculative)} speculative task attempts, on hosts "
+          f"{sorted({h for _s, _i, h in speculative})}, in {job.seconds:.1f}s")
+    assert speculative, "no speculative task attempt in the event log\n" + info
+    assert 0 in {i for _s, i, _h in speculative}, speculative   # the slowed pass task's
+
+    coef, intercept, _ = _load_model(str(out))
+    ref_coef, ref_intercept, ref_meta = _load_model(str(ref_out))
+    np.testing.assert_allclose(coef, ref_coef, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(intercept, ref_intercept, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(meta["summary"]["objectiveHistory"],
+                               ref_meta["summary"]["objectiveHistory"], rtol=1e-9, atol=0)
     watch.assert_loopback_only()

@@ -52,6 +52,12 @@ log = logging.getLogger("sparkgd")
 STORES = ("auto", "served", "files")
 #: How passes over the file store run (``auto``: serving tasks when they can all run).
 PER_PASS = ("auto", "workers", "jobs")
+#: Spark conf (also at run time): where a classic session's fits keep their blocks --
+#: ``auto`` (the default: served, unless executors come and go), ``served``, ``files``
+#: (block files, passes through serving tasks when they can all run at once, else one
+#: Spark job per pass) or ``jobs`` (block files, always one Spark job per pass).
+STORE_CONF = "spark.sparkgd.store"
+STORE_SETTINGS = ("auto", "served", "files", "jobs")
 #: Fits on the served store started over after lost tasks before the file store is used.
 MAX_SERVED_ATTEMPTS = 3
 #: Served builds started again on fewer slots (the cluster lost executors meanwhile).
@@ -187,8 +193,13 @@ class Engine:
     def description(self):
         """``summary.engine``: ``served, sealed`` (tasks that hold the blocks in memory,
         over sparkgd's sealed wire), ``files, sealed`` (block files, serving tasks) or
-        ``jobs`` (one Spark job per pass: Spark's own channels)."""
-        return self.DESCRIPTIONS.get(self.kind, self.kind)
+        ``jobs`` (one Spark job per pass: Spark's own channels); ``files, streamed, sealed``
+        and ``jobs, streamed`` when the passes read the block files in windows."""
+        text = self.DESCRIPTIONS.get(self.kind, self.kind)
+        if getattr(self._store, "stream", False):      # block files read in windows
+            head, _, rest = text.partition(",")
+            text = f"{head}, streamed" + ("," + rest if rest else "")
+        return text
 
     @property
     def bytes_communicated(self):
@@ -329,13 +340,13 @@ def run(dataset, spec, train, *, source="the DataFrame", dtype="float64",
     evaluations to the optimizer, local and async take their last model. The same
     objective, so the same model up to rounding (bit for bit on the same slots).
     After repeated losses the file store is used, which recovers lost blocks through
-    lineage instead."""
-    store = "auto"
+    lineage instead. :data:`STORE_CONF` chooses the store."""
+    store, per_pass = store_setting(dataset.sparkSession.sparkContext)
     for attempt in range(1, MAX_SERVED_ATTEMPTS + 2):
         try:
             with Engine.open(dataset, spec, source=source, store=store, dtype=dtype,
                              aggregation_depth=aggregation_depth, topology=topology,
-                             parse_work=parse_work) as engine:
+                             parse_work=parse_work, per_pass=per_pass) as engine:
                 result = train(engine)
             if not engine.certified:
                 raise TaskLost("the serving job did not end cleanly")
@@ -346,6 +357,15 @@ def run(dataset, spec, train, *, source="the DataFrame", dtype="float64",
             if attempt >= MAX_SERVED_ATTEMPTS:
                 store = "files"
     raise SparkgdError("the fit could not complete")  # pragma: no cover - files never lose
+
+
+def store_setting(sc):
+    """:data:`STORE_CONF` -> ``(store, per_pass)`` for :meth:`Engine.open`."""
+    text = str(jobs.Settings(sc.getConf()).get(STORE_CONF, "auto")).strip().lower()
+    if text not in STORE_SETTINGS:
+        raise SparkgdError(f"{STORE_CONF} must be one of {', '.join(STORE_SETTINGS)} "
+                           f"(got {text!r})")
+    return ("files", "jobs") if text == "jobs" else (text, "auto")
 
 
 def direct_files(dataset, spec):

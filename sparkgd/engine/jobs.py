@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -43,7 +44,10 @@ HELLO_CONF = "spark.sparkgd.hub.helloTimeout"
 
 #: Spark conf (also settable at run time, ``spark.conf.set``), for tests and
 #: benchmarks only: ``index:factor`` makes serving task ``index`` take ``factor``
-#: times as long over every computation (it sleeps the rest).
+#: times as long over every computation (it sleeps the rest); with one Spark job per
+#: pass, the task of partition ``index`` of every pass sleeps ``factor - 1`` times its
+#: computation or 10 ms, whichever is longer (a pass's tasks last milliseconds: a
+#: factor of them would be lost in Spark's own scheduling).
 SLOW_TASK_CONF = "spark.sparkgd.testing.slowTask"
 
 
@@ -287,14 +291,19 @@ class ServingJob(HubSession):
             self._thread.join(timeout=30)
 
 
-def _kernel_task(index, blocks, bc, loss, layout, sample, threads, worker, fails=False):
+def _kernel_task(index, blocks, bc, loss, layout, sample, threads, worker, fails=False,
+                 slow=None):
     """Executor side: one partition's vector for the pass (``worker``: what the pass's
-    work computes, :func:`sparkgd.work.parse`).
+    work computes, :func:`sparkgd.work.parse`; ``slow``: :data:`SLOW_TASK_CONF`).
 
     Captures only the broadcast and small plain values (never an estimator).
     """
     failing_first(fails)
-    yield worker.compute(blocks, bc.value, loss, layout, sample, index, threads)
+    started = time.perf_counter()
+    out = worker.compute(blocks, bc.value, loss, layout, sample, index, threads)
+    if slow and int(slow[0]) == index:
+        time.sleep((float(slow[1]) - 1.0) * max(time.perf_counter() - started, 0.01))
+    yield out
 
 
 @contextlib.contextmanager
@@ -325,11 +334,12 @@ def pass_sums(store, theta, loss, layout, sample, aggregator, work=None):
     bc = store.context.broadcast(theta)
     threads = store.threads_per_task
     fails = fail_first(store.context.getConf())
+    slow = slow_task(store.context.getConf())
 
     def job(rdd):
         partials = rdd.mapPartitionsWithIndex(
             lambda i, it: _kernel_task(i, it, bc, loss, layout, sample, threads, worker,
-                                       fails))
+                                       fails, slow))
         return aggregator.sum(partials, worker.size(layout))
 
     try:
