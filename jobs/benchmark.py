@@ -11,7 +11,10 @@ Generates logistic data (or takes ``--data``), then measures, in this one run:
   evaluation: the default for dense data (the served store: the tasks that built the
   blocks keep them in memory and serve the passes), the file store with long-lived
   serving tasks, both also with dense features stored as float32 (``dtype="float32"``,
-  sums in float64), and the file store with one Spark job per pass;
+  sums in float64), the file store with one Spark job per pass, and the file store
+  streamed (``spark.sparkgd.blockMemory=64m``: each pass maps the block files a window at
+  a time, as a memory-capped worker does) -- its pass against the served one and against
+  one read of its block files through the same windows;
 * a whole L-BFGS fit (tol 1e-8) on a cached DataFrame: Spark ML LogisticRegression vs
   sparkgd, each library's first fit in the JVM ("cold", sparkgd first, then Spark ML) and
   the best of its later fits ("warm"), then sparkgd at tol 1e-12; every model's
@@ -379,15 +382,25 @@ def main(argv=None):
     # slow the other side's next pass (measured: both sides about 2x slower).
     spec = resolve_input(df.schema)
     # a trailing 32: dense features kept as float32 (dtype="float32"), sums in float64.
+    # "streamed": the file store with the passes reading the block files in windows
+    # (spark.sparkgd.blockMemory below a task's blocks: what a memory-capped worker does)
     engines = {"files": ("jobs", "workers"), "files32": ("workers",),
-               "served": ("served",), "served32": ("served",)}
+               "streamed": ("workers",), "served": ("served",), "served32": ("served",)}
     # (No memory figures here: this driver holds NumPy's copy of the data; --memory-only
     # measures the block store alone.)
-    for store in ("files", "files32", "served", "served32"):
+    for store in ("files", "files32", "streamed", "served", "served32"):
         t0 = time.perf_counter()
-        engine = Engine.open(df, spec, store=store.replace("32", ""),
-                             dtype="float32" if store.endswith("32") else "float64",
-                             parse_work=work.parse)
+        if store == "streamed":
+            spark.conf.set("spark.sparkgd.blockMemory", "64m")
+        try:
+            engine = Engine.open(df, spec, store=store.replace("32", "").replace(
+                                     "streamed", "files"),
+                                 dtype="float32" if store.endswith("32") else "float64",
+                                 parse_work=work.parse)
+        finally:
+            spark.conf.unset("spark.sparkgd.blockMemory")
+        if store == "streamed":
+            assert "streamed" in engine.description, engine.description
         results[f"sparkgd_{store}_build_s"] = time.perf_counter() - t0
         # NumPy's arrays are read anew next to the blocks: on this VM where an array
         # lands in memory changes how fast it streams, for either side.
@@ -458,13 +471,18 @@ def main(argv=None):
              ("served32", "served"): "one gradient pass, served, float32 (dtype=float32)",
              ("files", "workers"): "one gradient pass, file store, serving tasks",
              ("files32", "workers"): "one gradient pass, file store, float32",
-             ("files", "jobs"): "one gradient pass, file store, a Spark job per pass"}
+             ("files", "jobs"): "one gradient pass, file store, a Spark job per pass",
+             ("streamed", "workers"): "one gradient pass, file store streamed (windows "
+                                      "of the block files; spark.sparkgd.blockMemory=64m)"}
     for (store, engine), name in names.items():
         lines.append(row(name, results[f"sparkgd_{store}_{engine}_pass_s"],
                          results["numpy_pass_s"], "NumPy"))
         lines.append(row("... against one read of its blocks (the floor)",
                          results[f"sparkgd_{store}_{engine}_pass_s"],
                          results[f"sparkgd_{store}_{engine}_floor_s"], "the same tasks"))
+    lines.append(row("streamed pass against the blocks in memory",
+                     results["sparkgd_streamed_workers_pass_s"],
+                     results["sparkgd_served_served_pass_s"], "served pass"))
     if "spark_ml_fit_s" in results:
         for store, what in (("served", "served store, the default"), ("files", "file store")):
             lines.append(row(f"blocks from Parquet ({what})", results[f"sparkgd_{store}_build_s"],

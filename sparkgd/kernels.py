@@ -18,6 +18,7 @@ The parameters travel as one flat float64 vector ``theta`` laid out as
 """
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 
@@ -366,13 +367,18 @@ def _cpu_count(text):
 CHUNK_BYTES = cache_chunk_bytes()
 
 
+def chunk_rows(d, itemsize):
+    """Rows in one of :func:`row_chunks`' dense chunks."""
+    return max(256, CHUNK_BYTES // (itemsize * max(d, 1)))
+
+
 def row_chunks(X, y, w):
     """Split a block into the pieces the kernel handles at once: dense blocks into
     row chunks of about :data:`CHUNK_BYTES` (views, no copy), CSR blocks whole."""
     n = y.shape[0]
     if sp.issparse(X) or n * X.shape[1] * X.itemsize <= 2 * CHUNK_BYTES:
         return [(X, y, w)]
-    step = max(256, CHUNK_BYTES // (X.itemsize * max(X.shape[1], 1)))
+    step = chunk_rows(X.shape[1], X.itemsize)
     return [(X[s:s + step], y[s:s + step], None if w is None else w[s:s + step])
             for s in range(0, n, step)]
 
@@ -601,25 +607,42 @@ def read_sums(blocks, threads=1):
     reads (dense values as stored; a CSR block's values and column indices), chunk by
     chunk in ``threads`` threads (NumPy's sums let go of the GIL) -- the floor of a pass
     on this machine, measured where the pass runs."""
-    pieces = []
-    rows = 0
-    for X, y, w in blocks:
-        rows += y.shape[0]
-        pieces.extend(c[0] for c in row_chunks(X, y, w))
+    rows = [0]
+
+    def pieces():
+        for X, y, w in blocks:
+            rows[0] += y.shape[0]
+            for c in row_chunks(X, y, w):
+                yield c[0]
 
     def one(X):
         if sp.issparse(X):
             return float(X.data.sum()) + float(X.indices.sum())
         return float(X.sum())
 
-    if threads > 1 and len(pieces) > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    parts = list(_in_order(one, pieces(), threads))
+    return np.array([float(np.sum(parts)), float(rows[0])])
 
-        with ThreadPoolExecutor(int(threads)) as pool:
-            parts = list(pool.map(one, pieces))
-    else:
-        parts = [one(X) for X in pieces]
-    return np.array([float(np.sum(parts)), float(rows)])
+
+def _in_order(fn, items, threads=1):
+    """``fn`` of each of ``items``, in order, with ``threads`` of them computed at once at
+    most (and as many fetched ahead): blocks read as windows (the file store's streamed
+    passes) are then held a few at a time, never all."""
+    if threads <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(int(threads)) as pool:
+        running = deque()
+        for item in items:
+            running.append(pool.submit(fn, item))
+            if len(running) >= threads:
+                yield running.popleft().result()
+        while running:
+            yield running.popleft().result()
 
 
 class blas_threads:
@@ -647,12 +670,16 @@ class blas_threads:
         self._old = []
 
 
+def _chunk_rng(seed, iteration, partition):
+    return np.random.default_rng([int(seed) % (1 << 64), int(iteration), int(partition),
+                                  0x6368756E6B])    # "chunk"
+
+
 def keep_chunks(n, keep, seed, iteration, partition):
     """Which of ``n`` row chunks a lighter pass computes: each with probability
-    ``keep``, a pure function of its arguments (drawn apart from :func:`sample_rows`)."""
-    rng = np.random.default_rng([int(seed) % (1 << 64), int(iteration), int(partition),
-                                 0x6368756E6B])    # "chunk"
-    return rng.random(n) < keep
+    ``keep``, a pure function of its arguments (drawn apart from :func:`sample_rows`;
+    the i-th chunk's draw is the same whatever ``n``)."""
+    return _chunk_rng(seed, iteration, partition).random(n) < keep
 
 
 def partition_sums(blocks, theta, loss, layout, sample=None, threads=1, chunks=None,
@@ -678,31 +705,63 @@ def partition_sums(blocks, theta, loss, layout, sample=None, threads=1, chunks=N
     :func:`block_sums`' (DP-SGD: :func:`sparkgd.privacy.clipped_sums` with its clip bound,
     on a Poisson ``sample``).
     """
-    pieces = []
-    for j, (X, y, w) in enumerate(blocks):
-        if sample is not None:
-            fraction, seed, iteration, partition = sample
-            mask = sample_rows(y.shape[0], fraction, seed, iteration, partition, j)
-            X, y, w = X[mask], y[mask], None if w is None else w[mask]
-        pieces.extend(row_chunks(X, y, w))
-    if chunks is not None and chunks[0] < 1.0:
-        kept = keep_chunks(len(pieces), *chunks)
-        pieces = [piece for piece, k in zip(pieces, kept) if k]
+    def groups():
+        """Each block's (or streamed window's) row chunks that this pass computes."""
+        drawn = (None, None)                   # (block, its sample): windows share it
+        draws = None
+        if chunks is not None and chunks[0] < 1.0:
+            draws = _chunk_rng(*chunks[1:])    # keep_chunks' draws, one a chunk, in order
+        for j, item in enumerate(blocks):
+            X, y, w = item
+            if sample is not None:
+                fraction, seed, iteration, partition = sample
+                # a window of a streamed block (engine/files.py) takes its rows' part of
+                # the block's own sample: the rows a pass over the whole block draws
+                block = getattr(item, "block", j)
+                rows = getattr(item, "block_rows", y.shape[0])
+                if drawn[0] != block:
+                    drawn = (block, sample_rows(rows, fraction, seed, iteration, partition,
+                                                block))
+                start = getattr(item, "start", 0)
+                mask = drawn[1][start:start + y.shape[0]]
+                X, y, w = X[mask], y[mask], None if w is None else w[mask]
+            pieces = row_chunks(X, y, w)
+            if draws is not None:
+                pieces = [piece for piece in pieces if draws.random() < chunks[0]]
+            if pieces:
+                yield pieces
 
     kernel = _block_sums if piece_sums is None else piece_sums
 
     def one(piece):
         return kernel(piece[0], piece[1], piece[2], theta, loss, layout)
 
-    total = np.zeros(2 + layout.size)
-    if threads > 1 and len(pieces) > 1 and any(sp.issparse(p[0]) for p in pieces):
-        from concurrent.futures import ThreadPoolExecutor
+    def group_sum(pieces):
+        part = np.zeros(2 + layout.size)
+        for piece in pieces:
+            part += one(piece)
+        return part
 
-        with ThreadPoolExecutor(int(threads)) as pool:
-            parts = list(pool.map(one, pieces))
-    else:
-        with blas_threads(threads):
-            parts = [one(piece) for piece in pieces]
-    for part in parts:
-        total += part
+    total = np.zeros(2 + layout.size)
+    todo = groups()
+    first = next(todo, None)
+    if first is None:
+        return total
+    todo = itertools.chain([first], todo)
+    if threads > 1 and getattr(blocks, "streamed", False):
+        # windows mapped afresh each pass: their pages fault in as they are read, so the
+        # windows go to ``threads`` threads (BLAS on one each) rather than one window to
+        # threaded BLAS; their sums are added in window order
+        with blas_threads(1):
+            for part in _in_order(group_sum, todo, threads):
+                total += part
+        return total
+    todo = (piece for pieces in todo for piece in pieces)
+    if threads > 1 and sp.issparse(first[0][0]):
+        for part in _in_order(one, todo, threads):
+            total += part
+        return total
+    with blas_threads(threads):
+        for piece in todo:
+            total += one(piece)
     return total

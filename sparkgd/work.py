@@ -75,7 +75,9 @@ class RoundWorker(Worker):
         self.work = work
 
     def compute(self, blocks, theta, loss, layout, sample, index, threads=1):
-        return local.round_sums(list(blocks), theta, loss, layout, self.work, sample[2],
+        # (several passes over the blocks: a list of them, or streamed ones read again)
+        blocks = blocks if getattr(blocks, "streamed", False) else list(blocks)
+        return local.round_sums(blocks, theta, loss, layout, self.work, sample[2],
                                 index, threads)
 
 

@@ -319,3 +319,21 @@ def test_a_missing_module_on_the_executors_names_it_and_the_fix():
     e = RuntimeError("An exception was thrown from the Python worker:\nTraceback\n"
                      "ValueError: the real cause")
     assert first_line(e).endswith("ValueError: the real cause")
+
+
+def test_workers_out_of_memory_end_in_one_error_line(tmp_path):
+    """spark.executor.pyspark.memory below what a Python worker needs even to stream (the
+    interpreter with NumPy, BLAS and Arrow alone takes ~350 MiB of address space): the
+    served build fails, the block files' build fails too, and the job ends with exit 2,
+    one sparkgd line naming the memory the workers had and the setting to raise, and no
+    model. (Spark's own ERROR log of the failed tasks stays on stderr above it.)"""
+    out_dir = tmp_path / "out"
+    r = submit("--conf", "spark.executor.pyspark.memory=300m", "jobs/train.py", "--output",
+               str(out_dir))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    ours = [line for line in r.stderr.splitlines() if line.startswith("sparkgd: error:")]
+    assert len(ours) == 1, r.stderr[-3000:]
+    assert "ran out of memory" in ours[0] and "300 MiB" in ours[0], ours
+    assert ours[0].endswith("raise spark.executor.pyspark.memory"), ours
+    assert "Traceback" not in r.stdout
+    assert not out_dir.exists()

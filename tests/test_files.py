@@ -215,3 +215,177 @@ def test_sparse_batches_stream_into_csr(tmp_path, monkeypatch):
     X2, _, w2 = files.open_block(handle)
     assert sp.issparse(X2) and w2 is None
     assert (X2 != S).nnz == 0
+
+
+# ------------------------------------------------------------ streamed passes (windows)
+
+
+def _write_block(tmp_path, X, y, w, dtype="float64"):
+    import scipy.sparse as sp
+    from sparkgd.data.facts import block_info
+
+    fmt = "csr" if sp.issparse(X) else "dense"
+    b = files._BlockFile(str(tmp_path), fmt, X.shape[1], w is not None, dtype)
+    for s in range(0, y.shape[0], 7000):       # appended batch by batch, as a build does
+        b.add(X[s:s + 7000], y[s:s + 7000], None if w is None else w[s:s + 7000],
+              block_info(X[s:s + 7000], y[s:s + 7000], None if w is None else w[s:s + 7000]))
+    return b.close()[1]
+
+
+@pytest.mark.parametrize("storage", ["float64", "float32", "csr"])
+def test_streamed_windows_are_the_blocks_rows_and_give_their_sums(tmp_path, storage):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(3)
+    n, d = 30000, 40
+    X = rng.normal(size=(n, d))
+    y = (rng.random(n) < 0.4).astype(float)
+    w = rng.uniform(0.5, 2, size=n)
+    if storage == "csr":
+        X[np.abs(X) < 1.2] = 0.0
+        X = sp.csr_matrix(X)
+    handles = [_write_block(tmp_path / "a", X, y, w, "float32" if storage == "float32"
+                            else "float64"),
+               _write_block(tmp_path / "b", X[:5000], y[:5000], None)]
+    mapped = [files.open_block(h) for h in handles]
+    window = 1 << 20
+    streamed = files.Streamed(handles, window)
+    # every window maps about ``window`` bytes at most (a whole kernel chunk at least),
+    # and the windows are the blocks' rows, in order
+    pieces = list(streamed)
+    assert len(pieces) >= 4
+    for X_, y_, w_ in pieces:
+        size = X_.data.nbytes + X_.indices.nbytes if sp.issparse(X_) else X_.nbytes
+        rows = kernels.chunk_rows(d, X_.dtype.itemsize) if not sp.issparse(X_) else 0
+        assert size + 16 * y_.shape[0] <= max(window, rows * (d * X_.dtype.itemsize + 16)) \
+            * 1.05
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces if p.block == 0]), y)
+    first = [p[0] for p in pieces if p.block == 0]
+    whole = sp.vstack(first).toarray() if storage == "csr" else np.vstack(first)
+    np.testing.assert_array_equal(whole, mapped[0][0].toarray() if storage == "csr"
+                                  else mapped[0][0])
+    # the kernels over the windows: the sums over the blocks mapped whole -- a full pass,
+    # a mini-batch (the block's own sample, windows taking their part) and threads
+    loss, layout = kernels.make_loss("logistic"), kernels.Layout(d, 1, True)
+    theta = rng.normal(size=layout.size) * 0.1
+    # (float32 products round with the chunks' rows: a window's last chunk may hold
+    # other rows than the block's)
+    rtol = 1e-5 if storage == "float32" else 1e-12
+    for kw in ({}, {"sample": (0.3, 7, 2, 1)}, {"threads": 2}):
+        np.testing.assert_allclose(kernels.partition_sums(streamed, theta, loss, layout, **kw),
+                                   kernels.partition_sums(mapped, theta, loss, layout, **kw),
+                                   rtol=rtol, atol=1e-9)
+    np.testing.assert_allclose(kernels.read_sums(streamed, 2), kernels.read_sums(mapped, 2),
+                               rtol=1e-9)
+
+
+def test_a_task_streams_when_mapping_its_blocks_fails_for_memory(tmp_path, monkeypatch):
+    import errno
+
+    rng = np.random.default_rng(4)
+    h = _write_block(tmp_path, rng.normal(size=(100, 3)), np.ones(100), None)
+    pairs = [({"part": 0, "seq": 0, "n": 100}, h)]
+    assert isinstance(files._open_partition(pairs), list)
+    assert isinstance(files._open_partition(pairs, window=1 << 20), files.Streamed)
+
+    def no_memory(handle):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(files, "open_block", no_memory)
+    assert isinstance(files._open_partition(pairs), files.Streamed)
+    (key, blocks), = files._open_keyed(pairs)
+    assert key == (0, 0, 100) and isinstance(blocks, files.Streamed)
+
+
+def test_memory_settings_choose_streaming():
+    assert files.memory_bytes("700m") == 700 << 20
+    assert files.memory_bytes("2g") == 2 << 30
+    assert files.memory_bytes("1024") == 1 << 30          # MiB without a unit, as Spark's
+    assert files.memory_bytes("512MB") == 512 << 20
+    for bad in ("", "x", "-1m"):
+        with pytest.raises(ValueError):
+            files.memory_bytes(bad)
+
+
+@pytest.fixture(scope="module")
+def wide(spark):
+    """20,000 x 50 dense rows (blocks of several kernel chunks, so several windows) and
+    2,000 of them as sparse vectors 5,000 wide (wider than a vector read as an array:
+    CSR blocks)."""
+    from pyspark.ml.linalg import Vectors
+
+    X, y, w = logistic_data(n=20000, d=50, seed=41, weights=True)
+    X[np.abs(X) < 1.0] = 0.0
+    rows = [(Vectors.sparse(5000, {100 * int(j): float(X[i, j]) for j in np.flatnonzero(X[i])}),
+             float(y[i]), float(w[i])) for i in range(2000)]
+    sparse = spark.createDataFrame(rows, ["features", "label", "weight"]).repartition(2)
+    return to_df(spark, X, y, w, partitions=2).cache(), sparse.cache()
+
+
+STREAMED_FITS = {
+    "lbfgs": dict(regParam=0.01, tol=1e-10),
+    "sgd-minibatch": dict(optimizer="sgd", stepSize=0.5, miniBatchFraction=0.5, maxIter=15),
+    "local": dict(mode="local", optimizer="sgd", stepSize=0.3, localSteps=3, maxIter=5),
+    "sparse": dict(regParam=0.01, tol=1e-10),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAMED_FITS))
+def test_a_streamed_fit_is_the_fit_over_mapped_files(spark, wide, case):
+    """spark.sparkgd.blockMemory below a task's blocks: the passes map windows of the
+    block files (summary.engine says so) and give the fit over the files mapped whole."""
+    df = wide[1] if case == "sparse" else wide[0]
+    est = sparkgd.LogisticRegression(weightCol="weight", **STREAMED_FITS[case])
+    spark.conf.set("spark.sparkgd.store", "files")
+    try:
+        mapped = est.fit(df)
+        spark.conf.set("spark.sparkgd.blockMemory", "64k")
+        streamed = est.fit(df)
+    finally:
+        spark.conf.unset("spark.sparkgd.store")
+        spark.conf.unset("spark.sparkgd.blockMemory")
+    assert mapped.summary.engine == "files, sealed"
+    assert streamed.summary.engine == "files, streamed, sealed"
+    np.testing.assert_allclose(streamed.summary.objectiveHistory,
+                               mapped.summary.objectiveHistory, rtol=1e-10)
+    np.testing.assert_allclose(streamed.coefficients, mapped.coefficients, rtol=1e-8,
+                               atol=1e-10)
+
+
+def test_a_bad_block_memory_setting_is_one_line(spark, wide):
+    spark.conf.set("spark.sparkgd.blockMemory", "lots")
+    try:
+        with pytest.raises(SparkgdError, match="spark.sparkgd.blockMemory must be a size"):
+            sparkgd.LogisticRegression(maxIter=2).fit(wide[0])
+    finally:
+        spark.conf.unset("spark.sparkgd.blockMemory")
+
+
+def test_a_workers_memory_limit_chooses_streaming():
+    """spark.executor.pyspark.memory over the executor's cores is each Python worker's
+    limit; a task whose blocks exceed half of it streams them, in windows of a quarter
+    (at most 32 MiB)."""
+
+    class Context:
+        def __init__(self, master, conf):
+            self.master, self._conf = master, conf
+
+        def getConf(self):
+            return self._conf
+
+    infos = [{"part": p, "seq": 0, "n": 500_000, "d": 100, "nnz": 50_000_000}
+             for p in range(4)]                     # 4 x 400 MB of float64 rows
+    parents = [[0, 1], [2, 3]]                      # two tasks, 800 MB each
+    local = Context("local[2]", {"spark.executor.pyspark.memory": "700m"})
+    window, note = files.stream_choice(local, infos, parents)
+    assert window == files.WINDOW_BYTES and "350 MiB" in note, note
+    roomy = Context("local[2]", {"spark.executor.pyspark.memory": "4g"})
+    assert files.stream_choice(roomy, infos, parents)[0] == 0
+    # on a cluster the setting is an executor's, shared by its cores' workers
+    cluster = Context("spark://h:7077", {"spark.executor.pyspark.memory": "4g",
+                                         "spark.executor.cores": "4"})
+    assert files.worker_memory(cluster)[0] == 1 << 30
+    assert files.stream_choice(cluster, infos, parents)[0] == files.WINDOW_BYTES
+    small = Context("local[2]", {"spark.sparkgd.blockMemory": "1m"})
+    assert files.stream_choice(small, infos, parents)[0] == 1 << 18
+    assert files.stream_choice(Context("local[2]", {}), infos, parents) == (0, None)

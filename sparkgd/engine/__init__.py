@@ -111,9 +111,16 @@ class Engine:
         if store == "auto":
             # served needs every task running at once: not with executors coming and going
             store = "files" if dynamic_allocation(sc) else "served"
+        paths = None
+        if store == "served":
+            paths = None if num_partitions else direct_files(dataset, spec)
+            if not explicit:
+                too_big = _served_too_big(sc, frame, spec, dtype, paths)
+                if too_big:
+                    log.info("%s: block files instead", too_big)
+                    store = "files"
         if store == "served":
             counts = None
-            paths = None if num_partitions else direct_files(dataset, spec)
             for shrink in range(MAX_SHRINKS + 1):
                 # one task per slot, their rows within 20% of one another (balance.py)
                 seen, slots = {}, task_slots(sc)
@@ -169,6 +176,12 @@ class Engine:
             except (TaskLost, WorkersUnavailable, Cancelled, SparkgdError):
                 raise                 # start over / use files / the caller's own error
             except Exception as e:  # e.g. a corrupt file, or a cast Spark cannot make
+                from .files import memory_error
+
+                context = getattr(store, "context", None)
+                memory = None if context is None else memory_error(e, context)
+                if memory is not None:
+                    raise memory from None
                 raise SparkgdError(f"cannot read {source}: {first_line(e)}") from None
             _facts.check(infos, spec, source)
         except BaseException:
@@ -357,6 +370,22 @@ def run(dataset, spec, train, *, source="the DataFrame", dtype="float64",
             if attempt >= MAX_SERVED_ATTEMPTS:
                 store = "files"
     raise SparkgdError("the fit could not complete")  # pragma: no cover - files never lose
+
+
+def _served_too_big(sc, frame, spec, dtype, paths):
+    """:func:`~.files.served_too_big` with the rows counted (from the Parquet footers
+    when the tasks read the files, else by a count job -- only when a memory budget is
+    set)."""
+    from .files import block_budget, served_too_big
+
+    if block_budget(sc)[0] is None:
+        return None
+    if paths:
+        _parts, rows = direct.row_parts(paths, 1)
+    else:
+        with jobs.described(sc, "sparkgd: count rows"):
+            rows = frame.count()
+    return served_too_big(sc, frame, spec, dtype, rows, task_slots(sc))
 
 
 def store_setting(sc):

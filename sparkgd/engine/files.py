@@ -34,7 +34,10 @@ executor's local directory, which Spark removes at exit.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import socket
@@ -44,7 +47,8 @@ import uuid
 import numpy as np
 import scipy.sparse as sp
 
-from .. import codecs
+from .. import codecs, kernels
+from ..errors import SparkgdError
 from ..data.arrow import BadInput, stored_dense, xyw_batches
 from ..data.facts import block_info, block_key, merge_infos
 from . import jobs, task, wire
@@ -52,6 +56,8 @@ from .keys import for_task as fit_key_for_task
 from .hub import WorkersFailed
 from .slots import coalesced_parents, local_cores, task_layout
 
+
+log = logging.getLogger("sparkgd")
 
 MISSING_MARKER = "sparkgd-block-missing"
 
@@ -149,6 +155,11 @@ def write_arrow_partition(batches, spec, fit_id, dtype="float64"):
                                            "handle": [json.dumps(handle)]})
 
     directory = fit_dir(fit_id)
+    with memory_guard("writing the block files"):
+        yield from _write_partition(batches, spec, directory, dtype, row)
+
+
+def _write_partition(batches, spec, directory, dtype, row):
     current = None
     try:
         for X, y, w in xyw_batches(batches, spec):
@@ -172,9 +183,9 @@ def write_arrow_partition(batches, spec, fit_id, dtype="float64"):
         yield row(*current.close())
 
 
-def _map(path, dtype, shape):
+def _map(path, dtype, shape, offset=0):
     try:
-        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
     except FileNotFoundError:
         raise BlockMissing(f"{MISSING_MARKER}: {path} is gone on {socket.gethostname()}") \
             from None
@@ -197,16 +208,295 @@ def open_block(handle):
     return X, y, w
 
 
-def _open_partition(pairs):
-    for _info, handle in pairs:
-        if handle is not None:
-            yield open_block(handle)
+#: What a streamed pass holds mapped of a block at once: a window of about this many bytes
+#: of its rows (features, labels, weights).
+WINDOW_BYTES = 32 << 20
 
 
-def _open_keyed(pairs):
-    for info, handle in pairs:
-        if handle is not None:
-            yield block_key(info), open_block(handle)
+def block_bytes(handle):
+    """The bytes of one block's files (what mapping it whole adds to a process)."""
+    n = int(handle["n"])
+    rows = 8 * n * (2 if handle.get("w") else 1)
+    if handle["fmt"] == "dense":
+        return rows + n * int(handle["d"]) * np.dtype(handle.get("x_dtype", "float64")).itemsize
+    nnz = int(handle["nnz"])
+    return (rows + nnz * (8 + np.dtype(handle.get("index_dtype", "int64")).itemsize)
+            + (n + 1) * np.dtype(handle.get("indptr_dtype", "int64")).itemsize)
+
+
+def block_windows(handle, window_bytes=WINDOW_BYTES):
+    """One block's rows as ``(X, y, w)`` windows of about ``window_bytes``, each mapping
+    only its own rows of the files (unmapped when dropped): what a streamed pass reads."""
+    n, d = int(handle["n"]), int(handle["d"])
+    if n == 0:
+        return
+    step = max(1, int(window_bytes * n // max(block_bytes(handle), 1)))
+    weighted = handle.get("w") is not None
+    if handle["fmt"] == "dense":
+        dtype = np.dtype(handle.get("x_dtype", "float64"))
+        # whole row chunks of the kernels (kernels.row_chunks): the same chunks as the
+        # block mapped whole, so the same sums
+        chunk = kernels.chunk_rows(d, dtype.itemsize)
+        step = max(chunk, step // chunk * chunk)
+        for s in range(0, n, step):
+            r = min(step, n - s)
+            X = _map(handle["X"], dtype, (r, d), s * d * dtype.itemsize) if d else \
+                np.zeros((r, 0), dtype)
+            yield Window((X, _map(handle["y"], np.float64, (r,), 8 * s),
+                          _map(handle["w"], np.float64, (r,), 8 * s) if weighted else None),
+                         s, n)
+        return
+    idx = np.dtype(handle.get("index_dtype", "int64"))
+    ptr_dtype = np.dtype(handle.get("indptr_dtype", "int64"))
+    for s in range(0, n, step):
+        r = min(step, n - s)
+        ptr = np.array(_map(handle["indptr"], ptr_dtype, (r + 1,), s * ptr_dtype.itemsize))
+        a, b = int(ptr[0]), int(ptr[-1])
+        if b > a:
+            data = _map(handle["data"], np.float64, (b - a,), 8 * a)
+            indices = _map(handle["indices"], idx, (b - a,), idx.itemsize * a)
+        else:
+            data, indices = np.zeros(0), np.zeros(0, idx)
+        X = sp.csr_matrix((data, indices, ptr - a), shape=(r, d), copy=False)
+        yield Window((X, _map(handle["y"], np.float64, (r,), 8 * s),
+                      _map(handle["w"], np.float64, (r,), 8 * s) if weighted else None), s, n)
+
+
+class Window(tuple):
+    """``(X, y, w)`` of rows ``start ..`` of a block of ``block_rows`` rows (a kernel
+    that samples rows draws the block's sample and takes the window's part of it)."""
+
+    def __new__(cls, xyw, start, block_rows):
+        out = super().__new__(cls, xyw)
+        out.start, out.block_rows = int(start), int(block_rows)
+        return out
+
+
+#: Spark conf (also at run time): the memory a task's blocks may take in its Python worker
+#: (``512m``, ``2g``; MiB without a unit, as Spark's memory settings). Above it, the file
+#: store's passes stream the blocks. Unset: half of what ``spark.executor.pyspark.memory``
+#: gives each Python worker (that setting over ``spark.executor.cores``), else no limit.
+BLOCK_MEMORY_CONF = "spark.sparkgd.blockMemory"
+
+
+def memory_bytes(text):
+    """A Spark memory setting (``700m``, ``2g``, ``1024``: MiB without a unit) -> bytes."""
+    text = str(text).strip().lower()
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    if text.endswith("b") and text[-2:-1] in units:
+        text = text[:-1]
+    scale = units.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    value = float(number) * (scale or (1 << 20))
+    if not value > 0:
+        raise ValueError(text)
+    return int(value)
+
+
+def worker_memory(sc):
+    """-> (bytes each Python worker may use, or None; how that was set, for messages)."""
+    conf = jobs.Settings(sc.getConf())
+    text = conf.get("spark.executor.pyspark.memory")
+    if not text:
+        return None, None
+    cores = 1 if local_cores(sc.master) is not None else \
+        int(conf.get("spark.executor.cores", "1") or 1)
+    try:
+        limit = memory_bytes(text) // max(cores, 1)
+    except ValueError:
+        return None, None
+    how = f"spark.executor.pyspark.memory={text}" + (f" over {cores} cores" if cores > 1
+                                                      else "")
+    return limit, how
+
+
+def block_budget(sc):
+    """-> (the bytes a task's blocks may take in its Python worker, or None: no limit
+    known; what set it, for messages): :data:`BLOCK_MEMORY_CONF`, else half of what
+    ``spark.executor.pyspark.memory`` gives each Python worker."""
+    text = jobs.Settings(sc.getConf()).get(BLOCK_MEMORY_CONF)
+    if text:
+        try:
+            return memory_bytes(text), f"{BLOCK_MEMORY_CONF}={text}"
+        except ValueError:
+            raise SparkgdError(f"{BLOCK_MEMORY_CONF} must be a size such as 512m or 2g "
+                               f"(got {text!r})") from None
+    limit, how = worker_memory(sc)
+    return (None, None) if limit is None else (limit // 2, how)
+
+
+def served_too_big(sc, frame, spec, dtype, rows, slots):
+    """Why the served store would not fit a task's share in its Python worker (a note),
+    or None: with a memory budget (:func:`block_budget`) set, ``rows`` over ``slots``
+    tasks, a row's bytes from the first row's features (numbers stored as ``dtype``)."""
+    budget, how = block_budget(sc)
+    if budget is None or not rows:
+        return None
+    if spec.kind == "columns":
+        values = len(spec.features)
+    else:
+        from pyspark.sql import functions as F
+
+        from ..data.schema import _quote
+
+        first = frame.select(F.col(_quote(spec.features[0]))).head()
+        value = None if first is None else first[0]
+        if value is None or isinstance(value, str):
+            return None                          # LIBSVM text: not known before parsing
+        values = (value.numNonzeros() * 1.5 if hasattr(value, "numNonzeros") and
+                  type(value).__name__ == "SparseVector" else len(value))
+    share = rows / max(slots, 1) * (values * np.dtype(dtype).itemsize + 16)
+    if share <= budget:
+        return None
+    return (f"a serving task would hold ~{share / 2**20:.0f} MiB of blocks in memory; "
+            f"they may take {budget / 2**20:.0f} MiB ({how})")
+
+
+def stream_choice(sc, infos, parents, dtype="float64"):
+    """-> (the window a streamed pass maps, in bytes, or 0: the blocks are mapped whole;
+    a note for messages). The passes stream when the largest task's blocks exceed
+    :data:`BLOCK_MEMORY_CONF`, or half of each Python worker's
+    ``spark.executor.pyspark.memory``; a window is a quarter of that budget, at most
+    :data:`WINDOW_BYTES`."""
+    budget, how = block_budget(sc)
+    if budget is None:
+        return 0, None
+    itemsize = np.dtype(dtype).itemsize
+    by_part = {}
+    for info in infos:
+        if "part" not in info:
+            continue
+        n, d, nnz = int(info["n"]), int(info["d"]), int(info["nnz"])
+        values = nnz * itemsize if nnz == n * d else nnz * 12
+        by_part[int(info["part"])] = by_part.get(int(info["part"]), 0) + values + 16 * n
+    largest = max((sum(by_part.get(p, 0) for p in ps) for ps in parents), default=0)
+    note = (f"a task's blocks take {largest / 2**20:.0f} MiB; they may take "
+            f"{budget / 2**20:.0f} MiB ({how})")
+    if largest <= budget:
+        return 0, note
+    return int(min(WINDOW_BYTES, max(budget // 4, 1 << 16))), note
+
+
+#: What a task's out-of-memory error starts with (:func:`memory_guard`), for the driver.
+MEMORY_MARKER = "sparkgd-out-of-memory"
+
+
+def address_space():
+    """-> (this process's address space in bytes, its limit (RLIMIT_AS, what
+    ``spark.executor.pyspark.memory`` sets) or None)."""
+    import resource
+
+    vm = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    vm = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return vm, (None if soft == resource.RLIM_INFINITY else int(soft))
+
+
+@contextlib.contextmanager
+def memory_guard(what):
+    """In a task: a MemoryError (or a map refused for memory) becomes one that says what
+    the task was doing, the address space it held and its limit (:func:`memory_error`
+    reads them on the driver)."""
+    try:
+        yield
+    except (MemoryError, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ENOMEM:
+            raise
+        vm, limit = address_space()
+        raise MemoryError(f"{MEMORY_MARKER} {what}: vm={vm} limit={limit}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+
+
+#: What a task's failure says when its Python worker ran out of memory without the
+#: guard seeing it (a native library's allocation failing, or the worker killed).
+MEMORY_SIGNS = ("MemoryError", "Cannot allocate memory", "Unable to allocate",
+                "Python worker exited unexpectedly (crashed)")
+
+
+def memory_error(error, sc):
+    """The one-line SparkgdError for a task out of memory -- its :func:`memory_guard`
+    error, or, with a memory limit set, a MemoryError or a crashed worker -- or None."""
+    import re
+
+    text = str(error)
+    _budget, how = worker_memory(sc)
+    m = re.search(MEMORY_MARKER + r" (.*?): vm=(\d+) limit=(\d+|None)", text)
+    if m is None:
+        if how is None or not any(sign in text for sign in MEMORY_SIGNS):
+            return None
+        limit, _how = worker_memory(sc)
+        return SparkgdError(
+            f"a Python worker ran out of memory (or crashed) building or reading the "
+            f"blocks with {limit / 2**20:.0f} MiB of address space ({how}); it needs the "
+            f"interpreter with NumPy, BLAS and Arrow (some 350 MiB), a batch of rows and a "
+            f"{WINDOW_BYTES >> 20} MiB window of block files: raise "
+            f"spark.executor.pyspark.memory")
+    what, vm, limit = m.group(1), int(m.group(2)), m.group(3)
+    had = (f"its limit of {int(limit) / 2**20:.0f} MiB ({how or 'RLIMIT_AS'})"
+           if limit != "None" else "what its machine or container gives it")
+    return SparkgdError(
+        f"a Python worker ran out of memory {what}: it held {vm / 2**20:.0f} MiB of address "
+        f"space against {had}; the interpreter, a batch of rows and a "
+        f"{WINDOW_BYTES >> 20} MiB window of block files must fit: raise "
+        f"spark.executor.pyspark.memory")
+
+
+class Streamed:
+    """A task's blocks read as windows (:func:`block_windows`) every time they are
+    iterated -- once a pass -- so at most a window or two of them is mapped at once,
+    whatever their size. The kernels take it where they take a list of blocks."""
+
+    streamed = True
+
+    def __init__(self, handles, window_bytes=WINDOW_BYTES):
+        self.handles = list(handles)
+        self.window_bytes = int(window_bytes)
+
+    def __iter__(self):
+        for j, handle in enumerate(self.handles):
+            for window in block_windows(handle, self.window_bytes):
+                window.block = j
+                yield window
+
+    @classmethod
+    def join(cls, parts):
+        return cls([h for p in parts for h in p.handles],
+                   min((p.window_bytes for p in parts), default=WINDOW_BYTES))
+
+
+def _mapped_or_streamed(handles, window):
+    """The blocks of ``handles``: mapped whole, or :class:`Streamed` in windows of
+    ``window`` bytes when that is not 0, or when mapping them whole fails for want of
+    memory (a worker's limit the driver did not know of)."""
+    if window:
+        return Streamed(handles, window)
+    try:
+        return [open_block(h) for h in handles]
+    except (MemoryError, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ENOMEM:
+            raise
+        return Streamed(handles)
+
+
+def _open_partition(pairs, window=0):
+    """A task's blocks for one Spark job per pass (``window``: :func:`stream_choice`)."""
+    return _mapped_or_streamed([h for _info, h in pairs if h is not None], window)
+
+
+def _open_keyed(pairs, window=0):
+    """A serving task's (key, block) pairs (``window``: :func:`stream_choice`)."""
+    pairs = [(block_key(info), h) for info, h in pairs if h is not None]
+    blocks = _mapped_or_streamed([h for _k, h in pairs], window)
+    if isinstance(blocks, Streamed):
+        return [(k, Streamed([h], blocks.window_bytes)) for k, h in pairs]
+    return [(k, b) for (k, _h), b in zip(pairs, blocks)]
 
 
 def keys_by_task(infos, parents):
@@ -265,6 +555,9 @@ class FileStore:
         rows = frame.mapInArrow(build, "info string, handle string")
         self._handles = rows.rdd.mapPartitionsWithIndex(_parse_handles)
         self.fit_id = fit_id
+        self.dtype = dtype
+        self.stream = False         # passes read the blocks as windows (stream_choice)
+        self.memory_note = None
         self.rebuilds = 0
         self._cached = False
         self.rdd = None
@@ -303,13 +596,21 @@ class FileStore:
             parents = coalesced_parents(tasks)
         else:
             tasks, parents = handles, [[i] for i in range(handles.getNumPartitions())]
-        self.rdd = tasks.mapPartitions(_open_partition, preservesPartitioning=True)
-        self.serving_rdd = tasks.mapPartitions(_open_keyed, preservesPartitioning=True)
         from .jobs import described
 
         with described(handles.context, "sparkgd: build blocks"):
             infos = handles.map(lambda p: p[0]).collect()
         self.task_keys = keys_by_task(infos, parents)
+        window, self.memory_note = stream_choice(handles.context, infos, parents,
+                                                 self.dtype)
+        self.stream = bool(window)
+        if window:
+            log.info("the passes stream the block files, windows of %.1f MiB of rows: %s",
+                     window / 2**20, self.memory_note)
+        self.rdd = tasks.mapPartitions(lambda it: _open_partition(it, window),
+                                       preservesPartitioning=True)
+        self.serving_rdd = tasks.mapPartitions(lambda it: _open_keyed(it, window),
+                                               preservesPartitioning=True)
         return infos
 
     def run(self, job, serving=False):
@@ -319,6 +620,9 @@ class FileStore:
         try:
             return job(pick())
         except Exception as e:  # Py4J / PythonException carry the task's message
+            memory = memory_error(e, self.context)
+            if memory is not None:
+                raise memory from None
             if MISSING_MARKER not in str(e):
                 raise
         self.rebuilds += 1
@@ -428,9 +732,11 @@ def serve_partition(index, items, address, secret, threads, timeout=60.0,
     from pyspark import TaskContext
 
     secret = fit_key_for_task(secret)   # the fit's key, from what the closure carried
-    pairs = list(items)           # blocks memory-mapped
+    pairs = list(items)           # blocks memory-mapped (or streamed)
     keys = [k for k, _ in pairs]
     blocks = [b for _, b in pairs]
+    if any(isinstance(b, Streamed) for b in blocks):
+        blocks = Streamed.join(blocks)
     ctx = TaskContext.get()
     attempt = ctx.attemptNumber() if ctx is not None else 0
     chan = wire.connect(address, secret, index, attempt, keys, timeout=timeout)
@@ -439,7 +745,8 @@ def serve_partition(index, items, address, secret, threads, timeout=60.0,
             f"sparkgd: serving task {index} (attempt {attempt}) got {len(keys)} "
             f"block(s), not the ones it must hold: its input ended early")
     try:
-        task.serve(chan, blocks, index, threads, secret, parse_work)
+        with memory_guard("serving passes over the block files"):
+            task.serve(chan, blocks, index, threads, secret, parse_work)
     finally:
         chan.close()
     yield index

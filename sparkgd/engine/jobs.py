@@ -298,9 +298,12 @@ def _kernel_task(index, blocks, bc, loss, layout, sample, threads, worker, fails
 
     Captures only the broadcast and small plain values (never an estimator).
     """
+    from .files import memory_guard
+
     failing_first(fails)
     started = time.perf_counter()
-    out = worker.compute(blocks, bc.value, loss, layout, sample, index, threads)
+    with memory_guard("computing a pass over the block files"):
+        out = worker.compute(blocks, bc.value, loss, layout, sample, index, threads)
     if slow and int(slow[0]) == index:
         time.sleep((float(slow[1]) - 1.0) * max(time.perf_counter() - started, 0.01))
     yield out
