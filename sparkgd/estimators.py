@@ -153,6 +153,7 @@ class _SharedFits:
         self.estimator, self.dataset = estimator, dataset
         self.param_maps = list(param_maps)
         self.models = None
+        self.failed = None
         self.counter = 0
         self.lock = threading.Lock()
 
@@ -163,8 +164,14 @@ class _SharedFits:
         with self.lock:
             if self.counter >= len(self.param_maps):
                 raise StopIteration("no models remaining")
+            if self.failed is not None:
+                raise self.failed            # (every caller: not the whole grid again)
             if self.models is None:
-                self.models = self._fit_all()
+                try:
+                    self.models = self._fit_all()
+                except BaseException as e:
+                    self.failed = e
+                    raise
             index = self.counter
             self.counter += 1
         return index, self.models[index]

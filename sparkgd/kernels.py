@@ -372,11 +372,14 @@ def chunk_rows(d, itemsize):
     return max(256, CHUNK_BYTES // (itemsize * max(d, 1)))
 
 
-def row_chunks(X, y, w):
+def row_chunks(X, y, w, block_rows=None):
     """Split a block into the pieces the kernel handles at once: dense blocks into
-    row chunks of about :data:`CHUNK_BYTES` (views, no copy), CSR blocks whole."""
+    row chunks of about :data:`CHUNK_BYTES` (views, no copy), CSR blocks whole.
+    ``block_rows``: the rows of the whole block this is a window of (a streamed block's
+    windows start at whole chunks: cut as the block is, they give the block's chunks)."""
     n = y.shape[0]
-    if sp.issparse(X) or n * X.shape[1] * X.itemsize <= 2 * CHUNK_BYTES:
+    whole = n if block_rows is None else int(block_rows)
+    if sp.issparse(X) or whole * X.shape[1] * X.itemsize <= 2 * CHUNK_BYTES:
         return [(X, y, w)]
     step = chunk_rows(X.shape[1], X.itemsize)
     return [(X[s:s + step], y[s:s + step], None if w is None else w[s:s + step])
@@ -694,7 +697,11 @@ def partition_sums(blocks, theta, loss, layout, sample=None, threads=1, chunks=N
     the GIL between products (1M x 100 on two cores: 0.039 s this way, 0.044-0.055 s
     with two Python threads).
     The partial sums are added in chunk order either way, so the result does not
-    depend on the number of threads.
+    depend on the number of threads. Streamed blocks (:class:`sparkgd.engine.files.
+    Streamed`: windows of block files) give a dense block's own chunks, so the same rows
+    and, one thread, the same sums; with ``threads > 1`` their windows are summed in
+    threads and added in order (the sums round differently, ~1e-16), and a CSR block's
+    windows are its chunks (``chunks`` then draws per window).
 
     ``chunks = (keep, seed, iteration, partition_index)``: only the row chunks
     :func:`keep_chunks` draws are computed -- a lighter pass that copies nothing (views
@@ -725,7 +732,9 @@ def partition_sums(blocks, theta, loss, layout, sample=None, threads=1, chunks=N
                 start = getattr(item, "start", 0)
                 mask = drawn[1][start:start + y.shape[0]]
                 X, y, w = X[mask], y[mask], None if w is None else w[mask]
-            pieces = row_chunks(X, y, w)
+            # (a window of a block as the block is cut, unless rows were drawn from it)
+            pieces = row_chunks(X, y, w, None if sample is not None else
+                                getattr(item, "block_rows", None))
             if draws is not None:
                 pieces = [piece for piece in pieces if draws.random() < chunks[0]]
             if pieces:

@@ -172,6 +172,20 @@ class _View:
         return getattr(self._shared.engine, name)
 
 
+def _thread(target, i):
+    """A fit's thread: pyspark's InheritableThread where there is a SparkContext here (the
+    jobs it starts keep the caller's job group, tags and scheduler pool), else a plain
+    one."""
+    try:
+        from pyspark import InheritableThread, SparkContext
+
+        if SparkContext._active_spark_context is not None:
+            return InheritableThread(target, args=(i,), name=f"sparkgd-fit-{i}", daemon=True)
+    except ImportError:                      # pragma: no cover - pyspark is a dependency
+        pass
+    return threading.Thread(target=target, args=(i,), name=f"sparkgd-fit-{i}", daemon=True)
+
+
 def train_many(plans, engine, attempts, train):
     """``train(plan, view, attempts)`` of every plan, each in its own thread over one
     :class:`SharedEngine` -> their outcomes, in order. The first error of any fit is
@@ -188,8 +202,7 @@ def train_many(plans, engine, attempts, train):
         finally:
             shared.leave(i)
 
-    threads = [threading.Thread(target=one, args=(i,), name=f"sparkgd-fit-{i}", daemon=True)
-               for i in range(len(plans))]
+    threads = [_thread(one, i) for i in range(len(plans))]
     for t in threads:
         t.start()
     for t in threads:

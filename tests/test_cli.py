@@ -333,7 +333,7 @@ def test_workers_out_of_memory_end_in_one_error_line(tmp_path):
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     ours = [line for line in r.stderr.splitlines() if line.startswith("sparkgd: error:")]
     assert len(ours) == 1, r.stderr[-3000:]
-    assert "ran out of memory" in ours[0] and "300 MiB" in ours[0], ours
+    assert "out of memory" in ours[0] and "300 MiB" in ours[0], ours
     assert ours[0].endswith("raise spark.executor.pyspark.memory"), ours
     assert "Traceback" not in r.stdout
     assert not out_dir.exists()

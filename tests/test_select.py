@@ -73,6 +73,72 @@ def test_maps_that_read_the_data_alike_are_fitted_together():
     assert not multi.shareable(_plan(initial=(np.zeros((1, 2)), np.zeros(1))))
 
 
+class _Engine:
+    """A pass over in-memory blocks, as the engine gives it; ``fail_at``: the pass
+    number that raises instead."""
+
+    def __init__(self, blocks, fail_at=None):
+        self.blocks, self.fail_at, self.passes = blocks, fail_at, 0
+
+    def evaluate(self, theta, loss, layout, sample=None, codec=None, theta_codec=None,
+                 work=None):
+        self.passes += 1
+        if self.passes == self.fail_at:
+            raise RuntimeError("a task was lost")
+        if work == {"mode": "models"}:
+            return kernels.models_sums(self.blocks, theta, loss, layout)
+        return kernels.partition_sums(self.blocks, theta, loss, layout)
+
+
+def _run_shared(engine, starts, steps):
+    """``multi.train_many`` over ``engine`` with toy fits: fit i takes ``steps[i]``
+    gradient steps from ``starts[i]`` (one pass each) -> (outcomes or the error, passes)."""
+    loss, layout = kernels.make_loss("logistic"), kernels.Layout(4, 1, True)
+
+    def train(plan, view, _attempts):
+        theta = plan[0].copy()
+        for _ in range(plan[1]):
+            total = view.evaluate(theta, loss, layout)
+            theta -= 0.5 * total[2:] / total[1]
+        return theta
+
+    box = {}
+
+    def run():
+        try:
+            box["out"] = multi.train_many(list(zip(starts, steps)), engine,
+                                          [None] * len(starts), train)
+        except Exception as e:     # noqa: BLE001 - the test looks at it
+            box["out"] = e
+
+    import threading
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "the shared passes deadlocked"
+    return box["out"], train, loss, layout
+
+
+def test_shared_passes_give_each_fit_its_own_steps_and_fail_every_fit_together():
+    rng = np.random.default_rng(9)
+    X = rng.normal(size=(500, 4))
+    y = (rng.random(500) < 0.5).astype(float)
+    blocks = [(X, y, None)]
+    starts = [rng.normal(size=5) * 0.1 for _ in range(3)]
+    steps = [4, 1, 6]                  # fits that end early leave the passes
+    engine = _Engine(blocks)
+    got, train, loss, layout = _run_shared(engine, starts, steps)
+    assert engine.passes == max(steps)            # one pass for every live fit at once
+    for theta, start, k in zip(got, starts, steps):
+        alone = _Engine(blocks)
+        want = train((start, k), alone, None)     # the same fit, its passes its own
+        np.testing.assert_allclose(theta, want, rtol=1e-12)
+    # a pass that fails fails the fits in it; the others go on; the error comes out
+    got, *_ = _run_shared(_Engine(blocks, fail_at=2), starts, steps)
+    assert isinstance(got, RuntimeError) and "a task was lost" in str(got)
+
+
 # ------------------------------------------------------------------ fitMultiple (Spark)
 
 

@@ -238,6 +238,8 @@ def block_windows(handle, window_bytes=WINDOW_BYTES):
         # block mapped whole, so the same sums
         chunk = kernels.chunk_rows(d, dtype.itemsize)
         step = max(chunk, step // chunk * chunk)
+        if n * d * dtype.itemsize <= 2 * kernels.CHUNK_BYTES:
+            step = n                             # one chunk in the kernels: one window
         for s in range(0, n, step):
             r = min(step, n - s)
             X = _map(handle["X"], dtype, (r, d), s * d * dtype.itemsize) if d else \
@@ -433,7 +435,7 @@ def memory_error(error, sc):
             return None
         limit, _how = worker_memory(sc)
         return SparkgdError(
-            f"a Python worker ran out of memory (or crashed) building or reading the "
+            f"a Python worker crashed or ran out of memory building or reading the "
             f"blocks with {limit / 2**20:.0f} MiB of address space ({how}); it needs the "
             f"interpreter with NumPy, BLAS and Arrow (some 350 MiB), a batch of rows and a "
             f"{WINDOW_BYTES >> 20} MiB window of block files: raise "
@@ -450,8 +452,10 @@ def memory_error(error, sc):
 
 class Streamed:
     """A task's blocks read as windows (:func:`block_windows`) every time they are
-    iterated -- once a pass -- so at most a window or two of them is mapped at once,
-    whatever their size. The kernels take it where they take a list of blocks."""
+    iterated -- once a pass -- so a few windows of them are mapped at once (one a kernel
+    thread, and one read ahead), whatever their size. The kernels take it where they take
+    a list of blocks. A window holds whole kernel chunks (at least 256 rows): dense rows
+    wider than ~16,000 float64 values make it larger than the budget's quarter."""
 
     streamed = True
 
@@ -620,10 +624,10 @@ class FileStore:
         try:
             return job(pick())
         except Exception as e:  # Py4J / PythonException carry the task's message
-            memory = memory_error(e, self.context)
-            if memory is not None:
-                raise memory from None
             if MISSING_MARKER not in str(e):
+                memory = memory_error(e, self.context)
+                if memory is not None:
+                    raise memory from None
                 raise
         self.rebuilds += 1
         self._drop()

@@ -45,9 +45,10 @@ HELLO_CONF = "spark.sparkgd.hub.helloTimeout"
 #: Spark conf (also settable at run time, ``spark.conf.set``), for tests and
 #: benchmarks only: ``index:factor`` makes serving task ``index`` take ``factor``
 #: times as long over every computation (it sleeps the rest); with one Spark job per
-#: pass, the task of partition ``index`` of every pass sleeps ``factor - 1`` times its
-#: computation or 10 ms, whichever is longer (a pass's tasks last milliseconds: a
-#: factor of them would be lost in Spark's own scheduling).
+#: pass, the first attempt of partition ``index``'s task of every pass sleeps
+#: ``factor - 1`` times its computation or 10 ms, whichever is longer (a pass's tasks
+#: last milliseconds: a factor of them would be lost in Spark's own scheduling), so a
+#: speculative copy of it finishes first.
 SLOW_TASK_CONF = "spark.sparkgd.testing.slowTask"
 
 
@@ -291,6 +292,13 @@ class ServingJob(HubSession):
             self._thread.join(timeout=30)
 
 
+def _first_attempt():
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    return ctx is None or ctx.attemptNumber() == 0
+
+
 def _kernel_task(index, blocks, bc, loss, layout, sample, threads, worker, fails=False,
                  slow=None):
     """Executor side: one partition's vector for the pass (``worker``: what the pass's
@@ -304,7 +312,7 @@ def _kernel_task(index, blocks, bc, loss, layout, sample, threads, worker, fails
     started = time.perf_counter()
     with memory_guard("computing a pass over the block files"):
         out = worker.compute(blocks, bc.value, loss, layout, sample, index, threads)
-    if slow and int(slow[0]) == index:
+    if slow and int(slow[0]) == index and _first_attempt():
         time.sleep((float(slow[1]) - 1.0) * max(time.perf_counter() - started, 0.01))
     yield out
 
