@@ -34,7 +34,6 @@ executor's local directory, which Spark removes at exit.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -52,6 +51,7 @@ from ..errors import SparkgdError
 from ..data.arrow import BadInput, stored_dense, xyw_batches
 from ..data.facts import block_info, block_key, merge_infos
 from . import jobs, task, wire
+from .jobs import MEMORY_MARKER, memory_guard
 from .keys import for_task as fit_key_for_task
 from .hub import WorkersFailed
 from .slots import coalesced_parents, local_cores, task_layout
@@ -377,43 +377,6 @@ def stream_choice(sc, infos, parents, dtype="float64"):
     if largest <= budget:
         return 0, note
     return int(min(WINDOW_BYTES, max(budget // 4, 1 << 16))), note
-
-
-#: What a task's out-of-memory error starts with (:func:`memory_guard`), for the driver.
-MEMORY_MARKER = "sparkgd-out-of-memory"
-
-
-def address_space():
-    """-> (this process's address space in bytes, its limit (RLIMIT_AS, what
-    ``spark.executor.pyspark.memory`` sets) or None)."""
-    import resource
-
-    vm = 0
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmSize:"):
-                    vm = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-    return vm, (None if soft == resource.RLIM_INFINITY else int(soft))
-
-
-@contextlib.contextmanager
-def memory_guard(what):
-    """In a task: a MemoryError (or a map refused for memory) becomes one that says what
-    the task was doing, the address space it held and its limit (:func:`memory_error`
-    reads them on the driver)."""
-    try:
-        yield
-    except (MemoryError, OSError) as e:
-        if isinstance(e, OSError) and e.errno != errno.ENOMEM:
-            raise
-        vm, limit = address_space()
-        raise MemoryError(f"{MEMORY_MARKER} {what}: vm={vm} limit={limit}: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
 
 
 #: What a task's failure says when its Python worker ran out of memory without the

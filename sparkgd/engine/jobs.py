@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import threading
@@ -292,6 +293,43 @@ class ServingJob(HubSession):
             self._thread.join(timeout=30)
 
 
+#: What a task's out-of-memory error starts with (:func:`memory_guard`), for the driver.
+MEMORY_MARKER = "sparkgd-out-of-memory"
+
+
+def address_space():
+    """-> (this process's address space in bytes, its limit (RLIMIT_AS, what
+    ``spark.executor.pyspark.memory`` sets) or None)."""
+    import resource
+
+    vm = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    vm = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return vm, (None if soft == resource.RLIM_INFINITY else int(soft))
+
+
+@contextlib.contextmanager
+def memory_guard(what):
+    """In a task: a MemoryError (or a map refused for memory) becomes one that says what
+    the task was doing, the address space it held and its limit (:func:`memory_error`
+    reads them on the driver)."""
+    try:
+        yield
+    except (MemoryError, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ENOMEM:
+            raise
+        vm, limit = address_space()
+        raise MemoryError(f"{MEMORY_MARKER} {what}: vm={vm} limit={limit}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+
+
 def _first_attempt():
     from pyspark import TaskContext
 
@@ -306,8 +344,6 @@ def _kernel_task(index, blocks, bc, loss, layout, sample, threads, worker, fails
 
     Captures only the broadcast and small plain values (never an estimator).
     """
-    from .files import memory_guard
-
     failing_first(fails)
     started = time.perf_counter()
     with memory_guard("computing a pass over the block files"):
