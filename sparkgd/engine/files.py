@@ -391,15 +391,14 @@ def memory_error(error, sc):
     import re
 
     text = str(error)
-    _budget, how = worker_memory(sc)
+    limit_bytes, how = worker_memory(sc)
     m = re.search(MEMORY_MARKER + r" (.*?): vm=(\d+) limit=(\d+|None)", text)
     if m is None:
         if how is None or not any(sign in text for sign in MEMORY_SIGNS):
             return None
-        limit, _how = worker_memory(sc)
         return SparkgdError(
             f"a Python worker crashed or ran out of memory building or reading the "
-            f"blocks with {limit / 2**20:.0f} MiB of address space ({how}); it needs the "
+            f"blocks with {limit_bytes / 2**20:.0f} MiB of address space ({how}); it needs the "
             f"interpreter with NumPy, BLAS and Arrow (some 350 MiB), a batch of rows and a "
             f"{WINDOW_BYTES >> 20} MiB window of block files: raise "
             f"spark.executor.pyspark.memory")
